@@ -1,0 +1,53 @@
+"""loratools: check, shrink, combine, bake in and publish LoRA adapters.
+
+The public API is re-exported here; everything else is internal.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .adapter import Adapter, LoraModule, load, save
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import (
+    ChecksumError,
+    FormatError,
+    HubError,
+    InvalidAdapterError,
+    LoratoolsError,
+    OutputExistsError,
+    ShapeError,
+    SpecError,
+)
+from .spec import SPEC_VERSION
+from .summary import Summary, summarize
+from .validate import Problem, Report, validate
+
+try:
+    __version__ = version("loratools")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0.0.0+local"
+
+__all__ = [
+    "SPEC_VERSION",
+    "Adapter",
+    "Checkpoint",
+    "ChecksumError",
+    "FormatError",
+    "HubError",
+    "InvalidAdapterError",
+    "LoraModule",
+    "LoratoolsError",
+    "OutputExistsError",
+    "Problem",
+    "Report",
+    "ShapeError",
+    "SpecError",
+    "Summary",
+    "__version__",
+    "load",
+    "open_checkpoint",
+    "save",
+    "summarize",
+    "validate",
+]

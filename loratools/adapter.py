@@ -1,0 +1,248 @@
+"""The :class:`Adapter` value and its load/save.
+
+An adapter is a set of :class:`LoraModule` factors keyed by module path (relative to the base model,
+e.g. ``model.layers.0.self_attn.q_proj``), the PEFT config they came with, any full tensors that
+replace base weights (``modules_to_save``), and file metadata.  Values are never changed in place:
+operations build new adapters with :func:`dataclasses.replace`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from . import spec
+from .atomic import atomic_output
+from .reader import META_CONFIG, RawAdapter, read_raw
+from .tensorfile import write_file
+
+Kind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted weight: ΔW = s·B·A with s = alpha/r (alpha/sqrt(r) with rsLoRA).
+
+    Shapes: linear A (r, in), B (out, r); conv A (r, in, kh, kw), B (out, r, 1, 1); embedding
+    A (r, vocab), B (dim, r), whose ΔW is (B·A)ᵀ of shape (vocab, dim).  ``magnitude`` is DoRA's
+    per-output-row magnitude vector, ``bias`` the ``lora_B.bias`` of ``lora_bias`` adapters.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    rslora: bool = False
+    kind: Kind = "linear"
+    magnitude: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.A.shape[0])
+
+    @property
+    def scale(self) -> float:
+        return spec.scaling(self.alpha, self.rank, rslora=self.rslora)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.B.dtype
+
+    def delta_shape(self, *, fan_in_fan_out: bool = False) -> tuple[int, ...]:
+        """Shape of ΔW as the base stores the weight (transposed for embeddings and fan_in_fan_out)."""
+        if self.kind == "embedding":
+            return (int(self.A.shape[1]), int(self.B.shape[0]))
+        if self.kind == "conv":
+            return (int(self.B.shape[0]), *(int(d) for d in self.A.shape[1:]))
+        out, inp = int(self.B.shape[0]), int(self.A.shape[1])
+        return (inp, out) if fan_in_fan_out else (out, inp)
+
+    def delta(self, *, fan_in_fan_out: bool = False) -> torch.Tensor:
+        """Dense ΔW in float32, in the base weight's layout.  Forms an out x in matrix: merge only."""
+        B = self.B.reshape(self.B.shape[0], self.B.shape[1]).float()
+        A = self.A.reshape(self.A.shape[0], -1).float()
+        dense = self.scale * (B @ A)
+        if self.kind == "embedding" or (self.kind == "linear" and fan_in_fan_out):
+            return dense.T
+        return dense.reshape(self.delta_shape())
+
+    @property
+    def num_params(self) -> int:
+        extra = sum(t.numel() for t in (self.magnitude, self.bias) if t is not None)
+        return self.A.numel() + self.B.numel() + extra
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """A LoRA adapter: factors per module, the PEFT config, replaced base tensors, metadata.
+
+    ``config`` is the PEFT ``adapter_config.json`` as read; on save its ``r``, ``lora_alpha``,
+    ``rank_pattern``, ``alpha_pattern`` and ``target_modules`` are rewritten to describe
+    ``modules`` exactly, and every other field passes through untouched.
+    """
+
+    modules: dict[str, LoraModule]
+    config: dict[str, Any] = field(default_factory=dict)
+    extra_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return bool(self.config.get("fan_in_fan_out", False))
+
+    @property
+    def num_params(self) -> int:
+        return sum(m.num_params for m in self.modules.values()) + sum(t.numel() for t in self.extra_tensors.values())
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path")
+
+    def peft_config(self) -> dict[str, Any]:
+        """The config to write: the stored one, with rank/alpha/targets rewritten to fit ``modules``."""
+        config = dict(self.config)
+        config.setdefault("peft_type", "LORA")
+        if not self.modules:
+            return config
+        if not _describes(config, self.modules):
+            config.update(_fitted_fields(self.modules))
+        config["use_rslora"] = any(m.rslora for m in self.modules.values())
+        config["use_dora"] = any(m.magnitude is not None for m in self.modules.values())
+        config["lora_bias"] = any(m.bias is not None for m in self.modules.values())
+        return config
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors under their spec v1 keys, module by module (A, B, bias, magnitude), then extras."""
+        out: dict[str, torch.Tensor] = {}
+        for name, module in self.modules.items():
+            a, b = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+            out[spec.tensor_key(name, a)] = module.A
+            out[spec.tensor_key(name, b)] = module.B
+            if module.bias is not None:
+                out[spec.tensor_key(name, "lora_B.bias")] = module.bias
+            if module.magnitude is not None:
+                out[spec.tensor_key(name, "lora_magnitude_vector")] = module.magnitude
+        out.update(self.extra_tensors)
+        return out
+
+    def to_raw(self, source: str = "<adapter>") -> RawAdapter:
+        """This adapter as the files :func:`save` would write, for validation without a disk trip."""
+        return RawAdapter(source, self.peft_config(), self.state_dict(), self.file_metadata())
+
+    def file_metadata(self) -> dict[str, str]:
+        """safetensors ``__metadata__`` to write: ours plus any foreign keys carried through."""
+        meta = {k: v for k, v in self.metadata.items() if k not in (spec.META_SHA256, META_CONFIG)}
+        meta[spec.META_FORMAT] = "pt"
+        meta[spec.META_VERSION] = spec.SPEC_VERSION
+        return meta
+
+    def with_dtype(self, dtype: torch.dtype) -> Adapter:
+        """A copy with every floating tensor cast to ``dtype``."""
+        def cast(t: torch.Tensor | None) -> torch.Tensor | None:
+            return t.to(dtype) if t is not None and t.is_floating_point() else t
+
+        modules = {
+            n: LoraModule(cast(m.A), cast(m.B), m.alpha, m.rslora, m.kind, cast(m.magnitude), cast(m.bias))  # type: ignore[arg-type]
+            for n, m in self.modules.items()
+        }
+        extras = {k: cast(t) for k, t in self.extra_tensors.items()}
+        return Adapter(modules, dict(self.config), extras, dict(self.metadata))  # type: ignore[arg-type]
+
+
+def _describes(config: Mapping[str, Any], modules: Mapping[str, LoraModule]) -> bool:
+    """Whether ``config``'s r/alpha/patterns/targets resolve to exactly each module's rank and alpha."""
+    if not spec.config_problems(config) == []:
+        return False
+    return all(
+        spec.targets(config, name)
+        and spec.module_rank(config, name) == m.rank
+        and spec.module_alpha(config, name) == m.alpha
+        for name, m in modules.items()
+    )
+
+
+def _fitted_fields(modules: Mapping[str, LoraModule]) -> dict[str, Any]:
+    """r and lora_alpha from the most common values, exact-name patterns for the rest."""
+    r0 = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
+    a0 = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
+    anchored = {name: "^" + name.replace(".", r"\.") for name in modules}
+    return {
+        "r": r0,
+        "lora_alpha": _number(a0),
+        "rank_pattern": {anchored[n]: m.rank for n, m in modules.items() if m.rank != r0},
+        "alpha_pattern": {anchored[n]: _number(m.alpha) for n, m in modules.items() if m.alpha != a0},
+        "target_modules": sorted(modules),
+    }
+
+
+def _number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def from_raw(raw: RawAdapter) -> Adapter:
+    """Build an :class:`Adapter` from raw files that have passed validation."""
+    config = dict(raw.config)
+    rslora = bool(config.get("use_rslora", False))
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    kinds: dict[str, Kind] = {}
+    extras: dict[str, torch.Tensor] = {}
+    for key, tensor in raw.tensors.items():
+        split = spec.split_key(key)
+        if split is None:
+            extras[key] = tensor
+            continue
+        module, suffix = split
+        parts.setdefault(module, {})[spec.TENSOR_ROLES[suffix]] = tensor
+        if suffix.startswith("lora_embedding"):
+            kinds[module] = "embedding"
+    modules = {}
+    for name, p in parts.items():
+        kind = kinds.get(name) or ("conv" if p["A"].dim() > 2 else "linear")
+        modules[name] = LoraModule(
+            p["A"], p["B"], spec.module_alpha(config, name), rslora, kind, p.get("magnitude"), p.get("bias")
+        )
+    return Adapter(modules, config, extras, dict(raw.metadata))
+
+
+def load(path: str | Path) -> Adapter:
+    """Load and validate the adapter at ``path`` (PEFT directory or ``.safetensors`` file).
+
+    Raises :class:`~loratools.errors.InvalidAdapterError` listing every error-level problem
+    (warnings do not stop a load).
+    """
+    from .validate import check_raw, raise_errors
+
+    raw = read_raw(path)
+    raise_errors(check_raw(raw), path=path)
+    return from_raw(raw)
+
+
+def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Write ``adapter`` to ``path`` per spec v1, atomically; returns ``path``.
+
+    A path ending in ``.safetensors`` gets a single file with the config embedded in its metadata;
+    anything else becomes a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    The checksum of the data section goes into the metadata.  An existing path needs ``force``.
+    """
+    from .validate import check_raw, raise_errors
+
+    if dtype is not None:
+        adapter = adapter.with_dtype(dtype)
+    path = Path(path)
+    raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
+    config = adapter.peft_config()
+    meta = adapter.file_metadata()
+    single = path.suffix == ".safetensors"
+    with atomic_output(path, force=force, directory=not single) as tmp:
+        if single:
+            write_file(tmp, adapter.state_dict(), {**meta, META_CONFIG: json.dumps(config, sort_keys=True)}, checksum_key=spec.META_SHA256)
+        else:
+            write_file(tmp / spec.WEIGHTS_NAME, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
+            (tmp / spec.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return path

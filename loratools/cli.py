@@ -1,0 +1,141 @@
+"""The ``loratools`` command line: parse options, call one library function, render the result.
+
+No math or file-format logic lives here.  Errors map to one line on stderr and an exit code:
+
+  0  success                 1  the adapter is invalid (validate) or a check failed
+  2  bad usage (options)     3  bad input or output (unreadable file, existing output, ...)
+  4  Hub or network error    70 internal error (a bug: rerun with --debug and report it)
+  130 interrupted (Ctrl-C)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import traceback
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from . import __version__
+from .adapter import load
+from .errors import HubError, LoratoolsError
+from .summary import summarize
+from .validate import validate as validate_adapter
+
+EXIT_INVALID, EXIT_INPUT, EXIT_HUB, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 4, 70, 130
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+def _debug() -> bool:
+    return os.environ.get("LORATOOLS_DEBUG", "") not in ("", "0")
+
+
+def _fail(message: str, code: int) -> None:
+    if _debug():
+        traceback.print_exc()
+    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    sys.exit(code)
+
+
+class _Group(click.Group):
+    """Turns every exception into one stderr line and an exit code (traceback with --debug)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(EXIT_INTERRUPTED))  # unwinds atomic outputs
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort, SystemExit):
+            raise
+        except HubError as e:
+            _fail(str(e), EXIT_HUB)
+        except LoratoolsError as e:
+            _fail(str(e), EXIT_INPUT)
+        except KeyboardInterrupt:
+            _fail("interrupted; no output was written", EXIT_INTERRUPTED)
+        except OSError as e:
+            where = f"{e.filename}: " if e.filename else ""
+            _fail(f"{where}{e.strerror or e}", EXIT_INPUT)
+        except Exception as e:  # noqa: BLE001 - the one place that must catch everything
+            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback and report it)", EXIT_INTERNAL)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="loratools")
+@click.option("--debug", is_flag=True, help="Show tracebacks on errors (or set LORATOOLS_DEBUG=1).")
+def main(debug: bool) -> None:
+    """Check, shrink, combine, bake in and publish LoRA adapters.
+
+    \b
+    Examples:
+      loratools validate ./my-adapter --base ./Llama-3-8B
+      loratools inspect ./my-adapter --json
+
+    Exit codes: 0 ok, 1 invalid adapter, 2 bad usage, 3 bad input/output,
+    4 Hub/network error, 70 internal error, 130 interrupted.
+    """
+    if debug:
+        os.environ["LORATOOLS_DEBUG"] = "1"
+
+
+def _emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@main.command()
+@click.argument("path")
+@click.option("--base", help="Base checkpoint (model dir or .safetensors): check every module maps to a tensor of ΔW's shape.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def validate(path: str, base: str | None, as_json: bool) -> None:
+    """Check the adapter at PATH against spec v1; exit 1 if it is invalid.
+
+    \b
+    Examples:
+      loratools validate ./adapter
+      loratools validate ./adapter --base ./base-model --json
+    """
+    report = validate_adapter(path, base=base)
+    if as_json:
+        _emit_json(report.to_dict())
+    else:
+        for p in report.problems:
+            color = "red" if p.severity == "error" else "yellow"
+            out.print(f"[{color}]{p.severity}[/] [bold]{p.code}[/] {p.where}: {p.message}", highlight=False)
+        verdict = "[green]valid[/]" if report.ok else f"[red]invalid[/] ({len(report.errors)} error(s))"
+        out.print(f"{path}: {verdict}, {len(report.warnings)} warning(s)", highlight=False)
+    if not report.ok:
+        sys.exit(EXIT_INVALID)
+
+
+@main.command()
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def inspect(path: str, as_json: bool) -> None:
+    """Show what is inside the adapter at PATH: modules, ranks, scales, ‖ΔW‖ and totals.
+
+    \b
+    Example:
+      loratools inspect ./adapter
+    """
+    summary = summarize(load(path))
+    if as_json:
+        _emit_json(summary.to_dict())
+        return
+    table = Table(title=path, show_lines=False)
+    for col in ("module", "kind", "out x in", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
+        table.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
+    for m in summary.modules:
+        kind = m.kind + (" +DoRA" if m.dora else "")
+        table.add_row(m.module, kind, " x ".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", m.dtype, f"{m.delta_norm:.4g}")
+    out.print(table)
+    out.print(
+        f"modules: {len(summary.modules)}  parameters: {summary.num_params:,}  bytes: {summary.num_bytes:,}\n"
+        f"targets: {summary.targets}\nbase model: {summary.base_model}\nspec version: {summary.spec_version}",
+        highlight=False,
+    )

@@ -1,0 +1,221 @@
+"""Validation: every way an adapter breaks spec v1 (or fails to fit a base), reported at once.
+
+:func:`validate` never raises on bad input: unreadable files become problems too.  :func:`check_raw`
+is the same rule set over already-read files, and :func:`raise_errors` turns error-level problems
+into one :class:`~loratools.errors.InvalidAdapterError` for :func:`loratools.load` and
+:func:`loratools.save`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import torch
+
+from . import spec
+from .checkpoint import find_weight, module_index, open_checkpoint
+from .errors import ChecksumError, FormatError, InvalidAdapterError, LoratoolsError
+from .reader import RawAdapter, read_raw
+from .tensorfile import DTYPE_NAMES, data_sha256
+
+if TYPE_CHECKING:
+    from .adapter import Adapter
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding: a stable ``code``, where it is (file, field or tensor), and what is wrong."""
+
+    code: str
+    where: str
+    message: str
+    severity: Severity = "error"
+
+
+@dataclass(frozen=True)
+class Report:
+    """All problems found in one adapter; ``ok`` when none is an error."""
+
+    source: str
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
+    def warnings(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "warning"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "valid": self.ok, "problems": [asdict(p) for p in self.problems]}
+
+
+def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Report:
+    """Check an adapter (a path or an :class:`Adapter`) against spec v1, and against ``base`` if given."""
+    if isinstance(target, (str, Path)):
+        source = str(target)
+        try:
+            raw = read_raw(target)
+        except LoratoolsError as err:
+            return Report(source, [_read_problem(err)])
+    else:
+        raw = target.to_raw()
+        source = raw.source
+    problems = check_raw(raw)
+    if base is not None and not any(p.severity == "error" for p in problems):
+        from .adapter import from_raw  # local: adapter imports this module
+
+        problems += check_base(from_raw(raw), base)
+    return Report(source, problems)
+
+
+def _read_problem(err: LoratoolsError) -> Problem:
+    code = "unreadable"
+    text = str(err)
+    if isinstance(err, FormatError):
+        code = "pickle-refused" if "pickle" in text else "foreign-format" if "this is a" in text else "corrupt-file"
+    elif "no adapter_model.safetensors" in text:
+        code = "weights-missing"
+    return Problem(code, err.path or "", err.args[0] if err.args else text)
+
+
+def raise_errors(problems: list[Problem], *, path: str | Path | None = None) -> None:
+    """Raise one :class:`InvalidAdapterError` (or :class:`ChecksumError`) carrying every error."""
+    errors = [p for p in problems if p.severity == "error"]
+    if not errors:
+        return
+    if errors[0].code == "checksum-mismatch":
+        raise ChecksumError(errors[0].message, path=errors[0].where)
+    raise InvalidAdapterError(errors, path=path)
+
+
+def check_raw(raw: RawAdapter) -> list[Problem]:
+    """Every spec v1 problem in ``raw``'s config, metadata and tensors."""
+    problems = _config_problems(raw) + _metadata_problems(raw)
+    config = raw.config if not any(p.code.startswith("config") for p in problems) else None
+    problems += _tensor_problems(raw, config)
+    return problems
+
+
+def _config_problems(raw: RawAdapter) -> list[Problem]:
+    if raw.config_error is not None:
+        code = "config-missing" if "missing" in raw.config_error or "no adapter config" in raw.config_error else "config-invalid"
+        return [Problem(code, spec.CONFIG_NAME, raw.config_error)]
+    config = raw.config
+    if isinstance(config, dict) and isinstance(config.get("peft_type"), str) and config["peft_type"] != "LORA":
+        return [Problem(
+            "peft-type-unsupported", "peft_type",
+            f"peft_type {config['peft_type']!r} is not supported; loratools handles LoRA adapters (peft_type \"LORA\")",
+        )]
+    return [Problem("config-schema", field or spec.CONFIG_NAME, message) for field, message in spec.config_problems(config)]
+
+
+def _metadata_problems(raw: RawAdapter) -> list[Problem]:
+    problems = []
+    where = str(raw.header.path) if raw.header else raw.source
+    why = spec.version_problem(raw.metadata.get(spec.META_VERSION))
+    if why:
+        problems.append(Problem("spec-version", f"{where} [{spec.META_VERSION}]", why))
+    recorded = raw.metadata.get(spec.META_SHA256)
+    if raw.header is not None and recorded is not None:
+        actual = data_sha256(raw.header)
+        if actual != recorded:
+            problems.append(Problem(
+                "checksum-mismatch", where,
+                f"tensor data hashes to sha256 {actual[:12]}… but {spec.META_SHA256} records {recorded[:12]}…; "
+                "the file is corrupt or was changed after it was written (download it again)",
+            ))
+    return problems
+
+
+def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Problem]:
+    problems: list[Problem] = []
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in raw.tensors.items():
+        problems += _value_problems(key, tensor)
+        split = spec.split_key(key)
+        if split is not None:
+            modules.setdefault(split[0], {})[spec.TENSOR_ROLES[split[1]]] = tensor
+        elif not _is_saved_module(key, config):
+            problems.append(Problem("unexpected-tensor", key, "not a LoRA tensor and not in modules_to_save; PEFT will ignore it", "warning"))
+    if not modules:
+        problems.append(Problem("empty", raw.source, "the adapter holds no LoRA tensors (lora_A/lora_B); it would change nothing"))
+    for name, parts in modules.items():
+        problems += _module_problems(name, parts, config)
+    return problems
+
+
+def _is_saved_module(key: str, config: dict[str, Any] | None) -> bool:
+    saved = (config or {}).get("modules_to_save") or []
+    module = key.removeprefix(spec.PREFIX).rsplit(".", 1)[0]
+    return ".base_layer" in key or any(module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in saved)
+
+
+def _value_problems(key: str, tensor: torch.Tensor) -> list[Problem]:
+    name = DTYPE_NAMES.get(tensor.dtype, str(tensor.dtype))
+    if name not in spec.SUPPORTED_DTYPES:
+        return [Problem("dtype-unsupported", key, f"dtype {name} is not allowed; use F32, F16 or BF16")]
+    bad = int((~torch.isfinite(tensor)).sum())
+    if bad:
+        return [Problem("non-finite", key, f"{bad} of {tensor.numel()} values are NaN or Inf")]
+    return []
+
+
+def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None) -> list[Problem]:
+    where = spec.PREFIX + name
+    if "A" not in parts or "B" not in parts:
+        missing = "lora_B" if "A" in parts else "lora_A"
+        return [Problem(f"{missing.lower().replace('_', '-')}-missing", where, f"has no {missing} tensor; every module needs both lora_A and lora_B")]
+    A, B = parts["A"], parts["B"]
+    problems = []
+    if A.dim() < 2 or B.dim() != A.dim() or any(d != 1 for d in B.shape[2:]):
+        return [Problem("bad-shape", where, f"lora_A {list(A.shape)} and lora_B {list(B.shape)} are not LoRA factor shapes (A: r x in[ x k...], B: out x r[ x 1...])")]
+    if A.shape[0] != B.shape[1]:
+        return [Problem("rank-mismatch", where, f"lora_A has rank {A.shape[0]} (shape {list(A.shape)}) but lora_B has rank {B.shape[1]} (shape {list(B.shape)})")]
+    rank, out = int(A.shape[0]), int(B.shape[0])
+    for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
+        if role in parts and tuple(parts[role].shape) != (out,):
+            problems.append(Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{out}] (one per output feature)"))
+    if config is None:
+        return problems
+    if not spec.targets(config, name):
+        problems.append(Problem("not-targeted", where, f"module is not matched by target_modules {config.get('target_modules')!r}; PEFT would silently ignore its tensors"))
+    declared = spec.module_rank(config, name)
+    if declared != rank:
+        problems.append(Problem("rank-config-mismatch", where, f"tensors have rank {rank} but the config declares r={declared} for this module (check r / rank_pattern)"))
+    dora = bool(config.get("use_dora"))
+    if dora != ("magnitude" in parts):
+        problems.append(Problem(
+            "dora-mismatch", where,
+            "use_dora is true but the module has no lora_magnitude_vector" if dora else "has a lora_magnitude_vector but use_dora is false",
+        ))
+    return problems
+
+
+def check_base(adapter: Adapter, base: str | Path) -> list[Problem]:
+    """Whether every module maps to a base tensor of ΔW's shape; lists every miss, not the first."""
+    try:
+        checkpoint = open_checkpoint(base)
+    except LoratoolsError as err:
+        return [Problem("base-unreadable", err.path or str(base), err.args[0])]
+    tensors = checkpoint.tensors
+    index = module_index(list(tensors))
+    problems = []
+    for name, module in adapter.modules.items():
+        key = find_weight(name, index)
+        if key is None:
+            problems.append(Problem("base-unmatched", spec.PREFIX + name, f"no tensor in base {base} matches this module (looked for {name}.weight, with and without prefixes)"))
+            continue
+        want = module.delta_shape(fan_in_fan_out=adapter.fan_in_fan_out)
+        if tuple(tensors[key].shape) != want:
+            problems.append(Problem("base-shape-mismatch", spec.PREFIX + name, f"ΔW has shape {list(want)} but base tensor {key} has {list(tensors[key].shape)}"))
+    return problems
