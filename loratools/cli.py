@@ -29,7 +29,7 @@ from .validate import validate as validate_adapter
 
 EXIT_INVALID, EXIT_INPUT, EXIT_HUB, EXIT_INTERNAL, EXIT_INTERRUPTED = 1, 3, 4, 70, 130
 
-out = Console(soft_wrap=True)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes get full module names
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
 

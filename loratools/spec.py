@@ -124,7 +124,8 @@ def _is_number(value: Any) -> bool:
 
 
 def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    """JSON Schema's notion of an integer: 4 and 4.0 are, True is not."""
+    return _is_number(value) and float(value).is_integer()
 
 
 def _check_pattern(name: str, value: Any, *, integer: bool) -> list[tuple[str, str]]:
