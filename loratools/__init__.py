@@ -19,6 +19,7 @@ from .errors import (
     ShapeError,
     SpecError,
 )
+from .hub import PullResult, PushResult, pull, push
 from .spec import SPEC_VERSION
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
@@ -41,12 +42,16 @@ __all__ = [
     "OutputExistsError",
     "Problem",
     "Report",
+    "PullResult",
+    "PushResult",
     "ShapeError",
     "SpecError",
     "Summary",
     "__version__",
     "load",
     "open_checkpoint",
+    "pull",
+    "push",
     "save",
     "summarize",
     "validate",

@@ -45,7 +45,14 @@ class RawAdapter:
 
 
 def read_raw(path: str | Path) -> RawAdapter:
-    """Read the adapter at ``path``: a PEFT directory or a bare ``.safetensors`` file."""
+    """Read the adapter at ``path``: a PEFT directory, a bare ``.safetensors`` file, or ``hf://owner/name[@rev]``.
+
+    An ``hf://`` reference is fetched into the huggingface_hub cache first (adapter files only).
+    """
+    if isinstance(path, str) and path.startswith("hf://"):
+        from .hub import fetch_uri  # local: hub imports the adapter layer, which imports this module
+
+        path = fetch_uri(path)
     path = Path(path)
     if not path.exists():
         raise FormatError("no such file or directory", path=path)

@@ -1,0 +1,324 @@
+"""A small Hub-compatible HTTP server on loopback, so tests drive the real huggingface_hub client.
+
+It speaks the subset of the Hub API that ``create_repo``, ``create_branch``, ``create_commit``,
+``repo_info``, ``list_repo_tree``, ``hf_hub_download`` and ``snapshot_download`` use: repo creation,
+revision info, tree listing, preupload (every file ``regular``, never Xet), NDJSON commits with
+base64 content, YAML validation and ``resolve`` with ``Range``.  State lives in memory:
+repos -> refs (branch name -> commit sha) -> commits -> files.
+
+Fault switches let a test play a hostile or broken server: a required token, a gated repo, a
+file corrupted after its commit, a download cut off part-way, unsafe names in listings.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote, urlsplit
+
+
+def git_blob_sha(data: bytes) -> str:
+    """The git object id of a blob: what the Hub reports as ``oid`` and ``ETag`` of a regular file."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Commit:
+    sha: str
+    message: str
+    files: dict[str, bytes]
+
+
+@dataclass
+class Repo:
+    private: bool = False
+    gated: bool = False
+    refs: dict[str, str] = field(default_factory=dict)
+    commits: dict[str, Commit] = field(default_factory=dict)
+    prs: int = 0
+
+    def resolve(self, revision: str) -> Commit | None:
+        sha = self.refs.get(revision, revision)
+        return self.commits.get(sha)
+
+
+class HubState:
+    """Everything the server knows, plus the fault switches tests flip."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.repos: dict[str, Repo] = {}
+        self.token: str | None = None  # when set, every request must carry ``Authorization: Bearer <token>``
+        self.served: dict[tuple[str, str], bytes] = {}  # (repo_id, path) -> bytes served instead (server-side rot)
+        self.truncate: dict[str, int] = {}  # path -> number of GETs still to cut off half-way
+        self.unsafe_names: list[str] = []  # extra names every listing reports
+        self.requests: list[str] = []  # "METHOD path" of every request, for assertions
+        self.auth_headers: list[str] = []  # every Authorization header seen
+
+    def commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str) -> Commit:
+        repo = self.repos[repo_id]
+        parent = repo.resolve(branch)
+        merged = dict(parent.files) if parent else {}
+        merged.update(files)
+        digest = hashlib.sha1(f"{parent.sha if parent else ''}\n{message}\n".encode())
+        for name in sorted(merged):
+            digest.update(f"{name}\0{git_blob_sha(merged[name])}\n".encode())
+        commit = Commit(digest.hexdigest(), message, merged)
+        repo.commits[commit.sha] = commit
+        repo.refs[branch] = commit.sha
+        return commit
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _Server
+
+    def log_message(self, format: str, *args: object) -> None:  # keep test output clean
+        pass
+
+    # ---------------------------------------------------------------- plumbing
+    @property
+    def state(self) -> HubState:
+        return self.server.state
+
+    def _reply(self, status: int, body: object = None, *, headers: dict[str, str] | None = None) -> None:
+        data = b"" if body is None else json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _error(self, status: int, code: str | None, message: str, **headers: str) -> None:
+        extra = {"X-Error-Message": message, **headers}
+        if code:
+            extra["X-Error-Code"] = code
+        self._reply(status, {"error": message}, headers=extra)
+
+    def _body(self) -> bytes:
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _authorized(self) -> bool:
+        sent = self.headers.get("Authorization")
+        if sent:
+            self.state.auth_headers.append(sent)
+        if self.state.token is None:
+            return True
+        if sent == f"Bearer {self.state.token}":
+            return True
+        if sent:
+            self._error(401, None, "Invalid credentials in Authorization header")
+        else:
+            self._error(401, None, "Unauthorized")
+        return False
+
+    def _repo(self, repo_id: str) -> Repo | None:
+        repo = self.state.repos.get(repo_id)
+        if repo is None:
+            self._error(404, "RepoNotFound", "Repository not found")
+        elif repo.gated:
+            self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted. You must have access to it and be authenticated.")
+            return None
+        return repo
+
+    def _commit(self, repo_id: str, revision: str) -> tuple[Repo, Commit] | None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return None
+        commit = repo.resolve(revision)
+        if commit is None:
+            self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
+            return None
+        return repo, commit
+
+    def _listing(self, commit: Commit) -> list[str]:
+        return sorted(commit.files) + self.state.unsafe_names
+
+    # ---------------------------------------------------------------- routing
+    def do_HEAD(self) -> None:
+        self._route()
+
+    def do_GET(self) -> None:
+        self._route()
+
+    def do_POST(self) -> None:
+        self._route()
+
+    def _route(self) -> None:
+        url = urlsplit(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        query = {k: v[0] for k, v in parse_qs(url.query).items()}
+        with self.state.lock:
+            self.state.requests.append(f"{self.command} {url.path}")
+            if not self._authorized():
+                return
+            body = self._body() if self.command == "POST" else b""
+            if parts[:1] == ["api"]:
+                self._api(parts[1:], query, body)
+            elif len(parts) >= 5 and parts[2] == "resolve":
+                self._resolve("/".join(parts[:2]), parts[3], "/".join(parts[4:]))
+            else:
+                self._error(404, None, f"no route for {self.command} {url.path}")
+
+    def _api(self, parts: list[str], query: dict[str, str], body: bytes) -> None:
+        if parts == ["repos", "create"]:
+            return self._create_repo(json.loads(body))
+        if parts == ["validate-yaml"]:
+            return self._reply(200, {"errors": [], "warnings": []})
+        if len(parts) == 3 and parts[0] == "models":
+            return self._revision_info("/".join(parts[1:3]), "main")
+        if len(parts) < 5 or parts[0] != "models":
+            return self._error(404, None, "unknown API route")
+        repo_id, action, rest = "/".join(parts[1:3]), parts[3], "/".join(parts[4:])
+        if action == "revision":
+            return self._revision_info(repo_id, rest)
+        if action == "tree":
+            return self._tree(repo_id, parts[4])
+        if action == "preupload":
+            return self._preupload(repo_id, json.loads(body))
+        if action == "commit":
+            return self._commit_files(repo_id, rest, body, create_pr=query.get("create_pr") == "1")
+        if action == "branch":
+            return self._create_branch(repo_id, rest, json.loads(body or b"{}"))
+        return self._error(404, None, f"unknown action {action}")
+
+    # ---------------------------------------------------------------- endpoints
+    def _create_repo(self, payload: dict) -> None:
+        repo_id = f"{payload['organization']}/{payload['name']}"
+        url = f"{self.server.url}/{repo_id}"
+        if repo_id in self.state.repos:
+            return self._reply(409, {"error": "You already created this model repo", "url": url})
+        self.state.repos[repo_id] = Repo(private=payload.get("visibility") == "private")
+        self.state.commit(repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit")
+        self._reply(200, {"url": url, "name": repo_id})
+
+    def _revision_info(self, repo_id: str, revision: str) -> None:
+        found = self._commit(repo_id, revision)
+        if found:
+            repo, commit = found
+            siblings = [{"rfilename": name} for name in self._listing(commit)]
+            self._reply(200, {"id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": repo.private, "siblings": siblings})
+
+    def _tree(self, repo_id: str, revision: str) -> None:
+        found = self._commit(repo_id, revision)
+        if found:
+            files = found[1].files
+            entries = [
+                {"type": "file", "path": name, "size": len(files.get(name, b"")), "oid": git_blob_sha(files.get(name, b""))}
+                for name in self._listing(found[1])
+            ]
+            self._reply(200, entries)
+
+    def _preupload(self, repo_id: str, payload: dict) -> None:
+        if self._repo(repo_id):
+            files = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in payload["files"]]
+            self._reply(200, {"files": files})
+
+    def _commit_files(self, repo_id: str, revision: str, body: bytes, *, create_pr: bool) -> None:
+        found = self._commit(repo_id, revision)
+        if not found:
+            return
+        repo = found[0]
+        lines = [json.loads(line) for line in body.splitlines() if line.strip()]
+        message = next(item["value"]["summary"] for item in lines if item["key"] == "header")
+        files = {}
+        for item in lines:
+            if item["key"] != "file" or item["value"].get("encoding") != "base64":
+                if item["key"] != "header":
+                    return self._error(400, None, f"unsupported commit operation {item['key']}")
+                continue
+            files[item["value"]["path"]] = base64.b64decode(item["value"]["content"])
+        branch = revision
+        pr_url = None
+        if create_pr:
+            repo.prs += 1
+            branch = f"refs/pr/{repo.prs}"
+            repo.refs[branch] = repo.refs.get(revision, revision)
+            pr_url = f"{self.server.url}/{repo_id}/discussions/{repo.prs}"
+        commit = self.state.commit(repo_id, branch, files, message)
+        self._reply(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{commit.sha}", "commitOid": commit.sha, "pullRequestUrl": pr_url})
+
+    def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:
+        repo = self._repo(repo_id)
+        if repo is None:
+            return
+        if branch in repo.refs:
+            return self._error(409, None, f"Reference already exists: refs/heads/{branch}")
+        start = repo.resolve(payload.get("startingPoint") or "main")
+        repo.refs[branch] = start.sha if start else ""
+        self._reply(200, {})
+
+    def _resolve(self, repo_id: str, revision: str, path: str) -> None:
+        found = self._commit(repo_id, revision)
+        if not found:
+            return
+        commit = found[1]
+        if path not in commit.files:
+            return self._error(404, "EntryNotFound", f"{path} does not exist", **{"X-Repo-Commit": commit.sha})
+        data = self.state.served.get((repo_id, path), commit.files[path])
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(commit.files[path])}"', "Accept-Ranges": "bytes"}
+        start = _range_start(self.headers.get("Range"))
+        if self.command == "GET" and self.state.truncate.get(path, 0) > 0:
+            self.state.truncate[path] -= 1
+            return self._send_cut(data, headers)
+        status = 206 if start else 200
+        if start:
+            headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        if self.command == "GET":
+            self.wfile.write(data[start:])
+
+    def _send_cut(self, data: bytes, headers: dict[str, str]) -> None:
+        """Send half the file with no Content-Length, then close: the client sees a short, clean EOF."""
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2])
+        self.wfile.flush()
+        self.close_connection = True
+
+
+def _range_start(header: str | None) -> int:
+    if not header or not header.startswith("bytes="):
+        return 0
+    return int(header.removeprefix("bytes=").split("-")[0] or 0)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    state: HubState
+    url: str
+
+
+class HubServer:
+    """Start with ``with HubServer() as hub:``; ``hub.url`` is the endpoint, ``hub.state`` the data."""
+
+    def __init__(self) -> None:
+        self.state = HubState()
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.state = self.state
+        self.url = self._server.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+
+    def __enter__(self) -> HubServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
