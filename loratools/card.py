@@ -8,10 +8,12 @@ refreshes our summary.
 
 from __future__ import annotations
 
+import yaml
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import spec
+from .errors import FormatError
 from .summary import Summary
 
 BEGIN = "<!-- loratools:begin -->"
@@ -25,7 +27,10 @@ def build_card(summary: Summary, *, repo_id: str, existing: str | None = None, c
         existing = f"# {repo_id.split('/')[-1]}\n\nA LoRA adapter published with loratools.\n"
     if not existing.lstrip().startswith("---"):
         existing = "---\n\n---\n" + existing  # an empty front matter block, so the parser has one to fill
-    card = ModelCard(existing)
+    try:
+        card = ModelCard(existing)
+    except (ValueError, yaml.YAMLError) as err:
+        raise FormatError(f"the model card's YAML front matter is not a valid mapping ({err}); fix or remove it", path=spec.CARD_NAME) from err
     card.data.library_name = "peft"
     if _is_repo_id(summary.base_model):
         card.data.base_model = summary.base_model

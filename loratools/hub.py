@@ -272,9 +272,12 @@ def _hub_errors(repo_id: str, revision: str, token: str | None) -> Iterator[None
         raise HubError(message, repo_id=repo_id) from err
 
 
-def _describe(err: Exception, repo_id: str, revision: str, token: str | None) -> str | None:
+def _describe(err: BaseException, repo_id: str, revision: str, token: str | None) -> str | None:
     status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
-    cause = err.__cause__ or err.__context__
+    if isinstance(err, LocalEntryNotFoundError):  # a cache miss; its cause, if any, says why the Hub was not asked
+        if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
+            return _describe(err.__cause__, repo_id, revision, token)
+        return f"{repo_id}@{revision} is not in the local cache and offline mode is on (--offline / HF_HUB_OFFLINE); pull it once online"
     if isinstance(err, GatedRepoError):
         return f"{repo_id} is a gated repo: request access on its Hub page, then use a token of the account that has it ({_LOGIN_HINT})"
     if status in (401, 403):
@@ -283,14 +286,15 @@ def _describe(err: Exception, repo_id: str, revision: str, token: str | None) ->
         return f"{repo_id} has no revision {revision!r} (no such branch, tag or commit)"
     if isinstance(err, RepositoryNotFoundError):
         return f"repository {repo_id} not found on the Hub (check the name; if it is private, {_LOGIN_HINT})"
-    if isinstance(err, LocalEntryNotFoundError) and not isinstance(cause, (httpx2.TransportError, HfHubHTTPError)):
-        return f"{repo_id}@{revision} is not in the local cache and offline mode is on (--offline / HF_HUB_OFFLINE); pull it once online"
     if isinstance(err, EntryNotFoundError):
-        return f"{repo_id}@{revision} is missing a file the listing announced; the repo changed during the pull, try again"
-    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)) or isinstance(cause, (httpx2.ConnectError, httpx2.TimeoutException)):
-        return f"{repo_id}: cannot reach the Hub ({type(cause if isinstance(err, LocalEntryNotFoundError) else err).__name__}); check the network, or use --offline to read the cache"
+        return f"{repo_id}@{revision} is missing a file its listing announced; the repo changed during the pull, try again"
+    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)):
+        return f"{repo_id}: cannot reach the Hub ({type(err).__name__}); check the network, or use --offline to read the cache"
     if isinstance(err, httpx2.TransportError) or (isinstance(err, OSError) and "Consistency check failed" in str(err)):
         return f"{repo_id}@{revision}: the download was interrupted; nothing was written, run the command again"
+    if isinstance(err, ValueError) and str(err).startswith("Invalid metadata in README.md"):
+        reasons = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
+        return f"{repo_id}: the Hub rejected the model card's front matter ({reasons or 'no reason given'}); fix README.md"
     if status is not None:
         return f"{repo_id}: the Hub answered HTTP {status} {err.response.reason_phrase}; try again later"
     return None

@@ -37,10 +37,13 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         state.repos.clear()
         state.served.clear()
         state.truncate.clear()
+        state.drop.clear()
+        state.ranges.clear()
         state.unsafe_names.clear()
         state.requests.clear()
         state.auth_headers.clear()
-        state.token = None
+        state.token = state.read_only_token = None
+        state.yaml_errors.clear()
     home = tmp_path / "hf-home"
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)

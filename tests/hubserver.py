@@ -54,8 +54,12 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.token: str | None = None  # when set, every request must carry ``Authorization: Bearer <token>``
         self.served: dict[tuple[str, str], bytes] = {}  # (repo_id, path) -> bytes served instead (server-side rot)
-        self.truncate: dict[str, int] = {}  # path -> number of GETs still to cut off half-way
+        self.truncate: dict[str, int] = {}  # path -> number of GETs still to end cleanly half-way (no Content-Length)
+        self.drop: dict[str, int] = {}  # path -> number of GETs still to drop half-way through a declared length
+        self.ranges: list[str] = []  # every Range header seen on a download
         self.unsafe_names: list[str] = []  # extra names every listing reports
+        self.read_only_token: str | None = None  # accepted for reads, answered 403 on writes
+        self.yaml_errors: list[str] = []  # validate-yaml answers 400 with these
         self.requests: list[str] = []  # "METHOD path" of every request, for assertions
         self.auth_headers: list[str] = []  # every Authorization header seen
 
@@ -109,9 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
         sent = self.headers.get("Authorization")
         if sent:
             self.state.auth_headers.append(sent)
-        if self.state.token is None:
+        if sent and sent == f"Bearer {self.state.read_only_token}":
+            if self.command == "POST":
+                self._error(403, None, "You don't have the rights to write to this repo")
+                return False
             return True
-        if sent == f"Bearer {self.state.token}":
+        if self.state.token is None or sent == f"Bearer {self.state.token}":
             return True
         if sent:
             self._error(401, None, "Invalid credentials in Authorization header")
@@ -171,7 +178,8 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["repos", "create"]:
             return self._create_repo(json.loads(body))
         if parts == ["validate-yaml"]:
-            return self._reply(200, {"errors": [], "warnings": []})
+            status = 400 if self.state.yaml_errors else 200
+            return self._reply(status, {"errors": [{"message": m} for m in self.state.yaml_errors], "warnings": []})
         if len(parts) == 3 and parts[0] == "models":
             return self._revision_info("/".join(parts[1:3]), "main")
         if len(parts) < 5 or parts[0] != "models":
@@ -265,9 +273,14 @@ class _Handler(BaseHTTPRequestHandler):
         data = self.state.served.get((repo_id, path), commit.files[path])
         headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(commit.files[path])}"', "Accept-Ranges": "bytes"}
         start = _range_start(self.headers.get("Range"))
+        if self.headers.get("Range"):
+            self.state.ranges.append(self.headers["Range"])
         if self.command == "GET" and self.state.truncate.get(path, 0) > 0:
             self.state.truncate[path] -= 1
-            return self._send_cut(data, headers)
+            return self._send_cut(data, headers, declare_length=False)
+        if self.command == "GET" and self.state.drop.get(path, 0) > 0:
+            self.state.drop[path] -= 1
+            return self._send_cut(data, headers, declare_length=True)
         status = 206 if start else 200
         if start:
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
@@ -280,11 +293,17 @@ class _Handler(BaseHTTPRequestHandler):
         if self.command == "GET":
             self.wfile.write(data[start:])
 
-    def _send_cut(self, data: bytes, headers: dict[str, str]) -> None:
-        """Send half the file with no Content-Length, then close: the client sees a short, clean EOF."""
+    def _send_cut(self, data: bytes, headers: dict[str, str], *, declare_length: bool) -> None:
+        """Send half the file, then close.
+
+        Without a Content-Length the client sees a short but clean end of body; with one, a broken
+        connection, which it resumes with a ``Range`` request.
+        """
         self.send_response(200)
         for key, value in headers.items():
             self.send_header(key, value)
+        if declare_length:
+            self.send_header("Content-Length", str(len(data)))
         self.send_header("Connection", "close")
         self.end_headers()
         self.wfile.write(data[: len(data) // 2])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -208,6 +209,25 @@ def test_interrupted_download_leaves_nothing_and_retry_succeeds(hub, adapter_dir
     assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == (adapter_dir / spec.WEIGHTS_NAME).read_bytes()
 
 
+def test_dropped_connection_is_retried_by_the_client(hub, adapter_dir, tmp_path):
+    loratools.push(adapter_dir, REPO, endpoint=hub.url)
+    hub.state.drop[spec.WEIGHTS_NAME] = 1  # half the declared bytes, then the connection breaks
+    pulled = loratools.pull(REPO, out=tmp_path / "copy", endpoint=hub.url)
+    assert hub.state.drop[spec.WEIGHTS_NAME] == 0
+    assert sum(r.startswith("GET") and r.endswith(spec.WEIGHTS_NAME) for r in hub.state.requests) == 2
+    assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == (adapter_dir / spec.WEIGHTS_NAME).read_bytes()
+
+
+def test_server_answers_range_requests_with_206(hub, adapter_dir):
+    pushed = loratools.push(adapter_dir, REPO, endpoint=hub.url)
+    data = head_files(hub)[spec.WEIGHTS_NAME]
+    request = urllib.request.Request(f"{hub.url}/{REPO}/resolve/{pushed.commit_sha}/{spec.WEIGHTS_NAME}", headers={"Range": "bytes=100-"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        assert response.status == 206
+        assert response.headers["Content-Range"] == f"bytes 100-{len(data) - 1}/{len(data)}"
+        assert response.read() == data[100:]
+
+
 def test_pull_refuses_existing_output_without_force(hub, adapter_dir, tmp_path):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
     target = tmp_path / "copy"
@@ -283,6 +303,26 @@ def test_right_token_works_from_argument_and_environment(hub, adapter_dir, tmp_p
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     assert loratools.pull(REPO, out=tmp_path / "x", endpoint=hub.url).commit_sha == pushed.commit_sha
     assert set(hub.state.auth_headers) == {f"Bearer {TOKEN}"}
+
+
+def test_403_read_only_token_cannot_push(hub, adapter_dir):
+    loratools.push(adapter_dir, REPO, endpoint=hub.url)
+    hub.state.token, hub.state.read_only_token = TOKEN, "hf_readonly"
+    with pytest.raises(HubError, match=r"the token given with --token is not allowed to do this \(HTTP 403\); use a token with write access"):
+        loratools.push(adapter_dir, REPO, token="hf_readonly", endpoint=hub.url)
+
+
+def test_card_rejected_by_the_hub(hub, adapter_dir):
+    hub.state.yaml_errors.append('"base_model" must be a valid model id')
+    with pytest.raises(HubError, match=r"rejected the model card's front matter \(\"base_model\" must be a valid model id\)"):
+        loratools.push(adapter_dir, REPO, endpoint=hub.url)
+    assert len(hub.state.repos[REPO].commits) == 1  # only the repo's initial commit
+
+
+def test_broken_local_card_is_refused(hub, adapter_dir):
+    (adapter_dir / spec.CARD_NAME).write_text("---\n- just\n- a list\n---\ntext\n", encoding="utf-8")
+    with pytest.raises(loratools.FormatError, match="front matter is not a valid mapping"):
+        loratools.push(adapter_dir, REPO, endpoint=hub.url)
 
 
 def test_404_repo_and_revision(hub, adapter_dir, tmp_path):
