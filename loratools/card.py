@@ -30,7 +30,9 @@ def build_card(summary: Summary, *, repo_id: str, existing: str | None = None, c
     try:
         card = ModelCard(existing)
     except (ValueError, yaml.YAMLError) as err:
-        raise FormatError(f"the model card's YAML front matter is not a valid mapping ({err}); fix or remove it", path=spec.CARD_NAME) from err
+        raise FormatError(
+            f"the model card's YAML front matter is not a valid mapping ({err}); fix or remove it", path=spec.CARD_NAME
+        ) from err
     card.data.library_name = "peft"
     if _is_repo_id(summary.base_model):
         card.data.base_model = summary.base_model

@@ -152,7 +152,9 @@ def inspect(path: str, as_json: bool) -> None:
 @click.option("-m", "--message", help="Commit message.")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` token). Never printed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def push(adapter: str, repo_id: str, revision: str | None, private: bool, create_pr: bool, message: str | None, token: str | None, as_json: bool) -> None:
+def push(
+    adapter: str, repo_id: str, revision: str | None, private: bool, create_pr: bool, message: str | None, token: str | None, as_json: bool
+) -> None:
     """Validate ADAPTER and publish it to the Hub repo REPO_ID with a model card, in one commit.
 
     An invalid adapter is refused (exit 3, see `loratools validate`).  The repo's README.md keeps

@@ -165,7 +165,9 @@ def pull(
     return PullResult(repo_id, revision or "main", sha, target, ADAPTER_FILES, offline)
 
 
-def fetch(repo_id: str, revision: str | None, *, offline: bool = False, token: str | None = None, endpoint: str | None = None) -> tuple[Path, str]:
+def fetch(
+    repo_id: str, revision: str | None, *, offline: bool = False, token: str | None = None, endpoint: str | None = None
+) -> tuple[Path, str]:
     """The adapter files of ``repo_id`` at ``revision`` in the huggingface_hub cache: (snapshot dir, commit sha).
 
     Online, the file listing is checked first: a name that is absolute or climbs out of the repo
@@ -181,7 +183,9 @@ def fetch(repo_id: str, revision: str | None, *, offline: bool = False, token: s
             _refuse_unsafe(names, repo_id)
             missing = [n for n in ADAPTER_FILES if n not in names]
             if missing:
-                raise HubError(f"{repo_id}@{revision or 'main'} has no {' or '.join(missing)}; it is not a PEFT adapter repo", repo_id=repo_id)
+                raise HubError(
+                    f"{repo_id}@{revision or 'main'} has no {' or '.join(missing)}; it is not a PEFT adapter repo", repo_id=repo_id
+                )
             folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(ADAPTER_FILES), token=token, endpoint=endpoint)
     snapshot = Path(folder)
     absent = [n for n in ADAPTER_FILES if not (snapshot / n).is_file()]

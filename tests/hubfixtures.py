@@ -3,12 +3,12 @@
 huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_HUB_DISABLE_XET`` once,
 at import, so the ``hub_env`` fixture sets both the environment and the module constants: cache and
 token file under ``tmp_path``, no ``HF_TOKEN``, online, Xet off, the default endpoint on our server
-(model-card and ``hf://`` paths use it).  Import the fixtures into a test module to use them.
+(model-card and ``hf://`` paths use it).  Test modules load this file with ``pytest_plugins``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,8 +19,6 @@ from huggingface_hub.utils import disable_progress_bars
 from loratools.adapter import Adapter, LoraModule, save
 
 from .hubserver import HubServer
-
-TOKEN = "hf_loopbackSECRETtoken0123456789"
 
 
 @pytest.fixture(scope="module")
@@ -69,12 +67,25 @@ def tiny_adapter(seed: int = 0) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     modules = {
         f"model.layers.{i}.self_attn.{p}": LoraModule(torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g), 4.0)
-        for i in range(1) for p in ("q_proj", "v_proj")
+        for i in range(1)
+        for p in ("q_proj", "v_proj")
     }
-    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"], "base_model_name_or_path": "org/tiny-base"}
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "org/tiny-base",
+    }
     return Adapter(modules, config)
 
 
 @pytest.fixture
 def adapter_dir(tmp_path: Path) -> Path:
     return save(tiny_adapter(), tmp_path / "my-adapter")
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path) -> Callable[..., Path]:
+    """``make_adapter(name, seed=0)`` saves :func:`tiny_adapter` under ``tmp_path``; ``*.safetensors`` gives one file."""
+    return lambda name, seed=0: save(tiny_adapter(seed), tmp_path / name)

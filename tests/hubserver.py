@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+TOKEN = "hf_loopbackSECRETtoken0123456789"  # the secret tests configure; it must never show up in output
+
 
 def git_blob_sha(data: bytes) -> str:
     """The git object id of a blob: what the Hub reports as ``oid`` and ``ETag`` of a regular file."""
@@ -79,6 +81,7 @@ class HubState:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go out in separate writes; do not wait on delayed ACKs
     server: _Server
 
     def log_message(self, format: str, *args: object) -> None:  # keep test output clean
@@ -251,7 +254,9 @@ class _Handler(BaseHTTPRequestHandler):
             repo.refs[branch] = repo.refs.get(revision, revision)
             pr_url = f"{self.server.url}/{repo_id}/discussions/{repo.prs}"
         commit = self.state.commit(repo_id, branch, files, message)
-        self._reply(200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{commit.sha}", "commitOid": commit.sha, "pullRequestUrl": pr_url})
+        self._reply(
+            200, {"commitUrl": f"{self.server.url}/{repo_id}/commit/{commit.sha}", "commitOid": commit.sha, "pullRequestUrl": pr_url}
+        )
 
     def _create_branch(self, repo_id: str, branch: str, payload: dict) -> None:
         repo = self._repo(repo_id)

@@ -11,13 +11,14 @@ import torch
 
 import loratools
 from loratools import spec
-from loratools.adapter import save
 from loratools.atomic import TEMP_PREFIX
 from loratools.card import BEGIN, END
 from loratools.errors import ChecksumError, HubError, InvalidAdapterError
 from loratools.hub import is_unsafe, parse_ref
 
-from .hubfixtures import TOKEN, adapter_dir, hub, hub_server, tiny_adapter  # noqa: F401 - fixtures
+from .hubserver import TOKEN
+
+pytest_plugins = ["tests.hubfixtures"]  # the hub, hub_server and adapter_dir fixtures
 
 REPO = "me/tiny-lora"
 
@@ -39,7 +40,12 @@ def downloads(hub) -> list[str]:
 
 @pytest.mark.parametrize(
     ("text", "expected"),
-    [("me/a", ("me/a", None)), ("hf://me/a", ("me/a", None)), ("me/a@dev", ("me/a", "dev")), ("hf://me/a@refs/pr/1", ("me/a", "refs/pr/1"))],
+    [
+        ("me/a", ("me/a", None)),
+        ("hf://me/a", ("me/a", None)),
+        ("me/a@dev", ("me/a", "dev")),
+        ("hf://me/a@refs/pr/1", ("me/a", "refs/pr/1")),
+    ],
 )
 def test_parse_ref(text, expected):
     assert parse_ref(text) == expected
@@ -96,14 +102,14 @@ def test_push_writes_card_with_front_matter_and_summary(hub, adapter_dir):
     assert "| spec version | 1.0 |" in section
 
 
-def test_push_keeps_existing_card_and_updates_only_our_section(hub, adapter_dir):
+def test_push_keeps_existing_card_and_updates_only_our_section(hub, adapter_dir, make_adapter):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
     user_card = (
         "---\nlicense: mit\ntags:\n- my-tag\n---\n# My adapter\n\nHand-written notes.\n\n"
         f"{BEGIN}\nstale summary\n{END}\n\n## Training\n\nMore notes.\n"
     )
     hub.state.commit(REPO, "main", {spec.CARD_NAME: user_card.encode()}, "user edits card")
-    loratools.push(save(tiny_adapter(seed=3), adapter_dir.parent / "v2"), REPO, endpoint=hub.url)
+    loratools.push(make_adapter("v2", seed=3), REPO, endpoint=hub.url)
     card = head_files(hub)[spec.CARD_NAME].decode()
     assert "license: mit" in card and "- my-tag" in card and "- lora\n" in card
     assert "Hand-written notes." in card and "## Training\n\nMore notes." in card
@@ -119,9 +125,9 @@ def test_push_prefers_the_adapters_own_card(hub, adapter_dir):
     assert card.startswith("---\n") and "Written next to the adapter." in card and BEGIN in card
 
 
-def test_push_to_branch_and_pull_that_revision(hub, adapter_dir, tmp_path):
+def test_push_to_branch_and_pull_that_revision(hub, adapter_dir, tmp_path, make_adapter):
     main = loratools.push(adapter_dir, REPO, endpoint=hub.url)
-    other = save(tiny_adapter(seed=1), tmp_path / "other")
+    other = make_adapter("other", seed=1)
     branch = loratools.push(other, REPO, revision="exp", message="try seed 1", endpoint=hub.url)
     assert branch.revision == "exp" and branch.commit_sha != main.commit_sha
     assert hub.state.repos[REPO].refs == {"main": main.commit_sha, "exp": branch.commit_sha}
@@ -134,9 +140,9 @@ def test_push_to_branch_and_pull_that_revision(hub, adapter_dir, tmp_path):
     assert (by_sha.path / spec.WEIGHTS_NAME).read_bytes() == (adapter_dir / spec.WEIGHTS_NAME).read_bytes()
 
 
-def test_push_create_pr_leaves_main_alone(hub, adapter_dir, tmp_path):
+def test_push_create_pr_leaves_main_alone(hub, adapter_dir, tmp_path, make_adapter):
     main = loratools.push(adapter_dir, REPO, endpoint=hub.url)
-    pr = loratools.push(save(tiny_adapter(seed=2), tmp_path / "v2"), REPO, create_pr=True, endpoint=hub.url)
+    pr = loratools.push(make_adapter("v2", seed=2), REPO, create_pr=True, endpoint=hub.url)
     assert pr.pr_url == f"{hub.url}/{REPO}/discussions/1" and pr.revision == "refs/pr/1"
     assert hub.state.repos[REPO].refs["main"] == main.commit_sha
     assert hub.state.repos[REPO].refs["refs/pr/1"] == pr.commit_sha
@@ -147,8 +153,8 @@ def test_push_private_creates_private_repo(hub, adapter_dir):
     assert hub.state.repos[REPO].private
 
 
-def test_push_bare_safetensors_file_as_peft_directory(hub, tmp_path):
-    single = save(tiny_adapter(), tmp_path / "single.safetensors")
+def test_push_bare_safetensors_file_as_peft_directory(hub, tmp_path, make_adapter):
+    single = make_adapter("single.safetensors")
     loratools.push(single, REPO, endpoint=hub.url)
     pulled = loratools.pull(REPO, out=tmp_path / "dir", endpoint=hub.url)
     a, b = loratools.load(single), loratools.load(pulled.path)
@@ -308,7 +314,9 @@ def test_right_token_works_from_argument_and_environment(hub, adapter_dir, tmp_p
 def test_403_read_only_token_cannot_push(hub, adapter_dir):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
     hub.state.token, hub.state.read_only_token = TOKEN, "hf_readonly"
-    with pytest.raises(HubError, match=r"the token given with --token is not allowed to do this \(HTTP 403\); use a token with write access"):
+    with pytest.raises(
+        HubError, match=r"the token given with --token is not allowed to do this \(HTTP 403\); use a token with write access"
+    ):
         loratools.push(adapter_dir, REPO, token="hf_readonly", endpoint=hub.url)
 
 
@@ -360,9 +368,9 @@ def test_network_down(hub, adapter_dir, tmp_path):
 # ----------------------------------------------------------------------------- hf:// paths
 
 
-def test_hf_uri_is_accepted_wherever_a_path_is(hub, adapter_dir, tmp_path):
+def test_hf_uri_is_accepted_wherever_a_path_is(hub, adapter_dir, tmp_path, make_adapter):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
-    loratools.push(save(tiny_adapter(seed=1), tmp_path / "other"), REPO, revision="exp", endpoint=hub.url)
+    loratools.push(make_adapter("other", seed=1), REPO, revision="exp", endpoint=hub.url)
     local = loratools.load(adapter_dir)
     remote = loratools.load(f"hf://{REPO}")
     assert all(torch.equal(local.modules[k].A, remote.modules[k].A) for k in local.modules)

@@ -11,7 +11,9 @@ from click.testing import CliRunner
 from loratools import spec
 from loratools.cli import EXIT_HUB, EXIT_INPUT, main
 
-from .hubfixtures import TOKEN, adapter_dir, hub, hub_server  # noqa: F401 - fixtures
+from .hubserver import TOKEN
+
+pytest_plugins = ["tests.hubfixtures"]  # the hub, hub_server and adapter_dir fixtures
 
 REPO = "me/tiny-lora"
 
@@ -71,8 +73,10 @@ def test_push_of_invalid_adapter_exits_3_with_one_line(run, hub, adapter_dir):
 
 def test_hub_errors_exit_4_with_one_line(run, tmp_path):
     result = run("pull", "me/missing", "-o", str(tmp_path / "x"), code=EXIT_HUB)
-    assert result.stderr.strip() == "error: repository me/missing not found on the Hub (check the name; if it is private, " \
+    assert (
+        result.stderr.strip() == "error: repository me/missing not found on the Hub (check the name; if it is private, "
         "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token)"
+    )
 
 
 def test_token_never_appears_in_output_or_logs(run, hub, adapter_dir, tmp_path, caplog, monkeypatch):
