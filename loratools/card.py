@@ -8,8 +8,10 @@ refreshes our summary.
 
 from __future__ import annotations
 
+from typing import cast
+
 import yaml
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from . import spec
@@ -33,11 +35,12 @@ def build_card(summary: Summary, *, repo_id: str, existing: str | None = None, c
         raise FormatError(
             f"the model card's YAML front matter is not a valid mapping ({err}); fix or remove it", path=spec.CARD_NAME
         ) from err
-    card.data.library_name = "peft"
+    data = cast(ModelCardData, card.data)
+    data.library_name = "peft"
     if _is_repo_id(summary.base_model):
-        card.data.base_model = summary.base_model
-    tags = list(card.data.tags or [])
-    card.data.tags = tags + [t for t in TAGS if t not in tags]
+        data.base_model = summary.base_model
+    tags = list(data.tags or [])
+    data.tags = tags + [t for t in TAGS if t not in tags]
     card.text = splice(card.text, section(summary, repo_id=repo_id, checksum=checksum))
     return str(card)
 

@@ -277,7 +277,8 @@ def _hub_errors(repo_id: str, revision: str, token: str | None) -> Iterator[None
 
 
 def _describe(err: BaseException, repo_id: str, revision: str, token: str | None) -> str | None:
-    status = err.response.status_code if isinstance(err, HfHubHTTPError) and err.response is not None else None
+    response = err.response if isinstance(err, HfHubHTTPError) else None
+    status = response.status_code if response is not None else None
     if isinstance(err, LocalEntryNotFoundError):  # a cache miss; its cause, if any, says why the Hub was not asked
         if err.__cause__ is not None and not isinstance(err.__cause__, OfflineModeIsEnabled):
             return _describe(err.__cause__, repo_id, revision, token)
@@ -299,6 +300,6 @@ def _describe(err: BaseException, repo_id: str, revision: str, token: str | None
     if isinstance(err, ValueError) and str(err).startswith("Invalid metadata in README.md"):
         reasons = "; ".join(line.lstrip("- ") for line in str(err).splitlines()[1:] if line.strip())
         return f"{repo_id}: the Hub rejected the model card's front matter ({reasons or 'no reason given'}); fix README.md"
-    if status is not None:
-        return f"{repo_id}: the Hub answered HTTP {status} {err.response.reason_phrase}; try again later"
+    if response is not None:
+        return f"{repo_id}: the Hub answered HTTP {status} {response.reason_phrase}; try again later"
     return None

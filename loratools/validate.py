@@ -16,7 +16,7 @@ import torch
 
 from . import spec
 from .checkpoint import find_weight, module_index, open_checkpoint
-from .errors import ChecksumError, FormatError, InvalidAdapterError, LoratoolsError
+from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError
 from .reader import RawAdapter, read_raw
 from .tensorfile import DTYPE_NAMES, data_sha256
 
@@ -65,6 +65,8 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
         source = str(target)
         try:
             raw = read_raw(target)
+        except HubError:  # an hf:// adapter that could not be fetched says nothing about the adapter
+            raise
         except LoratoolsError as err:
             return Report(source, [_read_problem(err)])
     else:

@@ -103,6 +103,7 @@ def test_hf_uri_in_validate_and_inspect(run, adapter_dir):
     assert summary["num_params"] == 28 and summary["base_model"] == "org/tiny-base"
 
 
-def test_hf_uri_of_missing_repo_is_a_hub_error(run):
-    result = run("inspect", "hf://me/missing", code=EXIT_HUB)
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_hf_uri_of_missing_repo_is_a_hub_error(run, command):
+    result = run(command, "hf://me/missing", code=EXIT_HUB)
     assert "repository me/missing not found" in result.stderr
