@@ -259,7 +259,7 @@ def _auth_message(repo_id: str, status: int, token: str | None) -> str:
         return f"{repo_id}: the Hub requires authentication (HTTP {status}) and no token was found; {_LOGIN_HINT}"
     if status == 403:
         return f"{repo_id}: {source} is not allowed to do this (HTTP 403); use a token with write access to the repo, or {_LOGIN_HINT}"
-    return f"{repo_id}: {source} was rejected (HTTP {status}); check it or replace it: {_LOGIN_HINT}"
+    return f"{repo_id}: {source} was rejected (HTTP {status}); use a valid token: {_LOGIN_HINT}"
 
 
 @contextmanager

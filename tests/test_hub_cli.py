@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -107,3 +111,22 @@ def test_hf_uri_in_validate_and_inspect(run, adapter_dir):
 def test_hf_uri_of_missing_repo_is_a_hub_error(run, command):
     result = run(command, "hf://me/missing", code=EXIT_HUB)
     assert "repository me/missing not found" in result.stderr
+
+
+@pytest.mark.slow  # three fresh interpreters importing torch
+def test_installed_command_reads_endpoint_and_offline_from_the_environment(hub, adapter_dir, tmp_path):
+    """A fresh process: huggingface_hub configured only by HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE, as users do."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_HUB_DISABLE_XET="1", PYTHONPATH=str(Path(__file__).parents[1]))
+
+    def cli(*args: str, **extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "loratools", *args], env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    pushed = json.loads(cli("push", str(adapter_dir), REPO, "--json"))
+    assert pushed["commit_sha"] == hub.state.repos[REPO].refs["main"]
+    assert f"commit: {pushed['commit_sha']}" in cli("pull", REPO, "-o", str(tmp_path / "a"))
+    served = len(hub.state.requests)
+    assert f"commit: {pushed['commit_sha']}" in cli("pull", REPO, "-o", str(tmp_path / "b"), HF_HUB_OFFLINE="1")
+    assert len(hub.state.requests) == served
