@@ -157,9 +157,12 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
 
 
 def _is_saved_module(key: str, config: dict[str, Any] | None) -> bool:
-    saved = (config or {}).get("modules_to_save") or []
+    """Full tensors PEFT saves on purpose: modules_to_save, embedding base layers, trained biases."""
+    config = config or {}
+    if ".base_layer" in key or (key.endswith(".bias") and config.get("bias") in ("all", "lora_only")):
+        return True
     module = key.removeprefix(spec.PREFIX).rsplit(".", 1)[0]
-    return ".base_layer" in key or any(module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in saved)
+    return any(module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in config.get("modules_to_save") or [])
 
 
 def _value_problems(key: str, tensor: torch.Tensor) -> list[Problem]:

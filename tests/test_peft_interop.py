@@ -21,6 +21,7 @@ CASES = {
     "regex-targets": {"target_modules": r".*\.(q_proj|down_proj)"},
     "embedding+saved": {"target_modules": ["q_proj", "embed_tokens"], "modules_to_save": ["lm_head"]},
     "lora-bias": {"lora_bias": True},
+    "trained-biases": {"bias": "all", "target_modules": ["q_proj", "o_proj"]},
 }
 
 
