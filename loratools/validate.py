@@ -64,7 +64,7 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
     if isinstance(target, (str, Path)):
         source = str(target)
         try:
-            raw = read_raw(target)
+            raw = read_raw(target, base=base)
         except LoratoolsError as err:
             return Report(source, [_read_problem(err)])
     else:
