@@ -78,11 +78,11 @@ def low_rank(M: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, power_
 
 def choose_rank(S: torch.Tensor, total_energy: float, rank: int, energy: float | None) -> int:
     """The smallest k <= ``rank`` whose top-k singular values keep ``energy`` of ``total_energy`` (``rank`` if none)."""
+    most = min(rank, int(S.numel()))
     if energy is None or total_energy == 0.0:
-        return min(rank, int(S.numel()))
-    kept = torch.cumsum(S.double() ** 2, 0) / total_energy
-    reached = (kept >= energy).nonzero()
-    return int(reached[0]) + 1 if reached.numel() else min(rank, int(S.numel()))
+        return most
+    reached = (torch.cumsum(S.double() ** 2, 0) / total_energy >= energy).nonzero()
+    return min(int(reached[0]) + 1, most) if reached.numel() else most
 
 
 def resolve_device(device: str) -> torch.device:
