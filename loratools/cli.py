@@ -23,10 +23,11 @@ from rich.table import Table
 
 from . import __version__
 from .adapter import load
-from .convert import TARGETS, convert as convert_adapter
+from .convert import TARGETS
+from .convert import convert as convert_adapter
 from .diff import diff as diff_adapters
-from .extract import extract as extract_adapter
 from .errors import HubError, LoratoolsError
+from .extract import extract as extract_adapter
 from .summary import summarize
 from .validate import validate as validate_adapter
 
@@ -147,7 +148,7 @@ def inspect(path: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("src")
-@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts single file).")
+@click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts file).")
 @click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
 @click.option("-o", "--out", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya.")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
@@ -173,7 +174,9 @@ def convert(src: str, to: str, base: str | None, output: str, force: bool) -> No
 @click.option("--device", default="auto", show_default=True, help="Where to factor: auto (CUDA if present), cpu, cuda, cuda:1 ...")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def extract(base: str, tuned: str, rank: int, energy: float | None, output: str, skip_modules_to_save: bool, device: str, force: bool, as_json: bool) -> None:
+def extract(
+    base: str, tuned: str, rank: int, energy: float | None, output: str, skip_modules_to_save: bool, device: str, force: bool, as_json: bool
+) -> None:
     """Extract a LoRA from the difference TUNED - BASE of two checkpoints.
 
     \b
@@ -181,7 +184,9 @@ def extract(base: str, tuned: str, rank: int, energy: float | None, output: str,
       loratools extract ./Llama-3-8B ./Llama-3-8B-finetuned --rank 16 -o ./extracted
       loratools extract base.safetensors tuned.safetensors --rank 64 --energy 0.9 -o lora.safetensors
     """
-    _, report = extract_adapter(base, tuned, rank=rank, energy=energy, out=output, force=force, skip_modules_to_save=skip_modules_to_save, device=device)
+    _, report = extract_adapter(
+        base, tuned, rank=rank, energy=energy, out=output, force=force, skip_modules_to_save=skip_modules_to_save, device=device
+    )
     if as_json:
         _emit_json(report.to_dict())
         return

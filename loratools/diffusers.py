@@ -17,16 +17,15 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import replace
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from . import spec
-from .adapter import Adapter, LoraModule
+from .adapter import LoraModule
 from .errors import FormatError
-from .kohya import META_SOURCE
+from .kohya import META_SOURCE, foreign_raw
 from .reader import RawAdapter
 from .tensorfile import Header
 
@@ -87,9 +86,7 @@ def read_diffusers(header: Header) -> RawAdapter:
         if "A" not in p or "B" not in p:
             raise FormatError("module has no " + ("up/lora_B" if "A" in p else "down/lora_A") + " weight", path=header.path, key=name)
         modules[name] = _module(name, p, configs)
-    metadata = {**header.metadata, META_SOURCE: "diffusers"}
-    raw = Adapter(modules, {}, {}, metadata).to_raw(str(header.path))
-    return replace(raw, metadata=metadata, header=header)
+    return foreign_raw(modules, header, {**header.metadata, META_SOURCE: "diffusers"})
 
 
 def _module(name: str, p: dict[str, torch.Tensor], configs: dict[str, dict[str, Any]]) -> LoraModule:

@@ -57,7 +57,9 @@ class ExtractReport:
         return asdict(self)
 
 
-def low_rank(M: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def low_rank(
+    M: torch.Tensor, rank: int, *, oversample: int = OVERSAMPLE, power_iters: int = POWER_ITERS, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` SVD of ``M`` (m x n) by a randomized range finder: ``(U (m x k), S (k,), Vh (k x n))``, k = min(rank, m, n).
 
     Falls back to an exact SVD when r + p reaches min(m, n), where sketching saves nothing.
@@ -184,7 +186,9 @@ def _factor(name: str, delta: torch.Tensor, rank: int, energy: float | None, dty
     return module, ExtractedModule(name, shape, k, min(kept, 1.0), total**0.5)
 
 
-def _assemble(modules: dict[str, LoraModule], biases: dict[str, torch.Tensor], saved: list[str], tuned: Checkpoint, skipped: dict[str, str]) -> Adapter:
+def _assemble(
+    modules: dict[str, LoraModule], biases: dict[str, torch.Tensor], saved: list[str], tuned: Checkpoint, skipped: dict[str, str]
+) -> Adapter:
     """The adapter: LoRA modules (with biases for all of them if any has one), saved modules' tensors from ``tuned``."""
     for name in [n for n in biases if n not in modules]:
         skipped[name + ".bias"] = "bias changed but the weight did not; no LoRA module to carry it"
@@ -197,7 +201,9 @@ def _assemble(modules: dict[str, LoraModule], biases: dict[str, torch.Tensor], s
     if not modules:
         raise ShapeError("the checkpoints differ in no linear or conv weight; there is nothing to extract")
     extras = {
-        spec.PREFIX + key: _read(tuned, key) for key in tuned.tensors if key.rsplit(".", 1)[0] in saved and tuned.tensors[key].dtype in ("F32", "F16", "BF16")
+        spec.PREFIX + key: _read(tuned, key)
+        for key in tuned.tensors
+        if key.rsplit(".", 1)[0] in saved and tuned.tensors[key].dtype in ("F32", "F16", "BF16")
     }
     config: dict[str, Any] = {"peft_type": "LORA"}
     if saved:

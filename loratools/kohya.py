@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -104,16 +105,25 @@ def read_kohya(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     if base is not None:
         mapped, _ = map_names(parts, base)
     modules: dict[str, LoraModule] = {}
-    for name, p in parts.items():
-        target = mapped.get(name, name)
-        if target in modules:
-            raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
-        modules[target] = _module(header, name, p)
+    with safe_open(str(header.path), framework="pt") as fh:
+        for name, p in parts.items():
+            target = mapped.get(name, name)
+            if target in modules:
+                raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
+            modules[target] = _module(fh, header.path, p)
     metadata = dict(header.metadata)
     metadata[META_SOURCE] = "kohya"
     bare = {kp for name, path in mapped.items() for kp in _BARE_PREFIXES if name == kp + flatten(path)}
     if len(bare) == 1:
         metadata[META_PREFIX] = bare.pop()
+    return foreign_raw(modules, header, metadata)
+
+
+def foreign_raw(modules: dict[str, LoraModule], header: Header, metadata: dict[str, str]) -> RawAdapter:
+    """Modules read from a foreign file as the spec v1 :class:`RawAdapter` they describe (config fitted to them).
+
+    The file's own header stays attached, so validation still checks its ``loratools.sha256`` if it has one.
+    """
     raw = Adapter(modules, {}, {}, metadata).to_raw(str(header.path))
     return replace(raw, metadata=metadata, header=header)
 
@@ -141,18 +151,18 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
     return parts
 
 
-def _module(header: Header, name: str, parts: Mapping[str, str]) -> LoraModule:
-    with safe_open(str(header.path), framework="pt") as fh:
-        A, B = fh.get_tensor(parts[DOWN]), fh.get_tensor(parts[UP])
-        alpha = float(fh.get_tensor(parts[ALPHA]).float().item()) if ALPHA in parts else float(A.shape[0])
-        dora = fh.get_tensor(parts[DORA]) if DORA in parts else None
+def _module(fh: Any, path: Path, parts: Mapping[str, str]) -> LoraModule:
+    """One module from its tensors in the open file ``fh``; a missing alpha means alpha = r (scale 1)."""
+    A, B = fh.get_tensor(parts[DOWN]), fh.get_tensor(parts[UP])
+    alpha = float(fh.get_tensor(parts[ALPHA]).float().item()) if ALPHA in parts else float(A.shape[0])
+    dora = fh.get_tensor(parts[DORA]) if DORA in parts else None
     magnitude = None
     if dora is not None:
         if dora.numel() != B.shape[0] or dora.shape[0] != B.shape[0]:
             raise FormatError(
                 f"dora_scale of shape {list(dora.shape)} normalises along the input axis; PEFT's DoRA keeps one magnitude per output "
                 f"row ({B.shape[0]}), so this adapter cannot be represented",
-                path=header.path,
+                path=path,
                 key=parts[DORA],
             )
         magnitude = dora.reshape(-1)
@@ -179,7 +189,9 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
     have no kohya form and are refused.
     """
     if adapter.extra_tensors:
-        raise FormatError(f"kohya files cannot hold modules_to_save tensors ({', '.join(list(adapter.extra_tensors)[:3])}); convert to peft instead")
+        raise FormatError(
+            f"kohya files cannot hold modules_to_save tensors ({', '.join(list(adapter.extra_tensors)[:3])}); convert to peft instead"
+        )
     multi_te = any(m.startswith(("text_encoder_2.", "text_encoder_3.")) for m in adapter.modules)
     te_prefix = "lora_te1_" if multi_te or adapter.metadata.get(META_PREFIX, "").startswith("lora_te1_") else "lora_te_"
     tensors: dict[str, torch.Tensor] = {}

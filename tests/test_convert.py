@@ -24,7 +24,9 @@ def clip(tmp_path_factory):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12)
+    config = CLIPTextConfig(
+        vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=12
+    )
     model = CLIPTextModel(config).eval()
     assert Q + ".weight" in model.state_dict()  # transformers >= 5 has no "text_model." level; kohya names keep it
     path = tmp_path_factory.mktemp("clip") / "text_encoder.safetensors"
@@ -104,6 +106,11 @@ def test_cli_convert_validate_inspect(clip, tmp_path):
         ("lora_te_text_model_encoder_layers_0_self_attn_q_proj", 2, 1.0),
         ("lora_te_text_model_encoder_layers_1_mlp_fc1", 4, 4.0),
     ]
-    save_file({"lora_te_nowhere.lora_down.weight": torch.ones(1, 2), "lora_te_nowhere.lora_up.weight": torch.ones(2, 1)}, str(tmp_path / "bad.safetensors"))
-    bad = runner.invoke(main, ["convert", str(tmp_path / "bad.safetensors"), "--to", "peft", "--base", str(clip[2]), "-o", str(tmp_path / "x")])
+    save_file(
+        {"lora_te_nowhere.lora_down.weight": torch.ones(1, 2), "lora_te_nowhere.lora_up.weight": torch.ones(2, 1)},
+        str(tmp_path / "bad.safetensors"),
+    )
+    bad = runner.invoke(
+        main, ["convert", str(tmp_path / "bad.safetensors"), "--to", "peft", "--base", str(clip[2]), "-o", str(tmp_path / "x")]
+    )
     assert bad.exit_code == 3 and "lora_te_nowhere" in bad.output

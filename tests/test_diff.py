@@ -30,8 +30,14 @@ def test_hand_checked_numbers():
 
 @settings(max_examples=30, deadline=None)
 @given(
-    out=st.integers(1, 9), inp=st.integers(1, 9), r1=st.integers(1, 4), r2=st.integers(1, 4),
-    alpha1=st.floats(0.1, 16), alpha2=st.floats(0.1, 16), conv=st.booleans(), seed=st.integers(0, 2**16),
+    out=st.integers(1, 9),
+    inp=st.integers(1, 9),
+    r1=st.integers(1, 4),
+    r2=st.integers(1, 4),
+    alpha1=st.floats(0.1, 16),
+    alpha2=st.floats(0.1, 16),
+    conv=st.booleans(),
+    seed=st.integers(0, 2**16),
 )
 def test_matches_dense(out, inp, r1, r2, alpha1, alpha2, conv, seed):
     g = torch.Generator().manual_seed(seed)

@@ -20,14 +20,26 @@ DENSE = UP @ DOWN  # [[1, 2, 0], [0, 2, 0]]
 @pytest.mark.parametrize(
     ("down_key", "up_key", "module"),
     [
-        ("unet.mid_block.attentions.0.proj_in.lora_A.weight", "unet.mid_block.attentions.0.proj_in.lora_B.weight", "unet.mid_block.attentions.0.proj_in"),
-        ("text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight",
-         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
-         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"),
-        ("unet.down_blocks.0.resnets.0.conv1.lora.down.weight", "unet.down_blocks.0.resnets.0.conv1.lora.up.weight", "unet.down_blocks.0.resnets.0.conv1"),
-        ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight",
-         "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight",
-         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"),
+        (
+            "unet.mid_block.attentions.0.proj_in.lora_A.weight",
+            "unet.mid_block.attentions.0.proj_in.lora_B.weight",
+            "unet.mid_block.attentions.0.proj_in",
+        ),
+        (
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
+            "text_encoder.text_model.encoder.layers.0.self_attn.q_proj",
+        ),
+        (
+            "unet.down_blocks.0.resnets.0.conv1.lora.down.weight",
+            "unet.down_blocks.0.resnets.0.conv1.lora.up.weight",
+            "unet.down_blocks.0.resnets.0.conv1",
+        ),
+        (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.down.weight",
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight",
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0",
+        ),
     ],
 )
 def test_layouts_map_to_module_paths_with_scale_one(tmp_path, down_key, up_key, module):
@@ -42,7 +54,9 @@ def test_layouts_map_to_module_paths_with_scale_one(tmp_path, down_key, up_key, 
 
 
 def test_alpha_tensor_and_adapter_metadata(tmp_path):
-    save_file({"unet.a.lora.down.weight": DOWN, "unet.a.lora.up.weight": UP, "unet.a.alpha": torch.tensor(1.0)}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {"unet.a.lora.down.weight": DOWN, "unet.a.lora.up.weight": UP, "unet.a.alpha": torch.tensor(1.0)}, str(tmp_path / "a.safetensors")
+    )
     assert loratools.load(tmp_path / "a.safetensors").modules["unet.a"].scale == 0.5
     meta = {"lora_adapter_metadata": json.dumps({"unet.r": 2, "unet.lora_alpha": 8, "unet.alpha_pattern": {"b": 4}})}
     tensors = {f"unet.{m}.lora_{r}.weight": t.clone() for m in ("a", "b") for r, t in (("A", DOWN), ("B", UP))}

@@ -87,7 +87,9 @@ def test_recovers_the_low_rank_part(tmp_path):
 
 def test_energy_lowers_rank_and_flag_skips_saved_modules(tmp_path):
     _pair(tmp_path, noise=0.0)
-    adapter, report = loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=8, energy=0.999999, skip_modules_to_save=True)
+    adapter, report = loratools.extract(
+        tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=8, energy=0.999999, skip_modules_to_save=True
+    )
     assert {m.module: m.rank for m in report.modules} == {"net.proj": 3, "net.conv": 2}
     assert adapter.extra_tensors == {} and report.saved == []
     assert set(report.skipped) == {"net.norm.weight", "net.embed_tokens.weight"}
@@ -106,7 +108,9 @@ def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
     base = LlamaForCausalLM(config).eval()
     tuned = copy.deepcopy(base)
     g = torch.Generator().manual_seed(5)
@@ -126,7 +130,16 @@ def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path):
 
 def test_cli_extract_json(tmp_path):
     _pair(tmp_path)
-    args = ["extract", str(tmp_path / "base.safetensors"), str(tmp_path / "tuned.safetensors"), "--rank", "3", "-o", str(tmp_path / "x"), "--json"]
+    args = [
+        "extract",
+        str(tmp_path / "base.safetensors"),
+        str(tmp_path / "tuned.safetensors"),
+        "--rank",
+        "3",
+        "-o",
+        str(tmp_path / "x"),
+        "--json",
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)

@@ -132,7 +132,10 @@ def test_mapped_adapter_writes_back_the_same_kohya_names(tmp_path):
     _sd_base(tmp_path / "base.safetensors")
     src = _write_kohya(tmp_path / "k.safetensors", _kohya_modules())
     loratools.convert(src, tmp_path / "back.safetensors", to="kohya", base=tmp_path / "base.safetensors")
-    assert set(_read_file(tmp_path / "back.safetensors")[0]) == set(_read_file(src)[0]) | {"lora_unet_input_blocks_1_1_proj_in.alpha", "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha"}
+    assert set(_read_file(tmp_path / "back.safetensors")[0]) == set(_read_file(src)[0]) | {
+        "lora_unet_input_blocks_1_1_proj_in.alpha",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.alpha",
+    }
 
 
 def test_unmapped_names_are_listed(tmp_path):
@@ -169,7 +172,11 @@ def test_dora_scale_round_trips(tmp_path):
 
 
 def test_input_axis_dora_is_refused(tmp_path):
-    src = _write_kohya(tmp_path / "k.safetensors", {"lora_unet_x": (torch.ones(2, 5), torch.ones(3, 2), None)}, extra={"lora_unet_x.dora_scale": torch.ones(1, 5)})
+    src = _write_kohya(
+        tmp_path / "k.safetensors",
+        {"lora_unet_x": (torch.ones(2, 5), torch.ones(3, 2), None)},
+        extra={"lora_unet_x.dora_scale": torch.ones(1, 5)},
+    )
     with pytest.raises(FormatError, match="input axis"):
         loratools.load(src)
 
@@ -190,7 +197,10 @@ def test_lycoris_is_refused_by_name(tmp_path, keys, what):
 
 
 def test_unknown_tensors_and_half_modules_are_refused(tmp_path):
-    save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1), "junk": torch.ones(1)}, str(tmp_path / "a.safetensors"))
+    save_file(
+        {"lora_unet_x.lora_down.weight": torch.ones(1, 2), "lora_unet_x.lora_up.weight": torch.ones(2, 1), "junk": torch.ones(1)},
+        str(tmp_path / "a.safetensors"),
+    )
     with pytest.raises(FormatError, match="junk"):
         loratools.load(tmp_path / "a.safetensors")
     save_file({"lora_unet_x.lora_down.weight": torch.ones(1, 2)}, str(tmp_path / "b.safetensors"))
@@ -213,4 +223,6 @@ def test_rslora_and_modules_to_save_on_the_way_to_kohya(tmp_path):
     tensors, _ = _read_file(out)
     assert float(tensors["lora_unet_a.alpha"]) == pytest.approx(16.0)  # alpha·sqrt(r): alpha/r then equals 8/sqrt(4)
     with pytest.raises(FormatError, match="modules_to_save"):
-        loratools.save_as(loratools.Adapter({"a": rs}, {}, {"base_model.model.norm.weight": torch.ones(2)}), tmp_path / "x.safetensors", to="kohya")
+        loratools.save_as(
+            loratools.Adapter({"a": rs}, {}, {"base_model.model.norm.weight": torch.ones(2)}), tmp_path / "x.safetensors", to="kohya"
+        )
