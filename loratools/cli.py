@@ -169,13 +169,23 @@ def convert(src: str, to: str, base: str | None, output: str, force: bool) -> No
 @click.argument("tuned")
 @click.option("--rank", type=click.IntRange(min=1), required=True, help="Largest rank per module.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Lower each module's rank to keep this fraction of ‖ΔW‖²_F.")
-@click.option("-o", "--out", "output", required=True, help="Output adapter (directory or .safetensors, spec v1).")
+@click.option("-o", "--out", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya).")
+@click.option("--to", "to", type=click.Choice(TARGETS), default="peft", show_default=True, help="Output format.")
 @click.option("--skip-modules-to-save", is_flag=True, help="Drop changed embeddings/norms instead of saving them whole.")
 @click.option("--device", default="auto", show_default=True, help="Where to factor: auto (CUDA if present), cpu, cuda, cuda:1 ...")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(
-    base: str, tuned: str, rank: int, energy: float | None, output: str, skip_modules_to_save: bool, device: str, force: bool, as_json: bool
+    base: str,
+    tuned: str,
+    rank: int,
+    energy: float | None,
+    output: str,
+    to: str,
+    skip_modules_to_save: bool,
+    device: str,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Extract a LoRA from the difference TUNED - BASE of two checkpoints.
 
@@ -183,9 +193,10 @@ def extract(
     Examples:
       loratools extract ./Llama-3-8B ./Llama-3-8B-finetuned --rank 16 -o ./extracted
       loratools extract base.safetensors tuned.safetensors --rank 64 --energy 0.9 -o lora.safetensors
+      loratools extract sd15.safetensors sd15-ft.safetensors --rank 32 --to kohya --skip-modules-to-save -o ft.safetensors
     """
     _, report = extract_adapter(
-        base, tuned, rank=rank, energy=energy, out=output, force=force, skip_modules_to_save=skip_modules_to_save, device=device
+        base, tuned, rank=rank, energy=energy, out=output, to=to, force=force, skip_modules_to_save=skip_modules_to_save, device=device  # type: ignore[arg-type]
     )
     if as_json:
         _emit_json(report.to_dict())

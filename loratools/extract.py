@@ -24,8 +24,9 @@ import torch
 from safetensors import safe_open
 
 from . import spec
-from .adapter import Adapter, LoraModule, save
+from .adapter import Adapter, LoraModule
 from .checkpoint import Checkpoint, open_checkpoint
+from .convert import Target, save_as
 from .errors import ShapeError, SpecError
 
 OVERSAMPLE = 10
@@ -101,11 +102,12 @@ def extract(
     rank: int,
     energy: float | None = None,
     out: str | Path | None = None,
+    to: Target = "peft",
     force: bool = False,
     skip_modules_to_save: bool = False,
     device: str = "auto",
 ) -> tuple[Adapter, ExtractReport]:
-    """A LoRA of rank <= ``rank`` per module approximating ``tuned`` - ``base``; saved to ``out`` (spec v1) if given.
+    """A LoRA of rank <= ``rank`` per module approximating ``tuned`` - ``base``; saved to ``out`` as ``to`` if given.
 
     ``energy`` (0 < E <= 1) lowers a module's rank to the smallest that keeps that fraction of
     ‖ΔW‖²_F.  Tensors unchanged between the checkpoints produce nothing.  Returns the adapter and a
@@ -150,7 +152,7 @@ def extract(
         del W0, W1
     adapter = _assemble(modules, biases, list(saved), tuned_ck, skipped)
     if out is not None:
-        save(adapter, out, force=force)
+        save_as(adapter, out, to=to, force=force)
     return adapter, ExtractReport(rows, list(saved), skipped, str(dev))
 
 

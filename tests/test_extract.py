@@ -157,3 +157,24 @@ def test_cuda_matches_cpu(tmp_path):
     assert report.device.startswith("cuda")
     for name, module in cpu.modules.items():
         assert torch.allclose(module.delta(), gpu.modules[name].delta(), atol=1e-3)
+
+
+def test_extract_to_kohya_maps_back_onto_the_base(tmp_path):
+    """An SD-style pair: extracting straight to a kohya file, then reading it with the base, gives the same ΔW."""
+    g = torch.Generator().manual_seed(7)
+    key = "model.diffusion_model.input_blocks.0.0.weight"
+    base = {key: torch.randn(8, 4, 3, 3, generator=g), "model.diffusion_model.out.0.weight": torch.ones(8)}
+    tuned = {
+        key: base[key] + (torch.randn(8, 2, generator=g) @ torch.randn(2, 36, generator=g)).reshape(8, 4, 3, 3),
+        "model.diffusion_model.out.0.weight": torch.ones(8) * 2,
+    }
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    out = tmp_path / "lora.safetensors"
+    kwargs = {"rank": 4, "out": out, "to": "kohya"}
+    with pytest.raises(loratools.FormatError, match="modules_to_save"):
+        loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", **kwargs)
+    loratools.extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", skip_modules_to_save=True, **kwargs)
+    adapter = loratools.load(out, base=tmp_path / "base.safetensors")
+    assert list(adapter.modules) == ["model.diffusion_model.input_blocks.0.0"]
+    assert torch.allclose(base[key] + adapter.modules["model.diffusion_model.input_blocks.0.0"].delta(), tuned[key], atol=1e-4)
