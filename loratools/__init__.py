@@ -9,6 +9,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .adapter import Adapter, LoraModule, load, save
 from .checkpoint import Checkpoint, open_checkpoint
+from .convert import convert, save_as, source_format
+from .diff import DiffReport, diff
 from .errors import (
     ChecksumError,
     FormatError,
@@ -20,6 +22,8 @@ from .errors import (
     SpecError,
 )
 from .hub import PullResult, PushResult, pull, push
+from .extract import ExtractReport, extract
+from .kohya import save_kohya
 from .spec import SPEC_VERSION
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
@@ -34,6 +38,8 @@ __all__ = [
     "Adapter",
     "Checkpoint",
     "ChecksumError",
+    "DiffReport",
+    "ExtractReport",
     "FormatError",
     "HubError",
     "InvalidAdapterError",
@@ -48,11 +54,17 @@ __all__ = [
     "SpecError",
     "Summary",
     "__version__",
+    "convert",
+    "diff",
+    "extract",
     "load",
     "open_checkpoint",
     "pull",
     "push",
     "save",
+    "save_as",
+    "save_kohya",
+    "source_format",
     "summarize",
     "validate",
 ]

@@ -210,17 +210,21 @@ def from_raw(raw: RawAdapter) -> Adapter:
     return Adapter(modules, config, extras, dict(raw.metadata))
 
 
-def load(path: str | Path) -> Adapter:
-    """Load and validate the adapter at ``path`` (PEFT directory or ``.safetensors`` file).
+def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
+    """Load and validate the adapter at ``path`` (PEFT directory, ``.safetensors``, kohya or diffusers file).
 
-    Raises :class:`~loratools.errors.InvalidAdapterError` listing every error-level problem
-    (warnings do not stop a load).
+    With ``base`` (a checkpoint), kohya's flattened names are mapped onto the base's module paths and
+    every module must fit a base tensor.  Raises :class:`~loratools.errors.InvalidAdapterError`
+    listing every error-level problem, e.g. each kohya name that did not map (warnings do not stop a load).
     """
-    from .validate import check_raw, raise_errors
+    from .validate import check_base, check_raw, raise_errors
 
-    raw = read_raw(path)
+    raw = read_raw(path, base=base)
     raise_errors(check_raw(raw), path=path)
-    return from_raw(raw)
+    adapter = from_raw(raw)
+    if base is not None:
+        raise_errors(check_base(adapter, base), path=path)
+    return adapter
 
 
 def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:

@@ -14,9 +14,10 @@ from pathlib import Path
 class LoratoolsError(Exception):
     """Root of every error loratools raises on purpose."""
 
-    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None):
+    def __init__(self, message: str, *, path: str | Path | None = None, key: str | None = None, code: str | None = None):
         self.path = str(path) if path is not None else None
         self.key = key
+        self.code = code  # the validation problem code this error reports, where it has one
         super().__init__(message)
 
     def __str__(self) -> str:

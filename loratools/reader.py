@@ -1,7 +1,8 @@
 """Read an adapter from disk into a :class:`RawAdapter`: config, tensors and metadata, unchecked.
 
-This layer knows file layouts (a PEFT directory, a bare ``.safetensors`` file) and refuses what it
-cannot read safely: pickles, corrupt safetensors, foreign LoRA formats.  Whether the contents obey
+This layer knows file layouts (a PEFT directory, a bare ``.safetensors`` file, kohya and diffusers
+single files, which :mod:`loratools.kohya` and :mod:`loratools.diffusers` translate into the PEFT
+layout) and refuses what it cannot read safely: pickles, corrupt safetensors, LyCORIS formats.  Whether the contents obey
 the spec is :mod:`loratools.validate`'s job, so that validation can report every problem at once.
 """
 
@@ -24,7 +25,6 @@ META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapte
 _FOREIGN = (
     (("hada_w1", "hada_w2"), "a LyCORIS LoHa adapter (hada_* tensors)", "LoHa is not LoRA: it has no B·A factorisation loratools can use"),
     (("lokr_w1", "lokr_w2"), "a LyCORIS LoKr adapter (lokr_* tensors)", "LoKr is not LoRA: it has no B·A factorisation loratools can use"),
-    ((".lora_down.", ".lora_up."), "a kohya/sd-scripts LoRA (lora_down/lora_up tensors)", "it is not in the PEFT layout spec v1 describes"),
 )
 
 
@@ -44,10 +44,11 @@ class RawAdapter:
     config_error: str | None = None
 
 
-def read_raw(path: str | Path) -> RawAdapter:
-    """Read the adapter at ``path``: a PEFT directory, a bare ``.safetensors`` file, or ``hf://owner/name[@rev]``.
+def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
+    """Read the adapter at ``path``: a PEFT directory, a bare ``.safetensors`` file, a kohya/diffusers
+    file, or ``hf://owner/name[@rev]`` (fetched into the huggingface_hub cache first, adapter files only).
 
-    An ``hf://`` reference is fetched into the huggingface_hub cache first (adapter files only).
+    ``base`` (a checkpoint) is only used to map kohya's flattened module names onto module paths.
     """
     if isinstance(path, str) and path.startswith("hf://"):
         from .hub import fetch_uri  # local: hub imports the adapter layer, which imports this module
@@ -57,12 +58,15 @@ def read_raw(path: str | Path) -> RawAdapter:
     if not path.exists():
         raise FormatError("no such file or directory", path=path)
     if path.is_dir():
-        return _read_dir(path)
+        return _read_dir(path, base)
     if path.suffix in (".bin", ".pt", ".pth", ".ckpt"):
         raise _pickle_refused(path)
     weights = path
     config, config_error = None, None
     header = read_header(weights)
+    foreign = _read_foreign(header, base, has_config=META_CONFIG in header.metadata or (path.parent / spec.CONFIG_NAME).exists())
+    if foreign is not None:
+        return foreign
     if META_CONFIG in header.metadata:
         config, config_error = _parse_json(header.metadata[META_CONFIG], f"{weights} [{META_CONFIG}]")
     elif (path.parent / spec.CONFIG_NAME).exists():
@@ -72,12 +76,26 @@ def read_raw(path: str | Path) -> RawAdapter:
     return _finish(str(path), header, config, config_error)
 
 
-def _read_dir(path: Path) -> RawAdapter:
+def _read_foreign(header: Header, base: str | Path | None, *, has_config: bool) -> RawAdapter | None:
+    """A kohya file, or a diffusers one when no PEFT config comes with it, read into the PEFT layout."""
+    from . import diffusers, kohya  # local: they build on adapter.py, which imports this module
+
+    _refuse_foreign(header)
+    if kohya.is_kohya(header.tensors):
+        return kohya.read_kohya(header, base=base)
+    if not has_config and diffusers.is_diffusers(list(header.tensors)):
+        return diffusers.read_diffusers(header)
+    return None
+
+
+def _read_dir(path: Path, base: str | Path | None = None) -> RawAdapter:
     weights = path / spec.WEIGHTS_NAME
+    if not weights.exists() and (path / "pytorch_lora_weights.safetensors").exists():
+        return read_raw(path / "pytorch_lora_weights.safetensors", base=base)
     if not weights.exists():
         if (path / spec.PICKLE_WEIGHTS_NAME).exists():
             raise _pickle_refused(path / spec.PICKLE_WEIGHTS_NAME)
-        raise SpecError(f"no {spec.WEIGHTS_NAME} in the adapter directory", path=path)
+        raise SpecError(f"no {spec.WEIGHTS_NAME} in the adapter directory", path=path, code="weights-missing")
     header = read_header(weights)
     config_path = path / spec.CONFIG_NAME
     if config_path.exists():
@@ -100,7 +118,7 @@ def _refuse_foreign(header: Header) -> None:
     names = list(header.tensors)
     for needles, what, why in _FOREIGN:
         if any(n in name for name in names for n in needles):
-            raise FormatError(f"this is {what}; {why}", path=header.path)
+            raise FormatError(f"this is {what}; {why}", path=header.path, code="foreign-format")
 
 
 def _pickle_refused(path: Path) -> FormatError:
@@ -108,6 +126,7 @@ def _pickle_refused(path: Path) -> FormatError:
         "pickle checkpoints are refused (loading one can run arbitrary code); "
         "re-save the adapter as safetensors, e.g. PeftModel.save_pretrained(..., safe_serialization=True)",
         path=path,
+        code="pickle-refused",
     )
 
 

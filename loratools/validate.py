@@ -64,7 +64,7 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
     if isinstance(target, (str, Path)):
         source = str(target)
         try:
-            raw = read_raw(target)
+            raw = read_raw(target, base=base)
         except HubError:  # an hf:// adapter that could not be fetched says nothing about the adapter
             raise
         except LoratoolsError as err:
@@ -81,13 +81,8 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
 
 
 def _read_problem(err: LoratoolsError) -> Problem:
-    code = "unreadable"
-    text = str(err)
-    if isinstance(err, FormatError):
-        code = "pickle-refused" if "pickle" in text else "foreign-format" if "this is a" in text else "corrupt-file"
-    elif "no adapter_model.safetensors" in text:
-        code = "weights-missing"
-    return Problem(code, err.path or "", err.args[0] if err.args else text)
+    code = err.code or ("corrupt-file" if isinstance(err, FormatError) else "unreadable")
+    return Problem(code, err.path or "", f"{err.key}: {err.args[0]}" if err.key else err.args[0])
 
 
 def raise_errors(problems: list[Problem], *, path: str | Path | None = None) -> None:

@@ -57,13 +57,20 @@ def test_unsupported_peft_type_is_named(tmp_path):
 
 @pytest.mark.parametrize(
     "suffix,what",
-    [("lora_down.weight", "kohya"), ("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr")],
+    [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr")],
 )
 def test_foreign_formats_get_a_hint(tmp_path, suffix, what):
     path = tmp_path / "f.safetensors"
     save_file({f"lora_unet_down_blocks_0.{suffix}": torch.ones(2, 2)}, path)
     report = validate(path)
     assert codes(report) == ["foreign-format"] and what in report.problems[0].message
+
+
+def test_kohya_file_is_read_and_checked(tmp_path):
+    path = tmp_path / "k.safetensors"
+    save_file({"lora_unet_down_blocks_0.lora_down.weight": torch.ones(2, 4)}, path)
+    report = validate(path)
+    assert codes(report) == ["lora-b-missing"] and "lora_unet_down_blocks_0" in report.problems[0].message
 
 
 def test_missing_weights_file(tmp_path):
