@@ -8,8 +8,10 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 
 from .adapter import Adapter, LoraModule, load, save
+from .arith import ResizeRow, add, resize, scale, subtract
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import (
+    ArgumentError,
     ChecksumError,
     FormatError,
     HubError,
@@ -19,7 +21,9 @@ from .errors import (
     ShapeError,
     SpecError,
 )
+from .linalg import FactoredSVD, factored_svd, singular_values
 from .spec import SPEC_VERSION
+from .spectrum import ModuleSpectrum, plot_spectrum, spectrum
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
 
@@ -31,23 +35,35 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 __all__ = [
     "SPEC_VERSION",
     "Adapter",
+    "ArgumentError",
     "Checkpoint",
     "ChecksumError",
+    "FactoredSVD",
     "FormatError",
     "HubError",
     "InvalidAdapterError",
     "LoraModule",
     "LoratoolsError",
+    "ModuleSpectrum",
     "OutputExistsError",
     "Problem",
     "Report",
+    "ResizeRow",
     "ShapeError",
     "SpecError",
     "Summary",
     "__version__",
+    "add",
+    "factored_svd",
     "load",
     "open_checkpoint",
+    "plot_spectrum",
+    "resize",
     "save",
+    "scale",
+    "singular_values",
+    "spectrum",
+    "subtract",
     "summarize",
     "validate",
 ]
