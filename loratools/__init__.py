@@ -23,7 +23,7 @@ from .errors import (
 )
 from .linalg import FactoredSVD, factored_svd, singular_values
 from .spec import SPEC_VERSION
-from .spectrum import ModuleSpectrum, plot_spectrum, spectrum
+from .spectrum import ModuleSpectrum, plot_spectrum, spectra
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
 
@@ -62,7 +62,7 @@ __all__ = [
     "save",
     "scale",
     "singular_values",
-    "spectrum",
+    "spectra",
     "subtract",
     "summarize",
     "validate",

@@ -27,8 +27,7 @@ from .adapter import Adapter, load, save
 from .arith import ResizeRow, add, resize, scale, subtract
 from .atomic import check_output
 from .errors import ArgumentError, HubError, LoratoolsError
-from .spectrum import ENERGY_LEVELS, plot_spectrum
-from .spectrum import spectrum as adapter_spectrum
+from .spectrum import ENERGY_LEVELS, plot_spectrum, spectra
 from .summary import summarize
 from .validate import validate as validate_adapter
 
@@ -278,11 +277,11 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
     """``inspect --spectrum``: singular values per module, ranks per energy level, optional PNG."""
     if plot_path:
         check_output(plot_path, force=force)
-    spectra = adapter_spectrum(load(path))
+    found = spectra(load(path))
     if plot_path:
-        plot_spectrum(spectra, plot_path, force=force)
+        plot_spectrum(found, plot_path, force=force)
     if as_json:
-        _emit_json({"modules": [s.to_dict() for s in spectra], **({"plot": plot_path} if plot_path else {})})
+        _emit_json({"modules": [s.to_dict() for s in found], **({"plot": plot_path} if plot_path else {})})
         return
     table = Table(title=f"{path}: singular values of ΔW")
     table.add_column("module")
@@ -290,7 +289,7 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
     for level in ENERGY_LEVELS:
         table.add_column(f"rank @{level:.1%}", justify="right")
     table.add_column("σ₁, σ₂, ...")
-    for s in spectra:
+    for s in found:
         shown = ", ".join(f"{v:.3g}" for v in s.singular_values[:8]) + (", ..." if len(s.singular_values) > 8 else "")
         table.add_row(s.module, str(s.rank), *(str(s.rank_for(level)) for level in ENERGY_LEVELS), shown)
     out.print(table)

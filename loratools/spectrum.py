@@ -42,7 +42,7 @@ class ModuleSpectrum:
         }
 
 
-def spectrum(adapter: Adapter) -> list[ModuleSpectrum]:
+def spectra(adapter: Adapter) -> list[ModuleSpectrum]:
     """One :class:`ModuleSpectrum` per module, in the adapter's module order."""
     return [
         ModuleSpectrum(name, m.rank, tuple(float(s) for s in singular_values(m.B, m.A, m.scale)))
