@@ -100,7 +100,7 @@ def resize(
 
     ``rank``: k = min(rank, r) for every module.  Per-module dynamic k, the smallest that meets:
     ``energy`` (kept fraction of ‖ΔW‖_F², in (0, 1]), ``max_rel_error`` (‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= bound,
-    in [0, 1)), ``sv_ratio`` (keep σᵢ >= σ₁/ratio, ratio >= 1).  New factors are B = U·√σ, A = √σ·Vᵀ.
+    in [0, 1)), ``sv_ratio`` (keep σᵢ >= σ₁/ratio, ratio >= 1).  New factors are B = U_k·√σ, A = √σ·V_kᵀ.
     Returns the new adapter and one :class:`ResizeRow` per module.
     """
     criterion, value = _criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
@@ -109,10 +109,9 @@ def resize(
     for name, m in adapter.modules.items():
         svd = factored_svd(m.B, m.A, m.scale)
         k = choose_rank(svd.S, criterion, value)
-        U, S, Vh = svd.truncate(k)
-        root = S.clamp(min=0).sqrt()
+        B, A = svd.factors(k)
         bias = None if m.bias is None else m.bias.float() * m.scale
-        modules[name] = _rebuild(m, U * root, root[:, None] * Vh, bias, dtype or m.dtype)
+        modules[name] = _rebuild(m, B, A, bias, dtype or m.dtype)
         rows.append(ResizeRow(name, m.rank, k, float(kept_energy(svd.S)[k - 1]), float(tail_errors(svd.S)[k - 1])))
     return _derive([adapter], modules), rows
 

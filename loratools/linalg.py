@@ -30,52 +30,77 @@ def frobenius_norm(B: torch.Tensor, A: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class FactoredSVD:
-    """The SVD of s·B·A kept in factored form: s·B·A = Q_B·U_c·diag(σ)·V_cᵀ·Q_Aᵀ.
+    """The SVD of ΔW = s·B·A kept in factored form, from B = Q_B·R_B and Aᵀ = Q_A·R_A.
 
-    ``QB`` (m, p) and ``QA`` (n, q) have orthonormal columns (float32 or float64); the core SVD
-    ``Uc`` (p, t), ``S`` (t), ``Vhc`` (t, q) is float64, t = min(p, q) <= r.  The outer products with
-    Q_B and Q_A are deferred to :meth:`truncate`, so choosing a rank first costs nothing extra.
+    ``S`` (t) and the core's singular vectors ``Uc`` (p, t), ``Vhc`` (t, q) come from the SVD of
+    s·R_B·R_Aᵀ = Uc·diag(σ)·Vhc (float64, t = min(p, q) <= r).  The singular vectors of ΔW are never
+    built whole: since ΔW·vᵢ = σᵢ·uᵢ and A·vᵢ = R_Aᵀ·Vcᵢ, the kept ones are uᵢ = s·B·R_Aᵀ·Vcᵢ/σᵢ and
+    vᵢ = s·Aᵀ·R_Bᵀ·Ucᵢ/σᵢ: one skinny product per factor, and Q_B, Q_A are never formed.
     """
 
-    QB: torch.Tensor
+    B: torch.Tensor
+    A: torch.Tensor
+    RB: torch.Tensor
+    RA: torch.Tensor
     Uc: torch.Tensor
     S: torch.Tensor
     Vhc: torch.Tensor
-    QA: torch.Tensor
+    scale: float
+
+    def _weights(self, k: int, power: float) -> torch.Tensor:
+        """s·σᵢ^power/σᵢ for the first k σ (0 where σᵢ = 0), float64."""
+        S = self.S[:k]
+        return self.scale * torch.where(S > 0, S ** (power - 1), torch.zeros_like(S))
+
+    def left(self, k: int, power: float = 0.0) -> torch.Tensor:
+        """U_k·diag(σ^power), (m, k): s·B·R_Aᵀ·Vc_k·diag(σ^(power-1)), in B's dtype."""
+        small = (self.RA.T @ self.Vhc[:k].T) * self._weights(k, power)
+        return self.B @ small.to(self.B.dtype)
+
+    def right(self, k: int, power: float = 0.0) -> torch.Tensor:
+        """diag(σ^power)·V_kᵀ, (k, n): s·diag(σ^(power-1))·Uc_kᵀ·R_B·A, in A's dtype."""
+        small = self._weights(k, power)[:, None] * (self.Uc[:, :k].T @ self.RB)
+        return small.to(self.A.dtype) @ self.A
+
+    def factors(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Balanced factors of the best rank-k approximation: B' = U_k·√σ (m, k), A' = √σ·V_kᵀ (k, n)."""
+        return self.left(k, 0.5), self.right(k, 0.5)
 
     def truncate(self, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """U (m, k), σ (k), Vᵀ (k, n) of the best rank-k approximation (Eckart–Young), in Q's dtype."""
-        dtype = self.QB.dtype
-        U = self.QB @ self.Uc[:, :k].to(dtype)
-        Vh = self.Vhc[:k].to(dtype) @ self.QA.T
-        return U, self.S[:k].to(dtype), Vh
+        """U (m, k), σ (k), Vᵀ (k, n) of the best rank-k approximation (Eckart–Young), in B's dtype."""
+        return self.left(k), self.S[:k].to(self.B.dtype), self.right(k)
 
 
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
-def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> FactoredSVD:
-    """SVD of ΔW = s·B·A from a QR of B and of Aᵀ and an SVD of the small core s·R_B·R_Aᵀ.
-
-    Costs O((m+n)·r²) instead of the O(m·n·min(m, n)) of a dense SVD.  The QRs run in float32
-    (float64 if the factors are), the r x r core in float64.  Conv factors are flattened first.
-    """
+def _r_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flat factors in the compute dtype and the float64 R factors of B and Aᵀ (Q is not formed)."""
     B, A = flat(B, A)
     dtype = _compute_dtype(B)
-    QB, RB = torch.linalg.qr(B.to(dtype))
-    QA, RA = torch.linalg.qr(A.to(dtype).T)
-    Uc, S, Vhc = torch.linalg.svd(scale * (RB.double() @ RA.double().T), full_matrices=False)
-    return FactoredSVD(QB, Uc, S, Vhc, QA)
+    B, A = B.to(dtype), A.to(dtype)
+    RB = torch.linalg.qr(B, mode="r")[1].double()
+    RA = torch.linalg.qr(A.T, mode="r")[1].double()
+    return B, A, RB, RA
+
+
+def factored_svd(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> FactoredSVD:
+    """SVD of ΔW = s·B·A from QRs of B and Aᵀ and an SVD of the small core s·R_B·R_Aᵀ.
+
+    Costs O((m+n)·r²) instead of the O(m·n·min(m, n)) of a dense SVD.  The QRs run in float32
+    (float64 if the factors are) and are backward stable; the r x r core is float64.  Conv factors
+    are flattened first.
+    """
+    B, A, RB, RA = _r_factors(B, A)
+    Uc, S, Vhc = torch.linalg.svd(scale * (RB @ RA.T), full_matrices=False)
+    return FactoredSVD(B, A, RB, RA, Uc, S, Vhc, float(scale))
 
 
 def singular_values(B: torch.Tensor, A: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """The singular values of s·B·A, descending, float64; at most r of them (the rest are zero)."""
-    B, A = flat(B, A)
-    dtype = _compute_dtype(B)
-    RB = torch.linalg.qr(B.to(dtype), mode="r")[1]
-    RA = torch.linalg.qr(A.to(dtype).T, mode="r")[1]
-    return torch.linalg.svdvals(abs(scale) * (RB.double() @ RA.double().T))
+    _, _, RB, RA = _r_factors(B, A)
+    return torch.linalg.svdvals(abs(scale) * (RB @ RA.T))
 
 
 def kept_energy(S: torch.Tensor) -> torch.Tensor:

@@ -37,9 +37,35 @@ def test_factored_svd_matches_dense(m, n, r, s, seed):
 def test_factored_svd_float32_factors_compute_in_float32():
     B, A = (t.float() for t in factors(40, 30, 5, 1))
     svd = factored_svd(B, A, 0.5)
-    assert svd.QB.dtype == torch.float32 and svd.S.dtype == torch.float64
+    assert svd.B.dtype == torch.float32 and svd.S.dtype == torch.float64
+    assert all(t.dtype == torch.float32 for t in svd.truncate(3))
     dense = torch.linalg.svdvals(0.5 * (B.double() @ A.double()))[:5]
     torch.testing.assert_close(svd.S, dense, rtol=1e-5, atol=0)
+
+
+@SETTINGS
+@given(m=st.integers(2, 9), n=st.integers(2, 9), r=st.integers(1, 6), k=st.integers(1, 6), seed=st.integers(0, 999))
+def test_balanced_factors_give_the_dense_truncation(m, n, r, k, seed):
+    B, A = factors(m, n, r, seed)
+    U, S, Vh = torch.linalg.svd(B @ A)
+    k = min(k, m, n, r)
+    Bk, Ak = factored_svd(B, A).factors(k)
+    torch.testing.assert_close(Bk @ Ak, U[:, :k] @ torch.diag(S[:k]) @ Vh[:k], rtol=1e-8, atol=1e-8 * float(S[0]))
+    torch.testing.assert_close(torch.linalg.vector_norm(Bk, dim=0), S[:k].sqrt(), rtol=1e-8, atol=1e-8)
+    torch.testing.assert_close(torch.linalg.vector_norm(Ak, dim=1), S[:k].sqrt(), rtol=1e-8, atol=1e-8)
+
+
+def test_rank_deficient_factors_give_zero_columns_not_nan():
+    B = torch.zeros(5, 3, dtype=torch.float64)
+    B[:, 0] = 1.0  # rank one
+    A = torch.ones(3, 4, dtype=torch.float64)
+    svd = factored_svd(B, A)
+    assert svd.S[0] == pytest.approx(math.sqrt(20)) and float(svd.S[1:].abs().max()) < 1e-12
+    Bk, Ak = svd.factors(3)
+    assert torch.isfinite(Bk).all() and torch.isfinite(Ak).all()
+    torch.testing.assert_close(Bk @ Ak, B @ A)
+    zero = factored_svd(torch.zeros(5, 2), torch.zeros(2, 4)).factors(1)
+    assert [float(t.abs().sum()) for t in zero] == [0.0, 0.0]
 
 
 def test_conv_factors_are_flattened():
