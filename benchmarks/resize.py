@@ -36,8 +36,13 @@ from loratools.linalg import factored_svd  # noqa: E402
 
 HIDDEN, MLP, RANK, ALPHA, NEW_RANK = 4096, 11008, 64, 128, 8
 SHAPES = {  # module -> (out, in)
-    "self_attn.q_proj": (HIDDEN, HIDDEN), "self_attn.k_proj": (HIDDEN, HIDDEN), "self_attn.v_proj": (HIDDEN, HIDDEN),
-    "self_attn.o_proj": (HIDDEN, HIDDEN), "mlp.gate_proj": (MLP, HIDDEN), "mlp.up_proj": (MLP, HIDDEN), "mlp.down_proj": (HIDDEN, MLP),
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (HIDDEN, HIDDEN),
+    "self_attn.v_proj": (HIDDEN, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (MLP, HIDDEN),
+    "mlp.up_proj": (MLP, HIDDEN),
+    "mlp.down_proj": (HIDDEN, MLP),
 }
 SAMPLE = ("self_attn.q_proj", "mlp.gate_proj", "mlp.down_proj")  # one module per distinct shape
 
@@ -52,8 +57,14 @@ def build(layers: int, seed: int = 0) -> Adapter:
             B = (torch.randn(out, RANK, generator=g) * 1e-2).half()
             modules[f"model.layers.{i}.{name}"] = LoraModule(A, B, float(ALPHA))
     targets = sorted({n.split(".")[-1] for n in SHAPES})
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "target_modules": targets, "task_type": "CAUSAL_LM",
-              "base_model_name_or_path": "meta-llama/Llama-2-7b-hf"}
+    config = {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": ALPHA,
+        "target_modules": targets,
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": "meta-llama/Llama-2-7b-hf",
+    }
     return Adapter(modules, config)
 
 

@@ -38,8 +38,16 @@ R = TypeVar("R")
 # Config fields an output rewrites from its modules (via Adapter.peft_config); the layer filters go
 # because target_modules becomes the exact module list.
 _REWRITTEN = (
-    "r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules",
-    "layers_to_transform", "layers_pattern", "exclude_modules", "use_rslora", "use_dora",
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
 )
 
 
@@ -80,8 +88,11 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: torch
         biases = [bias for _, _, bias in parts if bias is not None]
         like = terms[0][1]
         modules[name] = _rebuild(
-            like, torch.cat([B for B, _, _ in parts], 1), torch.cat([A for _, A, _ in parts], 0),
-            torch.stack(biases).sum(0) if biases else None, dtype or like.dtype,
+            like,
+            torch.cat([B for B, _, _ in parts], 1),
+            torch.cat([A for _, A, _ in parts], 0),
+            torch.stack(biases).sum(0) if biases else None,
+            dtype or like.dtype,
         )
     return _derive(adapters, modules)
 
@@ -97,8 +108,13 @@ def subtract(a: Adapter, b: Adapter, *, dtype: torch.dtype | None = None) -> Ada
 
 
 def resize(
-    adapter: Adapter, rank: int | None = None, *, energy: float | None = None, max_rel_error: float | None = None,
-    sv_ratio: float | None = None, dtype: torch.dtype | None = None,
+    adapter: Adapter,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    max_rel_error: float | None = None,
+    sv_ratio: float | None = None,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Adapter, list[ResizeRow]]:
     """Truncate every module's ΔW = s·B·A to its best rank-k approximation; exactly one criterion.
 

@@ -45,8 +45,7 @@ class ModuleSpectrum:
 def spectra(adapter: Adapter) -> list[ModuleSpectrum]:
     """One :class:`ModuleSpectrum` per module, in the adapter's module order."""
     return [
-        ModuleSpectrum(name, m.rank, tuple(float(s) for s in singular_values(m.B, m.A, m.scale)))
-        for name, m in adapter.modules.items()
+        ModuleSpectrum(name, m.rank, tuple(float(s) for s in singular_values(m.B, m.A, m.scale))) for name, m in adapter.modules.items()
     ]
 
 
@@ -64,8 +63,13 @@ def plot_spectrum(spectra: Sequence[ModuleSpectrum], path: str | Path, *, force:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for s in spectra:
         energy = kept_energy(torch.tensor(s.singular_values, dtype=torch.float64))
-        ax.plot(range(1, len(energy) + 1), energy.numpy(), alpha=0.4 if len(spectra) > 10 else 0.9, linewidth=1,
-                label=s.module if len(spectra) <= 10 else None)
+        ax.plot(
+            range(1, len(energy) + 1),
+            energy.numpy(),
+            alpha=0.4 if len(spectra) > 10 else 0.9,
+            linewidth=1,
+            label=s.module if len(spectra) <= 10 else None,
+        )
     for level in ENERGY_LEVELS:
         ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
     ax.set(xlabel="rank k", ylabel="kept energy  Σ_{i≤k} σᵢ² / Σ σᵢ²", title=f"LoRA spectrum ({len(spectra)} modules)", ylim=(0, 1.01))

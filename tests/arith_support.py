@@ -16,8 +16,17 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 LLAMA = {"hidden": 16, "mlp": 32, "vocab": 64}
 
 
-def module(out: int, inp: int, rank: int, *, alpha: float = 8.0, rslora: bool = False, seed: int = 0,
-           kind: str = "linear", kernel: tuple[int, ...] = ()) -> LoraModule:
+def module(
+    out: int,
+    inp: int,
+    rank: int,
+    *,
+    alpha: float = 8.0,
+    rslora: bool = False,
+    seed: int = 0,
+    kind: str = "linear",
+    kernel: tuple[int, ...] = (),
+) -> LoraModule:
     """A module with random (non-zero) A and B; conv when ``kernel`` is given."""
     g = torch.Generator().manual_seed(seed)
     A = torch.randn(rank, inp, *kernel, generator=g)
@@ -44,8 +53,13 @@ def tiny_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
-        vocab_size=LLAMA["vocab"], hidden_size=LLAMA["hidden"], intermediate_size=LLAMA["mlp"], num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+        vocab_size=LLAMA["vocab"],
+        hidden_size=LLAMA["hidden"],
+        intermediate_size=LLAMA["mlp"],
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
     )
     return transformers.LlamaForCausalLM(config).eval()
 

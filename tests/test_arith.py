@@ -21,7 +21,10 @@ Q, V, K = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", 
 # one random module per draw: rank, alpha, rsLoRA and seed vary; ΔW is always 6 x 5
 modules = st.builds(
     lambda r, alpha, rs, seed: module(6, 5, r, alpha=alpha, rslora=rs, seed=seed),
-    st.integers(1, 7), st.sampled_from([1.0, 4.0, 16.0, 0.5]), st.booleans(), st.integers(0, 10_000),
+    st.integers(1, 7),
+    st.sampled_from([1.0, 4.0, 16.0, 0.5]),
+    st.booleans(),
+    st.integers(0, 10_000),
 )
 weights = st.floats(-3, 3, allow_nan=False)
 
@@ -191,8 +194,10 @@ def test_bad_ranks_are_refused(rank):
         resize(a, rank)
 
 
-@pytest.mark.parametrize("kwargs", [{"energy": 0.0}, {"energy": 1.5}, {"max_rel_error": 1.0}, {"sv_ratio": 0.5},
-                                    {"energy": math.nan}, {"rank": 2, "energy": 0.9}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"energy": 0.0}, {"energy": 1.5}, {"max_rel_error": 1.0}, {"sv_ratio": 0.5}, {"energy": math.nan}, {"rank": 2, "energy": 0.9}],
+)
 def test_bad_criteria_are_refused(kwargs):
     with pytest.raises(ArgumentError):
         resize(adapter({Q: module(6, 5, 3)}), **kwargs)
@@ -228,7 +233,9 @@ def peft_inputs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("peft-inputs")
     a = peft_adapter(root / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    b = peft_adapter(root / "b", seed=2, r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"])
+    b = peft_adapter(
+        root / "b", seed=2, r=2, lora_alpha=4, use_rslora=True, target_modules=["q_proj", "k_proj", "down_proj", "embed_tokens"]
+    )
     return load(a), load(b)
 
 
@@ -279,3 +286,44 @@ def test_peft_loads_per_module_resized_ranks(peft_inputs, tmp_path):
     assert len({r.new_rank for r in rows}) > 1, "the test needs per-module ranks (rank_pattern) to mean anything"
     reference = {r.module: _truncated(dense(total.modules[r.module]), r.new_rank) for r in rows}
     _peft_matches(save(out, tmp_path / "resized"), reference)
+
+
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3)
+        self.lin = torch.nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.lin(self.conv(x).mean((2, 3)))
+
+
+def test_peft_loads_resized_and_summed_conv_adapters(tmp_path):
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(5)
+        model = peft.get_peft_model(_ConvNet(), peft.LoraConfig(r=3, lora_alpha=6, target_modules=["conv", "lin"], init_lora_weights=False))
+        model.save_pretrained(tmp_path / "conv")
+    a = load(tmp_path / "conv")
+    assert a.modules["conv"].kind == "conv"
+    total = add(a, scale(a, -0.25))  # 0.75·ΔW at rank 6
+    small, rows = resize(total, rank=2)
+    x = torch.randn(2, 3, 8, 8)
+    for out, factor in ((total, 0.75), (small, None)):
+        path = save(out, tmp_path / f"out-{out.modules['conv'].rank}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loaded = peft.PeftModel.from_pretrained(_ConvNet(), path).eval()
+        want = _ConvNet()
+        with torch.no_grad():
+            for name in ("conv", "lin"):
+                weight = want.get_submodule(name).weight
+                delta = factor * dense(a.modules[name]) if factor else dense(out.modules[name])
+                weight += delta.reshape(weight.shape).float()
+            torch.testing.assert_close(loaded(x), want(x), rtol=1e-5, atol=1e-5)
+    assert [r.new_rank for r in rows] == [2, 2]

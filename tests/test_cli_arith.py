@@ -82,14 +82,17 @@ def test_outputs_refuse_to_overwrite_unless_forced(inputs, tmp_path):
     assert load(tmp_path / "taken").modules
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--rank", "0"], "rank must be an integer >= 1, got 0"),
-    (["--rank", "-2"], "rank must be an integer >= 1"),
-    (["--rank", "abc"], "'abc' is not a valid integer"),
-    (["--energy", "x"], "'x' is not a valid float"),
-    ([], "give exactly one of rank, energy, max_rel_error, sv_ratio (got none)"),
-    (["--rank", "2", "--sv-ratio", "10"], "(got rank, sv_ratio)"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--rank", "0"], "rank must be an integer >= 1, got 0"),
+        (["--rank", "-2"], "rank must be an integer >= 1"),
+        (["--rank", "abc"], "'abc' is not a valid integer"),
+        (["--energy", "x"], "'x' is not a valid float"),
+        ([], "give exactly one of rank, energy, max_rel_error, sv_ratio (got none)"),
+        (["--rank", "2", "--sv-ratio", "10"], "(got rank, sv_ratio)"),
+    ],
+)
 def test_bad_resize_options_give_one_error_and_write_nothing(inputs, tmp_path, args, needle):
     a, _, _ = inputs
     result = run("resize", a, *args, "-o", tmp_path / "out")

@@ -20,7 +20,13 @@ def factors(m: int, n: int, r: int, seed: int) -> tuple[torch.Tensor, torch.Tens
 
 
 @SETTINGS
-@given(m=st.integers(1, 9), n=st.integers(1, 9), r=st.integers(1, 6), s=st.floats(-3, 3).filter(lambda x: abs(x) > 1e-3), seed=st.integers(0, 999))
+@given(
+    m=st.integers(1, 9),
+    n=st.integers(1, 9),
+    r=st.integers(1, 6),
+    s=st.floats(-3, 3).filter(lambda x: abs(x) > 1e-3),
+    seed=st.integers(0, 999),
+)
 def test_factored_svd_matches_dense(m, n, r, s, seed):
     B, A = factors(m, n, r, seed)
     dense = s * (B @ A)
@@ -97,12 +103,26 @@ def test_kept_energy_and_tail_errors_by_hand():
     assert tail_errors(SIGMA).tolist() == pytest.approx([math.sqrt(5 / 14), math.sqrt(1 / 14), 0.0])
 
 
-@pytest.mark.parametrize(("criterion", "value", "k"), [
-    ("rank", 2, 2), ("rank", 9, 3),
-    ("energy", 0.6, 1), ("energy", 0.65, 2), ("energy", 13 / 14, 2), ("energy", 0.93, 3), ("energy", 1.0, 3),
-    ("max_rel_error", 0.6, 1), ("max_rel_error", 0.5, 2), ("max_rel_error", 0.2, 3), ("max_rel_error", 0.0, 3),
-    ("sv_ratio", 1.0, 1), ("sv_ratio", 1.5, 2), ("sv_ratio", 2.9, 2), ("sv_ratio", 3.0, 3),
-])
+@pytest.mark.parametrize(
+    ("criterion", "value", "k"),
+    [
+        ("rank", 2, 2),
+        ("rank", 9, 3),
+        ("energy", 0.6, 1),
+        ("energy", 0.65, 2),
+        ("energy", 13 / 14, 2),
+        ("energy", 0.93, 3),
+        ("energy", 1.0, 3),
+        ("max_rel_error", 0.6, 1),
+        ("max_rel_error", 0.5, 2),
+        ("max_rel_error", 0.2, 3),
+        ("max_rel_error", 0.0, 3),
+        ("sv_ratio", 1.0, 1),
+        ("sv_ratio", 1.5, 2),
+        ("sv_ratio", 2.9, 2),
+        ("sv_ratio", 3.0, 3),
+    ],
+)
 def test_choose_rank_by_hand(criterion, value, k):
     assert choose_rank(SIGMA, criterion, value) == k
 
