@@ -20,6 +20,7 @@ from typing import Any
 import click
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
@@ -44,7 +45,7 @@ def _debug() -> bool:
 def _fail(message: str, code: int) -> None:
     if _debug():
         traceback.print_exc()
-    err.print(f"[bold red]error:[/] {message}", markup=True, highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False, soft_wrap=True)
     sys.exit(code)
 
 
@@ -184,7 +185,7 @@ def _write(result: Adapter, output: str, force: bool, as_json: bool, rows: list[
             table.add_row(r.module, str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
         out.print(table)
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
-    out.print(f"wrote {output}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters", highlight=False)
+    out.print(f"wrote {escape(output)}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters", highlight=False)
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
@@ -283,7 +284,7 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
     if as_json:
         _emit_json({"modules": [s.to_dict() for s in found], **({"plot": plot_path} if plot_path else {})})
         return
-    table = Table(title=f"{path}: singular values of ΔW")
+    table = Table(title=f"{escape(path)}: singular values of ΔW")
     table.add_column("module")
     table.add_column("rank", justify="right")
     for level in ENERGY_LEVELS:
@@ -294,4 +295,4 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
         table.add_row(s.module, str(s.rank), *(str(s.rank_for(level)) for level in ENERGY_LEVELS), shown)
     out.print(table)
     if plot_path:
-        out.print(f"wrote {plot_path}", highlight=False)
+        out.print(f"wrote {escape(plot_path)}", highlight=False)

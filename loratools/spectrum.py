@@ -72,7 +72,7 @@ def plot_spectrum(spectra: Sequence[ModuleSpectrum], path: str | Path, *, force:
         )
     for level in ENERGY_LEVELS:
         ax.axhline(level, color="grey", linestyle=":", linewidth=0.8)
-    ax.set(xlabel="rank k", ylabel="kept energy  Σ_{i≤k} σᵢ² / Σ σᵢ²", title=f"LoRA spectrum ({len(spectra)} modules)", ylim=(0, 1.01))
+    ax.set(xlabel="rank k", ylabel="kept energy (fraction of ‖ΔW‖²)", title=f"LoRA spectrum ({len(spectra)} modules)", ylim=(0, 1.01))
     if len(spectra) <= 10:
         ax.legend(fontsize="small")
     fig.tight_layout()

@@ -139,3 +139,10 @@ def test_inspect_spectrum_table_json_and_plot(inputs, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert run("inspect", a, "--plot", png).exit_code == 3
     assert run("inspect", a, "--plot", png, "--force").exit_code == 0
+
+
+def test_plot_without_matplotlib_says_how_to_get_it(inputs, tmp_path, monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    result = run("inspect", inputs[0], "--spectrum", "--plot", tmp_path / "s.png")
+    assert result.exit_code == 3 and "pip install 'loratools[plot]'" in result.stderr
+    assert not (tmp_path / "s.png").exists()
