@@ -20,6 +20,7 @@ error.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -121,7 +122,8 @@ def resize(
     ``rank``: k = min(rank, r) for every module.  Per-module dynamic k, the smallest that meets:
     ``energy`` (kept fraction of ‖ΔW‖_F², in (0, 1]), ``max_rel_error`` (‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= bound,
     in [0, 1)), ``sv_ratio`` (keep σᵢ >= σ₁/ratio, ratio >= 1).  New factors are B = U_k·√σ, A = √σ·V_kᵀ.
-    Returns the new adapter and one :class:`ResizeRow` per module.
+    Returns the new adapter and one :class:`ResizeRow` per module.  Modules run in parallel, one
+    single-threaded worker per torch thread (torch's thread count is 1 until the call returns).
     """
     criterion, value = _criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
     _refuse_dora(adapter, "the adapter")
@@ -165,7 +167,7 @@ def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if len(weights) != n:
         raise ArgumentError(f"got {len(weights)} weight(s) for {n} adapter(s); give exactly one weight per adapter")
     for w in weights:
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
             raise ArgumentError(f"weight {w!r} is not a finite number")
     return [float(w) for w in weights]
 

@@ -103,16 +103,30 @@ def test_resize_error_equals_the_tail_singular_values(m, k):
     assert rows[0].kept_energy == pytest.approx(float(S[:k].square().sum() / S.square().sum()), abs=1e-6)
 
 
+def _meets(S: torch.Tensor, k: int, criterion: str, value: float) -> bool:
+    """Dense-side check of one criterion for rank k, from the dense singular values S."""
+    sq = S.square()
+    if criterion == "energy":
+        return float(sq[:k].sum() / sq.sum()) >= value - 1e-6
+    if criterion == "max_rel_error":
+        return float((sq[k:].sum() / sq.sum()).sqrt()) <= value + 1e-6
+    return k == len(S) or float(S[k]) < float(S[0]) / value * (1 + 1e-6)  # sv_ratio: nothing large left out
+
+
 @SETTINGS
-@given(m=modules, energy=st.floats(0.05, 1.0))
-def test_energy_resize_keeps_the_smallest_sufficient_rank(m, energy):
-    out, rows = resize(adapter({Q: m}), energy=energy)
-    S = torch.linalg.svdvals(dense(m))
-    kept = torch.cumsum(S.square(), 0) / S.square().sum()
+@given(m=modules, criterion=st.sampled_from(["energy", "max_rel_error", "sv_ratio"]), u=st.floats(0.05, 0.95))
+def test_dynamic_criteria_keep_the_smallest_sufficient_rank(m, criterion, u):
+    value = {"energy": u, "max_rel_error": u / 2, "sv_ratio": 1 + 20 * u}[criterion]
+    out, rows = resize(adapter({Q: m}), **{criterion: value})
+    S = torch.linalg.svdvals(dense(m))[: min(m.rank, 5)]
     k = rows[0].new_rank
     assert out.modules[Q].rank == k
-    assert kept[k - 1] >= energy - 1e-6
-    assert k == 1 or kept[k - 2] < energy + 1e-6
+    assert _meets(S, k, criterion, value)
+    if criterion != "sv_ratio":
+        stricter = value + 2e-6 if criterion == "energy" else value - 2e-6  # k - 1 must miss by more than round-off
+        assert k == 1 or not _meets(S, k - 1, criterion, stricter)
+    else:
+        assert float(S[k - 1]) >= float(S[0]) / value * (1 - 1e-6)  # every kept σ is large enough
 
 
 def test_resize_splits_sqrt_sigma_into_each_factor():
