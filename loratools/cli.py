@@ -261,8 +261,8 @@ def resize_cmd(
 ) -> None:
     """Shrink the adapter by an exact truncated SVD of each ΔW (from the factors; optimal in ‖·‖_F).
 
-    Give exactly one of --rank, --energy, --max-rel-error, --sv-ratio.  Prints per module the old
-    and new rank, the kept energy and the relative error.
+    Give exactly one of --rank, --energy, --max-rel-error, --sv-ratio.  Prints, for each module,
+    the old and new rank, the kept energy and the relative error.
 
     \b
     Examples:
