@@ -62,3 +62,7 @@ class HubError(LoratoolsError, OSError):
     def __init__(self, message: str, *, repo_id: str | None = None, **kwargs):
         self.repo_id = repo_id
         super().__init__(message, **kwargs)
+
+
+class ArgumentError(LoratoolsError, ValueError):
+    """An argument is out of range or of the wrong kind (rank <= 0, weights that do not match inputs)."""
