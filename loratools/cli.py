@@ -24,10 +24,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .adapter import Adapter, load, save
+from .adapter import Adapter, load
 from .arith import ResizeRow, add, resize, scale, subtract
 from .atomic import check_output
-from .convert import TARGETS
+from .convert import TARGETS, save_as
 from .convert import convert as convert_adapter
 from .diff import diff as diff_adapters
 from .errors import ArgumentError, HubError, LoratoolsError
@@ -328,12 +328,15 @@ def _output_options(f: Any) -> Any:
     """-o/--output, --dtype, --force and --json, shared by every command that writes an adapter."""
     f = click.option("--json", "as_json", is_flag=True, help="Print the result (and any resize report) as JSON.")(f)
     f = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(f)
+    f = click.option(
+        "--to", type=click.Choice(TARGETS), help="Output format (default: the first input's: kohya files stay kohya, else PEFT)."
+    )(f)
     f = click.option("--dtype", type=click.Choice(list(_DTYPES)), help="Write factors in this dtype (default: the inputs').")(f)
     return click.option("-o", "--output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file).")(f)
 
 
-def _write(result: Adapter, output: str, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
-    save(result, output, force=force)
+def _write(result: Adapter, output: str, to: str | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
+    save_as(result, output, to=to, force=force)  # type: ignore[arg-type]
     ranks = sorted({m.rank for m in result.modules.values()})
     if as_json:
         _emit_json({
@@ -362,7 +365,7 @@ def _dtype(name: str | None) -> torch.dtype | None:
 @click.option("--rank", type=int, help="Compress the sum to this rank (exact truncated SVD).")
 @_output_options
 def add_cmd(
-    adapters: tuple[str, ...], weights: tuple[float, ...], rank: int | None, output: str, dtype: str | None, force: bool, as_json: bool
+    adapters: tuple[str, ...], weights: tuple[float, ...], rank: int | None, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool
 ) -> None:
     """Add adapters exactly: ΔW = Σ wᵢ·ΔWᵢ, by concatenating factors (rank = Σ rᵢ).
 
@@ -378,14 +381,14 @@ def add_cmd(
     rows = None
     if rank is not None:
         result, rows = resize(result, rank, dtype=_dtype(dtype))
-    _write(result, output, force, as_json, rows)
+    _write(result, output, to, force, as_json, rows)
 
 
 @main.command("scale", context_settings={"ignore_unknown_options": True})
 @click.argument("adapter")
 @click.argument("factor", type=float)
 @_output_options
-def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
+def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool) -> None:
     """Multiply the adapter's ΔW by FACTOR (negative allowed: `loratools scale a/ -0.5 -o b/`).
 
     \b
@@ -394,14 +397,14 @@ def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, force
       loratools scale ./adapter -1 -o ./negated      (or: ... -o ./negated -- -1)
     """
     check_output(output, force=force)
-    _write(scale(load(adapter), factor, dtype=_dtype(dtype)), output, force, as_json)
+    _write(scale(load(adapter), factor, dtype=_dtype(dtype)), output, to, force, as_json)
 
 
 @main.command("subtract")
 @click.argument("a")
 @click.argument("b")
 @_output_options
-def subtract_cmd(a: str, b: str, output: str, dtype: str | None, force: bool, as_json: bool) -> None:
+def subtract_cmd(a: str, b: str, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool) -> None:
     """Subtract adapters exactly: ΔW = ΔW_A − ΔW_B (rank r_A + r_B).
 
     \b
@@ -409,7 +412,7 @@ def subtract_cmd(a: str, b: str, output: str, dtype: str | None, force: bool, as
       loratools subtract finetuned/ base-task/ -o difference/
     """
     check_output(output, force=force)
-    _write(subtract(load(a), load(b), dtype=_dtype(dtype)), output, force, as_json)
+    _write(subtract(load(a), load(b), dtype=_dtype(dtype)), output, to, force, as_json)
 
 
 @main.command("resize")
@@ -421,7 +424,7 @@ def subtract_cmd(a: str, b: str, output: str, dtype: str | None, force: bool, as
 @_output_options
 def resize_cmd(
     adapter: str, rank: int | None, energy: float | None, max_rel_error: float | None, sv_ratio: float | None,
-    output: str, dtype: str | None, force: bool, as_json: bool,
+    output: str, dtype: str | None, to: str | None, force: bool, as_json: bool,
 ) -> None:
     """Shrink the adapter by an exact truncated SVD of each ΔW (from the factors; optimal in ‖·‖_F).
 
@@ -435,7 +438,7 @@ def resize_cmd(
     """
     check_output(output, force=force)
     result, rows = resize(load(adapter), rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio, dtype=_dtype(dtype))
-    _write(result, output, force, as_json, rows)
+    _write(result, output, to, force, as_json, rows)
 
 
 def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool) -> None:

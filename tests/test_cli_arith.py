@@ -146,3 +146,19 @@ def test_plot_without_matplotlib_says_how_to_get_it(inputs, tmp_path, monkeypatc
     result = run("inspect", inputs[0], "--spectrum", "--plot", tmp_path / "s.png")
     assert result.exit_code == 3 and "pip install 'loratools[plot]'" in result.stderr
     assert not (tmp_path / "s.png").exists()
+
+
+def test_kohya_inputs_stay_kohya_unless_to_says_otherwise(inputs, tmp_path):
+    from safetensors import safe_open
+
+    from loratools.kohya import save_kohya
+
+    kohya = save_kohya(load(inputs[0]), tmp_path / "k.safetensors")
+    assert run("resize", kohya, "--rank", "2", "-o", tmp_path / "k2.safetensors").exit_code == 0
+    with safe_open(str(tmp_path / "k2.safetensors"), "pt") as fh:
+        keys = list(fh.keys())
+    assert keys and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
+    assert run("scale", kohya, "0.5", "--to", "peft", "-o", tmp_path / "peft").exit_code == 0
+    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    wrong = run("resize", kohya, "--rank", "2", "-o", tmp_path / "kdir")
+    assert wrong.exit_code == 3 and ".safetensors" in wrong.stderr and not (tmp_path / "kdir").exists()
