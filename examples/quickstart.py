@@ -44,7 +44,7 @@ def build_adapter(seed: int) -> Adapter:
         for name, (out, inp) in TARGETS.items():
             block = "self_attn" if name != "up_proj" else "mlp"
             A = torch.randn(RANK, inp, generator=g) / inp**0.5
-            B = torch.randn(out, RANK, generator=g) * 0.05
+            B = torch.randn(out, RANK, generator=g) * 0.05 * 0.6 ** torch.arange(RANK)  # a decaying spectrum, as trained adapters have
             modules[f"model.layers.{i}.{block}.{name}"] = LoraModule(A, B, alpha=16.0)
     config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 16, "target_modules": sorted(TARGETS), "base_model_name_or_path": "demo-base"}
     return Adapter(modules, config)
@@ -63,6 +63,9 @@ def main() -> None:
     print(f"built {OUT}/base (tiny Llama-shaped checkpoint) and adapters {OUT}/style, {OUT}/subject")
     run("validate", str(OUT / "style"), "--base", str(OUT / "base"))
     run("inspect", str(OUT / "style"))
+    run("resize", str(OUT / "style"), "--energy", "0.9", "-o", str(OUT / "style-small"))
+    run("add", str(OUT / "style"), str(OUT / "subject"), "-w", "0.7", "-w", "0.5", "-o", str(OUT / "combined"))
+    run("diff", str(OUT / "style"), str(OUT / "combined"))
     print("\nquickstart finished: see README.md for the full CLI tour")
 
 
