@@ -61,3 +61,11 @@ class HubError(LoratoolsError, OSError):
     def __init__(self, message: str, *, repo_id: str | None = None, **kwargs):
         self.repo_id = repo_id
         super().__init__(message, **kwargs)
+
+
+class MergeError(LoratoolsError, ValueError):
+    """A merge or unmerge cannot be done faithfully as asked (DoRA conflicts, output inside the base, no CUDA)."""
+
+
+class DiskSpaceError(LoratoolsError, OSError):
+    """The output's file system has too little free space for the output; nothing was written."""

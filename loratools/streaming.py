@@ -1,0 +1,304 @@
+"""Stream safetensors files through per-tensor transforms, overlapping reads, compute and writes.
+
+An output file's header is known from its input's, so each output is written front to back in one
+pass: the header, then every tensor in file order.  Tensors nobody transforms are copied by the
+kernel (``copy_file_range``) without passing through Python.  The others are read by a reader thread
+into a small pool of reusable buffers (pinned when a GPU computes, so host-to-device copies run
+asynchronously), transformed by the caller on the main thread, and written by a writer thread while
+the next tensor is computed.  Memory is bounded by the two pools, a few times the largest
+transformed tensor and never the model: a 70B checkpoint streams on a machine with a fraction of
+its size in RAM.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DiskSpaceError, FormatError
+from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header
+
+Transform = Callable[[torch.Tensor, torch.Tensor], None]
+"""Fills ``dst`` from ``src``; both are 2-D (rows, cols) CPU views, ``src`` in the stored dtype, ``dst`` in the output one."""
+Progress = Callable[[int], None]
+"""Called with the number of output bytes just written."""
+
+_POOL = 2  # buffers per pool: the reader runs one tensor ahead, the writer one behind
+_TICK = 0.1  # seconds between checks for a failed worker while waiting on a queue
+_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
+_COPY_CHUNK = 64 * 1024 * 1024
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """How one output file derives from one input file: the output dtype and transform per tensor.
+
+    With every dtype unchanged the input's header bytes are reused verbatim, so tensor order,
+    offsets and ``__metadata__`` are exactly the input's.
+    """
+
+    header: Header
+    dtypes: Mapping[str, str]
+    transforms: Mapping[str, Transform]
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return sorted(self.header.tensors.values(), key=lambda t: t.start)
+
+    def out_nbytes(self, info: TensorInfo) -> int:
+        return info.numel * ITEMSIZE[self.dtypes[info.name]]
+
+    def computed(self, info: TensorInfo) -> bool:
+        return info.name in self.transforms or self.dtypes[info.name] != info.dtype
+
+    def header_bytes(self) -> bytes:
+        if all(self.dtypes[t.name] == t.dtype for t in self.tensors):
+            with open(self.header.path, "rb") as fh:
+                return fh.read(self.header.data_start)
+        plan = [(t.name, self.dtypes[t.name], t.shape) for t in self.tensors]
+        return encode_header(plan, self.header.metadata)[0]
+
+    @property
+    def size(self) -> int:
+        return len(self.header_bytes()) + sum(self.out_nbytes(t) for t in self.tensors)
+
+
+class _Stopped(Exception):
+    """Raised inside a pipeline stage when another stage failed or was interrupted."""
+
+
+def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while not stop.is_set():
+        try:
+            q.put(item, timeout=_TICK)
+            return
+        except queue.Full:
+            continue
+    raise _Stopped
+
+
+def _get(q: queue.Queue, stop: threading.Event) -> Any:
+    while not stop.is_set():
+        try:
+            return q.get(timeout=_TICK)
+        except queue.Empty:
+            continue
+    raise _Stopped
+
+
+class _Worker(threading.Thread):
+    """A pipeline stage; its first error stops the others and is re-raised by the main thread."""
+
+    def __init__(self, fn: Callable[..., None], stop: threading.Event, *args: Any):
+        super().__init__(daemon=True)
+        self._fn, self._stop_event, self._args = fn, stop, args
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._fn(*self._args)
+        except _Stopped:
+            pass
+        except BaseException as err:  # noqa: BLE001 - handed to the main thread
+            self.error = err
+            self._stop_event.set()
+
+
+def _pool(nbytes: int, pin: bool) -> queue.Queue:
+    pool: queue.Queue = queue.Queue()
+    for _ in range(_POOL):
+        pool.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
+    return pool
+
+
+def _bytes(buf: torch.Tensor, n: int) -> memoryview:
+    return memoryview(buf[:n].numpy()).cast("B")
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], offset + pos)
+        if n == 0:
+            raise FormatError(f"file is truncated: expected data up to byte {offset + len(view)}", path=path)
+        pos += n
+
+
+def _write_exact(fd: int, view: memoryview) -> None:
+    pos = 0
+    while pos < len(view):
+        pos += os.write(fd, view[pos:])
+
+
+def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel when it can."""
+    while count:
+        try:
+            n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
+        except OSError as err:
+            if err.errno not in _NO_COPY_FILE_RANGE:
+                raise
+            n = os.write(dst, os.pread(src, min(count, _COPY_CHUNK), offset))
+        if n == 0:
+            raise FormatError(f"input ended early while copying byte {offset}")
+        offset, count = offset + n, count - n
+
+
+def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+    """``buf``'s first ``nbytes`` as a (rows, cols) tensor: rows is the leading dimension."""
+    rows = shape[0] if shape else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return buf[:nbytes].view(DTYPES[dtype]).reshape(rows, cols)
+
+
+def _read_all(fd: int, path: Path, infos: list[TensorInfo], pool: queue.Queue, reads: queue.Queue, stop: threading.Event) -> None:
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    for info in infos:
+        buf = _get(pool, stop)
+        _pread_into(fd, _bytes(buf, info.nbytes), info.start, path)
+        _put(reads, (buf, info), stop)
+
+
+def _write_all(src: int, dst: int, writes: queue.Queue, pool: queue.Queue, progress: Progress, stop: threading.Event) -> None:
+    while (item := _get(writes, stop)) is not None:
+        kind, what, n = item
+        if kind == "copy":
+            _copy_range(src, dst, what, n)
+        else:
+            _write_exact(dst, _bytes(what, n))
+            pool.put(what)
+        if hasattr(os, "posix_fadvise"):  # start writeback now rather than all at the final fsync
+            os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
+        progress(n)
+
+
+def _cast(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def stream_files(jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, progress: Progress | None = None) -> None:
+    """Write each plan's output file; on any error or interrupt, stop every stage and re-raise."""
+    computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
+    in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin)
+    out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin)
+    for plan, dst in jobs:
+        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None))
+
+
+def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queue.Queue, progress: Progress) -> None:
+    stop = threading.Event()
+    reads: queue.Queue = queue.Queue(maxsize=_POOL)
+    writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
+    todo = [t for t in plan.tensors if plan.computed(t)]
+    with open(plan.header.path, "rb", buffering=0) as src, open(dst, "wb", buffering=0) as out:
+        header = plan.header_bytes()
+        _write_exact(out.fileno(), memoryview(header))
+        progress(len(header))
+        workers = [
+            _Worker(_read_all, stop, src.fileno(), plan.header.path, todo, in_pool, reads, stop),
+            _Worker(_write_all, stop, src.fileno(), out.fileno(), writes, out_pool, progress, stop),
+        ]
+        for w in workers:
+            w.start()
+        try:
+            _feed(plan, reads, writes, in_pool, out_pool, stop)
+            _put(writes, None, stop)
+        except _Stopped:
+            pass  # a worker failed: its error is raised below
+        except BaseException:
+            stop.set()
+            raise
+        finally:
+            for w in workers:
+                w.join()
+        for w in workers:
+            if w.error is not None:
+                raise w.error
+        os.fsync(out.fileno())
+
+
+def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue, out_pool: queue.Queue, stop: threading.Event) -> None:
+    """The main thread's part: in file order, queue a kernel copy or transform the tensor read ahead."""
+    for info in plan.tensors:
+        if not plan.computed(info):
+            _put(writes, ("copy", info.start, info.nbytes), stop)
+            continue
+        buf, _ = _get(reads, stop)
+        out = _get(out_pool, stop)
+        n = plan.out_nbytes(info)
+        src = _matrix(buf, info.dtype, info.shape, info.nbytes)
+        dst = _matrix(out, plan.dtypes[info.name], info.shape, n)
+        plan.transforms.get(info.name, _cast)(src, dst)
+        in_pool.put(buf)
+        _put(writes, ("buf", out, n), stop)
+
+
+def side_files(root: Path, weight_files: set[str]) -> list[Path]:
+    """Everything in model directory ``root`` to copy beside merged weights: config, tokenizer, ...
+
+    Weight files (``.safetensors``, pickles, ...) and indexes are left out: the merged output writes
+    its own, and a stale copy of unmerged weights would be loaded instead of the merged ones.
+    """
+    keep = []
+    for path in sorted(root.iterdir()):
+        name = path.name
+        if name in weight_files or name.startswith(".loratools-tmp-") or name in _SKIP_DIRS:
+            continue
+        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or name.endswith(".index.json")):
+            continue
+        keep.append(path)
+    return keep
+
+
+def copy_side_files(paths: list[Path], dst: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.copytree(path, dst / path.name, symlinks=False)
+        else:
+            shutil.copy2(path, dst / path.name)
+
+
+def write_index(index: Mapping[str, Any], sizes: int, dst: Path) -> None:
+    """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size."""
+    out = dict(index)
+    out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": sizes}
+    dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def files_size(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total += path.stat().st_size
+    return total
+
+
+def check_free_space(where: Path, need: int) -> None:
+    """Raise :class:`DiskSpaceError` unless the file system holding ``where`` has ``need`` bytes free."""
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise DiskSpaceError(
+            f"needs {need / 2**30:.2f} GiB free for the output but only {free / 2**30:.2f} GiB is; "
+            "free some space or write elsewhere with -o",
+            path=probe,
+        )
