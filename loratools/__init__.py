@@ -11,14 +11,17 @@ from .adapter import Adapter, LoraModule, load, save
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import (
     ChecksumError,
+    DiskSpaceError,
     FormatError,
     HubError,
     InvalidAdapterError,
     LoratoolsError,
+    MergeError,
     OutputExistsError,
     ShapeError,
     SpecError,
 )
+from .merge import MergeResult, merge, unmerge
 from .spec import SPEC_VERSION
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
@@ -33,11 +36,14 @@ __all__ = [
     "Adapter",
     "Checkpoint",
     "ChecksumError",
+    "DiskSpaceError",
     "FormatError",
     "HubError",
     "InvalidAdapterError",
     "LoraModule",
     "LoratoolsError",
+    "MergeError",
+    "MergeResult",
     "OutputExistsError",
     "Problem",
     "Report",
@@ -46,8 +52,10 @@ __all__ = [
     "Summary",
     "__version__",
     "load",
+    "merge",
     "open_checkpoint",
     "save",
     "summarize",
+    "unmerge",
     "validate",
 ]

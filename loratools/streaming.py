@@ -174,7 +174,8 @@ def _read_all(fd: int, path: Path, infos: list[TensorInfo], pool: queue.Queue, r
         _put(reads, (buf, info), stop)
 
 
-def _write_all(src: int, dst: int, writes: queue.Queue, pool: queue.Queue, progress: Progress, stop: threading.Event) -> None:
+def _write_all(src: int, dst: int, writes: queue.Queue, pool: queue.Queue, progress: Progress, fsync: bool, stop: threading.Event) -> None:
+    pos = os.lseek(dst, 0, os.SEEK_CUR)
     while (item := _get(writes, stop)) is not None:
         kind, what, n = item
         if kind == "copy":
@@ -182,8 +183,9 @@ def _write_all(src: int, dst: int, writes: queue.Queue, pool: queue.Queue, progr
         else:
             _write_exact(dst, _bytes(what, n))
             pool.put(what)
-        if hasattr(os, "posix_fadvise"):  # start writeback now rather than all at the final fsync
-            os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
+        if fsync and hasattr(os, "posix_fadvise"):  # start writeback now, not all at the final fsync
+            os.posix_fadvise(dst, pos, n, os.POSIX_FADV_DONTNEED)
+        pos += n
         progress(n)
 
 
@@ -191,16 +193,21 @@ def _cast(src: torch.Tensor, dst: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def stream_files(jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, progress: Progress | None = None) -> None:
-    """Write each plan's output file; on any error or interrupt, stop every stage and re-raise."""
+def stream_files(jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, fsync: bool = False, progress: Progress | None = None) -> None:
+    """Write each plan's output file; on any error or interrupt, stop every stage and re-raise.
+
+    ``fsync`` flushes each file to stable storage before returning (durability against power loss;
+    like ``cp`` and ``save_pretrained``, the default leaves that to the OS, which costs nothing on
+    an idle disk and many seconds on a busy one).
+    """
     computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
     in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin)
     out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin)
     for plan, dst in jobs:
-        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None))
+        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), fsync)
 
 
-def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queue.Queue, progress: Progress) -> None:
+def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queue.Queue, progress: Progress, fsync: bool) -> None:
     stop = threading.Event()
     reads: queue.Queue = queue.Queue(maxsize=_POOL)
     writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
@@ -211,7 +218,7 @@ def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queu
         progress(len(header))
         workers = [
             _Worker(_read_all, stop, src.fileno(), plan.header.path, todo, in_pool, reads, stop),
-            _Worker(_write_all, stop, src.fileno(), out.fileno(), writes, out_pool, progress, stop),
+            _Worker(_write_all, stop, src.fileno(), out.fileno(), writes, out_pool, progress, fsync, stop),
         ]
         for w in workers:
             w.start()
@@ -229,7 +236,8 @@ def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queu
         for w in workers:
             if w.error is not None:
                 raise w.error
-        os.fsync(out.fileno())
+        if fsync:
+            os.fsync(out.fileno())
 
 
 def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue, out_pool: queue.Queue, stop: threading.Event) -> None:
@@ -273,10 +281,10 @@ def copy_side_files(paths: list[Path], dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def write_index(index: Mapping[str, Any], sizes: int, dst: Path) -> None:
+def write_index(index: Mapping[str, Any], total_size: int, dst: Path) -> None:
     """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size."""
     out = dict(index)
-    out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": sizes}
+    out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total_size}
     dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
