@@ -139,7 +139,7 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="time only copy and loratools")
     parser.add_argument("--device", default="cpu", help="loratools --device")
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="loratools-bench-", dir=args.dir))
+    work = Path(tempfile.mkdtemp(prefix="loratools-merge-bench-", dir=args.dir))
     env_path = str(Path(__file__).resolve().parent.parent)
     os.environ["PYTHONPATH"] = env_path + os.pathsep + os.environ.get("PYTHONPATH", "")
     try:

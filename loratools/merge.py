@@ -208,9 +208,10 @@ def merge(
     only when complete (a crash, Ctrl-C, kill -9 or full disk leaves none); ``fsync`` also flushes
     it to stable storage first.  ``progress`` is called with (bytes written, bytes total).
     """
-    loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
-    labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
-    return _merge(base, loaded, labels, weights, out, device, dtype, force, fsync, progress)
+    with _own_threads() as pool:
+        loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+        labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
+        return _merge(base, loaded, labels, weights, out, device, dtype, force, fsync, progress, pool)
 
 
 def unmerge(
@@ -234,7 +235,12 @@ def unmerge(
     ``modules_to_save`` merges are refused: they replace what they touch, which cannot be undone.
     """
     label = str(adapter) if not isinstance(adapter, Adapter) else "adapter #1"
-    loaded = adapter if isinstance(adapter, Adapter) else load(adapter)
+    with _own_threads() as pool:
+        loaded = adapter if isinstance(adapter, Adapter) else load(adapter)
+        return _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool)
+
+
+def _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     dora = sorted(n for n, m in loaded.modules.items() if m.magnitude is not None)
     if dora:
         raise MergeError(f"cannot unmerge DoRA modules ({', '.join(dora[:3])}{', ...' if len(dora) > 3 else ''}): "
@@ -243,10 +249,10 @@ def unmerge(
     if saved:
         raise MergeError(f"cannot unmerge modules_to_save tensors ({', '.join(saved[:3])}): the merge replaced the base tensors", path=label)
     loaded = Adapter(loaded.modules, loaded.config, {}, loaded.metadata)  # saved base_layer tensors are the base's own
-    return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, force, fsync, progress)
+    return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, force, fsync, progress, pool)
 
 
-def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, progress) -> MergeResult:  # type: ignore[no-untyped-def]
+def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     base = Path(base)
     if not adapters:
@@ -269,11 +275,10 @@ def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, pr
         if progress is not None:
             progress(done[0], total)
 
-    with _cpu_workers(target) as pool:
-        plans = [_file_plan(checkpoint.headers[s.name], edits, DTYPE_CHOICES[dtype], target, pool) for s in checkpoint.shards]
-        total = sum(p.size for p in plans)
-        check_free_space(out.parent, total + files_size(extras))
-        _write(checkpoint, plans, extras, out, force, fsync, target.type == "cuda", tick)
+    plans = [_file_plan(checkpoint.headers[s.name], edits, DTYPE_CHOICES[dtype], target, pool) for s in checkpoint.shards]
+    total = sum(p.size for p in plans)
+    check_free_space(out.parent, total + files_size(extras))
+    _write(checkpoint, plans, extras, out, force, fsync, target.type == "cuda", tick)
     return MergeResult(
         out, base, labels, weights, target.type, dtype, len(plans), len(checkpoint.tensors),
         sorted(k for k, e in edits.items() if e.terms), sorted(k for k, e in edits.items() if e.replacement is not None),
@@ -282,15 +287,13 @@ def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, pr
 
 
 @contextmanager
-def _cpu_workers(device: torch.device) -> Iterator[ThreadPoolExecutor | None]:
-    """Row blocks in parallel on our own threads, each torch op single-threaded.
+def _own_threads() -> Iterator[ThreadPoolExecutor]:
+    """Single-threaded torch ops, with our own pool to run independent CPU row blocks in parallel.
 
-    torch's intra-op threads spin-wait between the many small ops of a streamed merge; on a busy
-    machine that multiplied CPU time tenfold.  Independent blocks on a thread pool do not wait.
+    torch's intra-op threads spin-wait between the many small ops of a streamed merge (and of
+    adapter validation); on a busy 2-core machine that made them up to 40x slower.  Independent
+    blocks on a thread pool do not wait for each other.  torch's setting is restored on exit.
     """
-    if device.type != "cpu":
-        yield None
-        return
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -310,7 +313,7 @@ def _write(checkpoint: Checkpoint, plans: list[FilePlan], extras: list[Path], ou
         copy_side_files(extras, tmp)
 
 
-def _file_plan(header: Any, edits: dict[str, Edit], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor | None) -> FilePlan:
+def _file_plan(header: Any, edits: dict[str, Edit], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor) -> FilePlan:
     def out_dtype(info: TensorInfo) -> str:
         return dtype if dtype is not None and info.dtype in _FLOATS else info.dtype
 

@@ -2,22 +2,24 @@
 
 An output file's header is known from its input's, so each output is written front to back in one
 pass: the header, then every tensor in file order.  Tensors nobody transforms are copied by the
-kernel (``copy_file_range``) without passing through Python.  The others are read by a reader thread
-into a small pool of reusable buffers (pinned when a GPU computes, so host-to-device copies run
-asynchronously), transformed by the caller on the main thread, and written by a writer thread while
-the next tensor is computed.  Memory is bounded by the two pools, a few times the largest
-transformed tensor and never the model: a 70B checkpoint streams on a machine with a fraction of
-its size in RAM.
+kernel (``copy_file_range``) without passing through Python.  The others are mapped from the page
+cache by a reader thread (no copy; or, when a GPU computes, copied into a small pool of pinned
+buffers so host-to-device copies run asynchronously), transformed by the caller on the main thread
+into a pool of output buffers, and written by a writer thread while the next tensor is computed.
+Memory is bounded by the queues and pools, a few times the largest transformed tensor and never
+the model: a 70B checkpoint streams on a machine with a fraction of its size in RAM.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import mmap
 import os
 import queue
 import shutil
 import threading
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,10 +167,29 @@ def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) 
     return buf[:nbytes].view(DTYPES[dtype]).reshape(rows, cols)
 
 
-def _read_all(fd: int, path: Path, infos: list[TensorInfo], pool: queue.Queue, reads: queue.Queue, stop: threading.Event) -> None:
+def _map(fd: int, info: TensorInfo) -> torch.Tensor:
+    """The tensor's bytes as a read-only view of the page cache: no copy, prefaulted by MAP_POPULATE.
+
+    The mapping lives as long as the returned tensor, so it is unmapped as soon as the tensor is done.
+    """
+    if info.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mapped = mmap.mmap(fd, info.end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    with warnings.catch_warnings():  # read-only on purpose: sources are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - start)
+
+
+def _read_all(fd: int, path: Path, infos: list[TensorInfo], pool: queue.Queue | None, reads: queue.Queue, stop: threading.Event) -> None:
+    """Read ahead: map each tensor (CPU), or copy it into a pinned pool buffer (GPU: async uploads)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
     for info in infos:
+        if pool is None:
+            _put(reads, (_map(fd, info), info), stop)
+            continue
         buf = _get(pool, stop)
         _pread_into(fd, _bytes(buf, info.nbytes), info.start, path)
         _put(reads, (buf, info), stop)
@@ -201,13 +222,13 @@ def stream_files(jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, fsync:
     an idle disk and many seconds on a busy one).
     """
     computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
-    in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin)
+    in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin) if pin else None
     out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin)
     for plan, dst in jobs:
         _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), fsync)
 
 
-def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queue.Queue, progress: Progress, fsync: bool) -> None:
+def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress, fsync: bool) -> None:
     stop = threading.Event()
     reads: queue.Queue = queue.Queue(maxsize=_POOL)
     writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
@@ -240,7 +261,7 @@ def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue, out_pool: queu
             os.fsync(out.fileno())
 
 
-def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue, out_pool: queue.Queue, stop: threading.Event) -> None:
+def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue | None, out_pool: queue.Queue, stop: threading.Event) -> None:
     """The main thread's part: in file order, queue a kernel copy or transform the tensor read ahead."""
     for info in plan.tensors:
         if not plan.computed(info):
@@ -252,7 +273,9 @@ def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queu
         src = _matrix(buf, info.dtype, info.shape, info.nbytes)
         dst = _matrix(out, plan.dtypes[info.name], info.shape, n)
         plan.transforms.get(info.name, _cast)(src, dst)
-        in_pool.put(buf)
+        if in_pool is not None:
+            in_pool.put(buf)
+        del src, buf  # a mapped source is unmapped here
         _put(writes, ("buf", out, n), stop)
 
 
