@@ -85,10 +85,20 @@ def make_base(root: Path) -> int:
     index = {"metadata": {"total_size": size}, "weight_map": weight_map}
     (root / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN, "intermediate_size": MLP,
-        "num_hidden_layers": LAYERS, "num_attention_heads": 16, "num_key_value_heads": 16, "vocab_size": VOCAB,
-        "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "hidden_act": "silu", "rope_theta": 10000.0,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": HIDDEN,
+        "intermediate_size": MLP,
+        "num_hidden_layers": LAYERS,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 16,
+        "vocab_size": VOCAB,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "hidden_act": "silu",
+        "rope_theta": 10000.0,
     }
     (root / "config.json").write_text(json.dumps(config, indent=2))
     return size
@@ -106,13 +116,19 @@ def make_adapter(path: Path, base: Path) -> None:
             A = torch.randn(RANK, inp, generator=gen) / inp**0.5
             B = torch.randn(out, RANK, generator=gen) * 0.01
             modules[module] = LoraModule(A, B, alpha=2 * RANK)
-    config = {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "target_modules": list(TARGETS),
-              "task_type": "CAUSAL_LM", "base_model_name_or_path": str(base)}
+    config = {
+        "peft_type": "LORA",
+        "r": RANK,
+        "lora_alpha": 2 * RANK,
+        "target_modules": list(TARGETS),
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": str(base),
+    }
     save(Adapter(modules, config), path)
 
 
-def timed(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS in MiB) of ``cmd`` run to completion."""
+def timed(cmd: list[str]) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MiB, CPU seconds user+sys) of ``cmd`` run to completion."""
     subprocess.run(["sync"], check=True)
     gnu_time = Path("/usr/bin/time")
     if gnu_time.exists():
@@ -123,13 +139,16 @@ def timed(cmd: list[str]) -> tuple[float, float]:
         wall = time.perf_counter() - start
         text = Path(report.name).read_text()
         os.unlink(report.name)
-        kib = next(int(line.split(":")[1]) for line in text.splitlines() if "Maximum resident set size" in line)
-        return wall, kib / 1024
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
+        cpu = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
+        return wall, int(fields["Maximum resident set size (kbytes)"]) / 1024, cpu
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
-    return wall, max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # maxrss: the largest child so far
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, after.ru_maxrss / 1024, cpu
 
 
 def main() -> None:
@@ -146,23 +165,37 @@ def main() -> None:
         base, adapter = work / "base", work / "adapter"
         size = make_base(base)
         make_adapter(adapter, base)
-        print(f"checkpoint: {size / 2**30:.2f} GiB bf16, {LAYERS} layers; adapter rank {RANK} on {len(TARGETS)} targets; "
-              f"{os.cpu_count()} CPU(s), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+        print(
+            f"checkpoint: {size / 2**30:.2f} GiB bf16, {LAYERS} layers; adapter rank {RANK} on {len(TARGETS)} targets; "
+            f"{os.cpu_count()} CPU(s), torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}"
+        )
         rows = [("copy (cp -r)", timed(["cp", "-r", str(base), str(work / "copy")]))]
         shutil.rmtree(work / "copy")
-        cmd = [sys.executable, "-c", LORATOOLS_SCRIPT, "merge", str(base), str(adapter), "-o", str(work / "lt"), "--quiet", "--device", args.device]
+        cmd = [
+            sys.executable,
+            "-c",
+            LORATOOLS_SCRIPT,
+            "merge",
+            str(base),
+            str(adapter),
+            "-o",
+            str(work / "lt"),
+            "--quiet",
+            "--device",
+            args.device,
+        ]
         rows.append(("loratools merge", timed(cmd)))
         shutil.rmtree(work / "lt")
         if not args.skip_peft:
             rows.append(("peft merge_and_unload", timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "peft")])))
             shutil.rmtree(work / "peft")
-        print(f"{'':24}{'wall s':>9}{'peak RSS MiB':>15}{'GiB/s':>8}")
-        for label, (wall, rss) in rows:
-            print(f"{label:24}{wall:9.2f}{rss:15.0f}{size / 2**30 / wall:8.2f}")
-        (copy_s, _), (lt_s, lt_rss) = rows[0][1], rows[1][1]
+        print(f"{'':24}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>15}{'GiB/s':>8}")
+        for label, (wall, rss, cpu) in rows:
+            print(f"{label:24}{wall:9.2f}{cpu:8.2f}{rss:15.0f}{size / 2**30 / wall:8.2f}")
+        (copy_s, _, _), (lt_s, lt_rss, _) = rows[0][1], rows[1][1]
         print(f"loratools / copy: {lt_s / copy_s:.2f}x wall (goal <= 2.5x)")
         if len(rows) > 2:
-            peft_s, peft_rss = rows[2][1]
+            peft_s, peft_rss, _ = rows[2][1]
             print(f"peft / loratools: {peft_s / lt_s:.1f}x faster (goal >= 6x); RSS {100 * lt_rss / peft_rss:.0f}% of PEFT's (goal <= 25%)")
     finally:
         if not args.keep:

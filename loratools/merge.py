@@ -43,10 +43,10 @@ import torch
 
 from . import spec
 from .adapter import Adapter, load
-from .atomic import atomic_output, check_output
-from .checkpoint import INDEX_NAME, Checkpoint, find_weight, module_index, open_checkpoint
+from .atomic import check_output
+from .checkpoint import Checkpoint, find_weight, module_index, open_checkpoint
 from .errors import MergeError, ShapeError
-from .streaming import FilePlan, Transform, check_free_space, copy_side_files, files_size, side_files, stream_files, write_index
+from .streaming import FilePlan, Transform, write_checkpoint
 from .tensorfile import TensorInfo
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -172,9 +172,17 @@ class MergeResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "out": str(self.out), "base": str(self.base), "adapters": self.adapters, "weights": self.weights,
-            "device": self.device, "dtype": self.dtype, "shards": self.shards, "tensors": self.tensors,
-            "merged": len(self.merged), "replaced": len(self.replaced), "bytes_written": self.bytes_written,
+            "out": str(self.out),
+            "base": str(self.base),
+            "adapters": self.adapters,
+            "weights": self.weights,
+            "device": self.device,
+            "dtype": self.dtype,
+            "shards": self.shards,
+            "tensors": self.tensors,
+            "merged": len(self.merged),
+            "replaced": len(self.replaced),
+            "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
         }
 
@@ -243,11 +251,16 @@ def unmerge(
 def _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     dora = sorted(n for n, m in loaded.modules.items() if m.magnitude is not None)
     if dora:
-        raise MergeError(f"cannot unmerge DoRA modules ({', '.join(dora[:3])}{', ...' if len(dora) > 3 else ''}): "
-                         "a DoRA merge replaces each row norm of W + ΔW by the magnitude vector, so W is lost", path=label)
+        raise MergeError(
+            f"cannot unmerge DoRA modules ({', '.join(dora[:3])}{', ...' if len(dora) > 3 else ''}): "
+            "a DoRA merge replaces each row norm of W + ΔW by the magnitude vector, so W is lost",
+            path=label,
+        )
     saved = sorted(k for k in loaded.extra_tensors if ".base_layer." not in k)
     if saved:
-        raise MergeError(f"cannot unmerge modules_to_save tensors ({', '.join(saved[:3])}): the merge replaced the base tensors", path=label)
+        raise MergeError(
+            f"cannot unmerge modules_to_save tensors ({', '.join(saved[:3])}): the merge replaced the base tensors", path=label
+        )
     loaded = Adapter(loaded.modules, loaded.config, {}, loaded.metadata)  # saved base_layer tensors are the base's own
     return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, force, fsync, progress, pool)
 
@@ -267,22 +280,21 @@ def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, pr
     _check_out(base, out, force)
     target = _device(device)
     edits = plan_edits(checkpoint, adapters, weights, labels)
-    extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
-    done = [0]
-
-    def tick(n: int) -> None:
-        done[0] += n
-        if progress is not None:
-            progress(done[0], total)
-
     plans = [_file_plan(checkpoint.headers[s.name], edits, DTYPE_CHOICES[dtype], target, pool) for s in checkpoint.shards]
-    total = sum(p.size for p in plans)
-    check_free_space(out.parent, total + files_size(extras))
-    _write(checkpoint, plans, extras, out, force, fsync, target.type == "cuda", tick)
+    total = write_checkpoint(checkpoint, plans, out, force=force, fsync=fsync, pin=target.type == "cuda", progress=progress)
     return MergeResult(
-        out, base, labels, weights, target.type, dtype, len(plans), len(checkpoint.tensors),
-        sorted(k for k, e in edits.items() if e.terms), sorted(k for k, e in edits.items() if e.replacement is not None),
-        total, time.perf_counter() - start,
+        out,
+        base,
+        labels,
+        weights,
+        target.type,
+        dtype,
+        len(plans),
+        len(checkpoint.tensors),
+        sorted(k for k, e in edits.items() if e.terms),
+        sorted(k for k, e in edits.items() if e.replacement is not None),
+        total,
+        time.perf_counter() - start,
     )
 
 
@@ -301,16 +313,6 @@ def _own_threads() -> Iterator[ThreadPoolExecutor]:
             yield pool
     finally:
         torch.set_num_threads(threads)
-
-
-def _write(checkpoint: Checkpoint, plans: list[FilePlan], extras: list[Path], out: Path, force: bool, fsync: bool,
-           pin: bool, tick: Callable[[int], None]) -> None:
-    with atomic_output(out, force=force, directory=not checkpoint.is_file) as tmp:
-        jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards)]
-        stream_files(jobs, pin=pin, fsync=fsync, progress=tick)
-        if checkpoint.index is not None:
-            write_index(checkpoint.index, sum(p.size - p.header.data_start for p in plans), tmp / INDEX_NAME)
-        copy_side_files(extras, tmp)
 
 
 def _file_plan(header: Any, edits: dict[str, Edit], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor) -> FilePlan:
@@ -353,7 +355,7 @@ def plan_edits(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seq
     magnitudes: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
     problems: list[str] = []
-    for adapter, weight, label in zip(adapters, weights, labels):
+    for adapter, weight, label in zip(adapters, weights, labels, strict=True):
         for name, module in adapter.modules.items():
             where = f"{label}: {spec.PREFIX}{name}"
             key = find_weight(name, index)
@@ -385,11 +387,15 @@ def plan_edits(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seq
                 continue
             replacements[target] = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
     if problems:
-        raise ShapeError(f"{len(problems)} adapter module(s) do not fit the base; nothing was written: " + "; ".join(problems), path=checkpoint.root)
+        raise ShapeError(
+            f"{len(problems)} adapter module(s) do not fit the base; nothing was written: " + "; ".join(problems), path=checkpoint.root
+        )
     shared = sorted(k for k in magnitudes if len(terms[k]) > 1)
     if shared:
-        raise MergeError(f"DoRA modules share base tensors with other adapters ({', '.join(shared)}); "
-                         "DoRA renormalises the whole row, so the result would depend on merge order: merge them one at a time")
+        raise MergeError(
+            f"DoRA modules share base tensors with other adapters ({', '.join(shared)}); "
+            "DoRA renormalises the whole row, so the result would depend on merge order: merge them one at a time"
+        )
     keys = terms.keys() | replacements.keys()
     return {k: Edit(k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k)) for k in keys}
 

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_output
+from .checkpoint import INDEX_NAME, Checkpoint
 from .errors import DiskSpaceError, FormatError
 from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header
 
@@ -261,7 +263,9 @@ def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue | None, out_poo
             os.fsync(out.fileno())
 
 
-def _feed(plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue | None, out_pool: queue.Queue, stop: threading.Event) -> None:
+def _feed(
+    plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue | None, out_pool: queue.Queue, stop: threading.Event
+) -> None:
     """The main thread's part: in file order, queue a kernel copy or transform the tensor read ahead."""
     for info in plan.tensors:
         if not plan.computed(info):
@@ -333,3 +337,37 @@ def check_free_space(where: Path, need: int) -> None:
             "free some space or write elsewhere with -o",
             path=probe,
         )
+
+
+def write_checkpoint(
+    checkpoint: Checkpoint,
+    plans: list[FilePlan],
+    out: Path,
+    *,
+    force: bool = False,
+    fsync: bool = False,
+    pin: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> int:
+    """Write a checkpoint mirroring ``checkpoint`` to ``out``, atomically; returns the bytes of weights written.
+
+    One output shard per plan (same names and order), the index with its new ``total_size``, and the
+    side files.  Free space is checked first; ``progress`` gets (bytes written, bytes total).
+    """
+    extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
+    total = sum(p.size for p in plans)
+    check_free_space(out.parent, total + files_size(extras))
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if progress is not None:
+            progress(done[0], total)
+
+    with atomic_output(out, force=force, directory=not checkpoint.is_file) as tmp:
+        jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
+        stream_files(jobs, pin=pin, fsync=fsync, progress=tick)
+        if checkpoint.index is not None:
+            write_index(checkpoint.index, sum(p.size - p.header.data_start for p in plans), tmp / INDEX_NAME)
+        copy_side_files(extras, tmp)
+    return total

@@ -24,8 +24,10 @@ def files(tmp_path: Path) -> tuple[Path, Path]:
     base.mkdir()
     write_file(base / "model-00001-of-00002.safetensors", {"layer.q.weight": torch.ones(4, 3)}, {"format": "pt"})
     write_file(base / "model-00002-of-00002.safetensors", {"layer.norm.weight": torch.ones(3, dtype=torch.bfloat16)}, {"format": "pt"})
-    index = {"metadata": {"total_size": 54}, "weight_map": {"layer.q.weight": "model-00001-of-00002.safetensors",
-                                                            "layer.norm.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 54},
+        "weight_map": {"layer.q.weight": "model-00001-of-00002.safetensors", "layer.norm.weight": "model-00002-of-00002.safetensors"},
+    }
     (base / "model.safetensors.index.json").write_text(json.dumps(index))
     (base / "config.json").write_text("{}")
     module = LoraModule(torch.full((2, 3), 0.5), torch.ones(4, 2), alpha=4.0)  # s = 2, B·A = 1 everywhere
@@ -51,7 +53,9 @@ def test_merge_writes_merged_checkpoint_and_reports_json(files: tuple[Path, Path
 
 def test_weights_dtype_and_human_summary(files: tuple[Path, Path], tmp_path: Path) -> None:
     base, adapter = files
-    code, stdout, _ = _run("merge", str(base), str(adapter), str(adapter), "-w", "0.5", "-w", "0.25", "--dtype", "fp16", "-o", str(tmp_path / "o"))
+    code, stdout, _ = _run(
+        "merge", str(base), str(adapter), str(adapter), "-w", "0.5", "-w", "0.25", "--dtype", "fp16", "-o", str(tmp_path / "o")
+    )
     assert code == 0 and "merged 1 of 2 tensors" in stdout
     tensors = load_file(tmp_path / "o" / "model-00001-of-00002.safetensors")
     assert tensors["layer.q.weight"].dtype == torch.float16
@@ -70,8 +74,16 @@ def test_output_inside_base_and_mismatches_are_one_line_errors(files: tuple[Path
     base, adapter = files
     code, _, stderr = _run("merge", str(base), str(adapter), "-o", str(base / "inner"))
     assert code == 3 and "inside it" in stderr and len(stderr.strip().splitlines()) == 1
-    save(Adapter({"layer.q": LoraModule(torch.ones(2, 5), torch.ones(4, 2), 4.0), "layer.k": LoraModule(torch.ones(2, 3), torch.ones(4, 2), 4.0)},
-                 {**CONFIG, "target_modules": ["q", "k"]}), tmp_path / "bad")
+    save(
+        Adapter(
+            {
+                "layer.q": LoraModule(torch.ones(2, 5), torch.ones(4, 2), 4.0),
+                "layer.k": LoraModule(torch.ones(2, 3), torch.ones(4, 2), 4.0),
+            },
+            {**CONFIG, "target_modules": ["q", "k"]},
+        ),
+        tmp_path / "bad",
+    )
     code, _, stderr = _run("merge", str(base), str(tmp_path / "bad"), "-o", str(tmp_path / "o"))
     assert code == 3 and "2 adapter module(s) do not fit" in stderr and "layer.k" in stderr and "[4, 5]" in stderr
     assert not (tmp_path / "o").exists()

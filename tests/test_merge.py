@@ -26,8 +26,16 @@ IDS = torch.tensor([[1, 5, 9, 2, 33, 7]])
 
 
 def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -89,8 +97,13 @@ def _check_against_peft(tmp_path: Path, model_fn, adapters_kwargs: list[dict], *
 LLAMA_CASES = {
     "plain": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj"]},
     "rslora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "o_proj"], "use_rslora": True},
-    "patterns": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"],
-                 "rank_pattern": {"q_proj": 2, "layers.1.mlp.down_proj": 6}, "alpha_pattern": {"v_proj": 3, "gate_proj": 5.5}},
+    "patterns": {
+        "r": 4,
+        "lora_alpha": 8,
+        "target_modules": ["q_proj", "v_proj", "down_proj", "gate_proj"],
+        "rank_pattern": {"q_proj": 2, "layers.1.mlp.down_proj": 6},
+        "alpha_pattern": {"v_proj": 3, "gate_proj": 5.5},
+    },
     "dora": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj", "embed_tokens"], "use_dora": True},
     "embedding": {"r": 4, "lora_alpha": 8, "target_modules": ["embed_tokens", "k_proj"]},
     "lora_bias": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj"], "lora_bias": True},
@@ -330,13 +343,21 @@ def test_kill_9_mid_merge_leaves_no_output(tmp_path: Path) -> None:
     save_file({f"layers.{i}.weight": torch.randn(256, 256) for i in range(24)}, base / "model.safetensors")
     (base / "config.json").write_text("{}")
     gen = torch.Generator().manual_seed(0)
-    modules = {f"layers.{i}": loratools.LoraModule(torch.randn(4, 256, generator=gen), torch.randn(256, 4, generator=gen), 4.0) for i in range(24)}
-    loratools.save(loratools.Adapter(modules, {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["layers.0"]}), tmp_path / "a")
+    modules = {
+        f"layers.{i}": loratools.LoraModule(torch.randn(4, 256, generator=gen), torch.randn(256, 4, generator=gen), 4.0) for i in range(24)
+    }
+    loratools.save(
+        loratools.Adapter(modules, {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["layers.0"]}), tmp_path / "a"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(base), str(tmp_path / "a"), str(tmp_path / "out")], env=env, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(base), str(tmp_path / "a"), str(tmp_path / "out")], env=env, capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
-    assert (base / "model.safetensors").stat().st_size == struct.unpack("<Q", (base / "model.safetensors").read_bytes()[:8])[0] + 8 + 24 * 256 * 256 * 4
+    assert (base / "model.safetensors").stat().st_size == struct.unpack("<Q", (base / "model.safetensors").read_bytes()[:8])[
+        0
+    ] + 8 + 24 * 256 * 256 * 4
 
 
 @pytest.mark.gpu
