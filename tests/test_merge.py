@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
@@ -22,6 +25,7 @@ from loratools.merge import default_out
 from loratools.tensorfile import read_header
 
 ROOT = Path(__file__).resolve().parent.parent
+merge_module = importlib.import_module("loratools.merge")  # the module; `loratools.merge` is the function
 IDS = torch.tensor([[1, 5, 9, 2, 33, 7]])
 
 
@@ -369,3 +373,38 @@ def test_cuda_merge_matches_cpu(tmp_path: Path) -> None:
     gpu = merge(base, [adapter], out=tmp_path / "gpu", device="cuda")
     assert gpu.device == "cuda"
     assert max(_ulps(cpu[k], v) for k, v in _tensors(gpu.out).items()) <= 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    cols=st.integers(1, 24),
+    rank=st.integers(1, 4),
+    transposed=st.booleans(),
+    dora=st.booleans(),
+    block=st.integers(1, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
+    rows: int, cols: int, rank: int, transposed: bool, dora: bool, block: int, seed: int
+) -> None:
+    """Streaming in row blocks (on a thread pool) gives exactly the one-shot result, for any block size."""
+    gen = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=gen).to(torch.bfloat16)
+    B, A = (
+        (torch.randn(cols, rank, generator=gen), torch.randn(rank, rows, generator=gen))
+        if transposed
+        else (torch.randn(rows, rank, generator=gen), torch.randn(rank, cols, generator=gen))
+    )
+    magnitude = torch.rand(cols if transposed else rows, generator=gen) + 0.5 if dora else None
+    edit = merge_module.Edit("w", (merge_module.Term(B, A, 0.75, transposed),), magnitude)
+    whole = edit.rows(W, 0, rows).to(torch.bfloat16)
+    streamed = torch.empty_like(W)
+    old = merge_module._BLOCK
+    merge_module._BLOCK = block * cols
+    try:
+        with merge_module._own_threads() as pool:
+            edit.transform(torch.device("cpu"), pool)(W, streamed)
+    finally:
+        merge_module._BLOCK = old
+    assert torch.equal(streamed, whole)
