@@ -128,7 +128,7 @@ def _pool(nbytes: int, pin: bool) -> queue.Queue:
 
 
 def _bytes(buf: torch.Tensor, n: int) -> memoryview:
-    return memoryview(buf[:n].numpy()).cast("B")
+    return memoryview(buf[:n].numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
