@@ -309,7 +309,8 @@ def _own_threads() -> Iterator[ThreadPoolExecutor]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(os.sched_getaffinity(0))))) as pool:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, cpus))) as pool:
             yield pool
     finally:
         torch.set_num_threads(threads)

@@ -148,12 +148,16 @@ def _write_exact(fd: int, view: memoryview) -> None:
 
 def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
     """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel when it can."""
+    kernel = hasattr(os, "copy_file_range")  # Linux only
     while count:
         try:
+            if not kernel:
+                raise OSError(errno.ENOSYS, "no copy_file_range")
             n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
         except OSError as err:
             if err.errno not in _NO_COPY_FILE_RANGE:
                 raise
+            kernel = False
             n = os.write(dst, os.pread(src, min(count, _COPY_CHUNK), offset))
         if n == 0:
             raise FormatError(f"input ended early while copying byte {offset}")

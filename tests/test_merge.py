@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import json
 import os
@@ -408,3 +409,17 @@ def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
     finally:
         merge_module._BLOCK = old
     assert torch.equal(streamed, whole)
+
+
+def test_untouched_tensors_copy_without_copy_file_range(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Across file systems (EXDEV) or without the syscall, untouched bytes are copied through user space."""
+    base = _save_base(_llama(), tmp_path / "base")
+    adapter = _make_adapter(_llama(), tmp_path / "a", **LLAMA_CASES["plain"])
+    fast = _tensors(merge(base, [adapter], out=tmp_path / "fast").out)
+
+    def cross_device(*args: object) -> int:
+        raise OSError(errno.EXDEV, "cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", cross_device)
+    slow = _tensors(merge(base, [adapter], out=tmp_path / "slow").out)
+    assert all(torch.equal(fast[k], slow[k]) for k in fast)
