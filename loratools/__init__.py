@@ -20,10 +20,12 @@ from .diff import DiffReport, diff
 from .errors import (
     ArgumentError,
     ChecksumError,
+    DiskSpaceError,
     FormatError,
     HubError,
     InvalidAdapterError,
     LoratoolsError,
+    MergeError,
     OutputExistsError,
     ShapeError,
     SpecError,
@@ -32,6 +34,7 @@ from .extract import ExtractReport, extract
 from .hub import PullResult, PushResult, pull, push
 from .kohya import save_kohya
 from .linalg import FactoredSVD, factored_svd, singular_values
+from .merge import MergeResult, merge, unmerge
 from .spec import SPEC_VERSION
 from .spectrum import ModuleSpectrum, plot_spectrum, spectra
 from .summary import Summary, summarize
@@ -49,6 +52,7 @@ __all__ = [
     "Checkpoint",
     "ChecksumError",
     "DiffReport",
+    "DiskSpaceError",
     "ExtractReport",
     "FactoredSVD",
     "FormatError",
@@ -56,6 +60,8 @@ __all__ = [
     "InvalidAdapterError",
     "LoraModule",
     "LoratoolsError",
+    "MergeError",
+    "MergeResult",
     "ModuleSpectrum",
     "OutputExistsError",
     "Problem",
@@ -73,6 +79,7 @@ __all__ = [
     "extract",
     "factored_svd",
     "load",
+    "merge",
     "open_checkpoint",
     "plot_spectrum",
     "pull",
@@ -87,5 +94,6 @@ __all__ = [
     "spectra",
     "subtract",
     "summarize",
+    "unmerge",
     "validate",
 ]

@@ -66,3 +66,11 @@ class HubError(LoratoolsError, OSError):
 
 class ArgumentError(LoratoolsError, ValueError):
     """An argument is out of range or of the wrong kind (rank <= 0, weights that do not match inputs)."""
+
+
+class MergeError(LoratoolsError, ValueError):
+    """A merge or unmerge cannot be done faithfully as asked (DoRA conflicts, output inside the base, no CUDA)."""
+
+
+class DiskSpaceError(LoratoolsError, OSError):
+    """The output's file system has too little free space for the output; nothing was written."""

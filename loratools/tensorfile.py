@@ -145,6 +145,24 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # ndarray is a buffer
 
 
+def encode_header(plan: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None) -> tuple[bytes, int]:
+    """The header bytes (length prefix included) of a file holding ``plan``'s tensors in order, and its data size."""
+    header: dict[str, object] = {}
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, dtype, shape in plan:
+        n = 1
+        for d in shape:
+            n *= d
+        size = n * ITEMSIZE[dtype]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+    return struct.pack("<Q", len(blob)) + blob, offset
+
+
 class StreamWriter:
     """Write a safetensors file whose header is known up front, one tensor at a time.
 
@@ -155,23 +173,10 @@ class StreamWriter:
     def __init__(self, path: str | Path, plan: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Mapping[str, str] | None = None):
         self.path = Path(path)
         self._plan = list(plan)
-        header: dict[str, object] = {}
-        if metadata:
-            header["__metadata__"] = dict(metadata)
-        offset = 0
-        for name, dtype, shape in self._plan:
-            n = 1
-            for d in shape:
-                n *= d
-            size = n * ITEMSIZE[dtype]
-            header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
-            offset += size
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)  # align the data section to 8 bytes
+        blob, self.data_bytes = encode_header(self._plan, metadata)
         self._fh: BinaryIO = open(self.path, "wb")
-        self._fh.write(struct.pack("<Q", len(blob)) + blob)
+        self._fh.write(blob)
         self._next = 0
-        self.data_bytes = offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Append ``tensor``; it must be the next one in the plan, with the planned dtype and shape."""

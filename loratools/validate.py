@@ -184,8 +184,10 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
     if A.shape[0] != B.shape[1]:
         return [Problem("rank-mismatch", where, f"lora_A has rank {A.shape[0]} (shape {list(A.shape)}) but lora_B has rank {B.shape[1]} (shape {list(B.shape)})")]
     rank, out = int(A.shape[0]), int(B.shape[0])
+    conv_magnitude = (1, out, *[1] * (A.dim() - 2))  # PEFT stores conv DoRA magnitudes as (1, out, 1, 1)
     for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
-        if role in parts and tuple(parts[role].shape) != (out,):
+        allowed = ((out,), conv_magnitude) if role == "magnitude" and A.dim() > 2 else ((out,),)
+        if role in parts and tuple(parts[role].shape) not in allowed:
             problems.append(Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{out}] (one per output feature)"))
     if config is None:
         return problems
