@@ -217,7 +217,7 @@ def merge(
     it to stable storage first.  ``progress`` is called with (bytes written, bytes total).
     """
     with _own_threads() as pool:
-        loaded = [a if isinstance(a, Adapter) else load(a) for a in adapters]
+        loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
         return _merge(base, loaded, labels, weights, out, device, dtype, force, fsync, progress, pool)
 
@@ -244,7 +244,7 @@ def unmerge(
     """
     label = str(adapter) if not isinstance(adapter, Adapter) else "adapter #1"
     with _own_threads() as pool:
-        loaded = adapter if isinstance(adapter, Adapter) else load(adapter)
+        loaded = adapter if isinstance(adapter, Adapter) else load(adapter, base=merged)
         return _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool)
 
 

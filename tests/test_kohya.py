@@ -128,6 +128,28 @@ def test_base_maps_names_and_delta_lands_on_the_right_base_tensor(tmp_path):
     assert loratools.validate(tmp_path / "k.safetensors", base=tmp_path / "base.safetensors").ok
 
 
+def test_kohya_file_merges_into_sd_checkpoint_like_the_dense_reference(tmp_path):
+    """End to end: `loratools.merge` of a kohya file (conv 3x3, conv 1x1, linear, text encoder) equals W + alpha/r·up·down."""
+    from safetensors.torch import load_file
+
+    base = _sd_base(tmp_path / "base.safetensors")
+    modules = _kohya_modules()
+    src = _write_kohya(tmp_path / "k.safetensors", modules)
+    result = loratools.merge(tmp_path / "base.safetensors", [src], out=tmp_path / "merged.safetensors")
+    merged = load_file(tmp_path / "merged.safetensors")
+    assert set(merged) == set(base) and len(result.merged) == len(modules)
+    keys = {
+        "lora_unet_input_blocks_0_0": UNET + "input_blocks.0.0.weight",
+        "lora_unet_input_blocks_1_1_proj_in": UNET + "input_blocks.1.1.proj_in.weight",
+        "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q": UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj": TE + "text_model.encoder.layers.0.self_attn.q_proj.weight",
+    }
+    for name, (down, up, alpha) in modules.items():
+        torch.testing.assert_close(merged[keys[name]], base[keys[name]] + _reference_delta(down, up, alpha), atol=1e-6, rtol=0)
+    untouched = set(base) - set(keys.values())
+    assert untouched and all(torch.equal(merged[k], base[k]) for k in untouched)
+
+
 def test_mapped_adapter_writes_back_the_same_kohya_names(tmp_path):
     _sd_base(tmp_path / "base.safetensors")
     src = _write_kohya(tmp_path / "k.safetensors", _kohya_modules())
