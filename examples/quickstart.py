@@ -66,6 +66,9 @@ def main() -> None:
     run("resize", str(OUT / "style"), "--energy", "0.9", "-o", str(OUT / "style-small"))
     run("add", str(OUT / "style"), str(OUT / "subject"), "-w", "0.7", "-w", "0.5", "-o", str(OUT / "combined"))
     run("diff", str(OUT / "style"), str(OUT / "combined"))
+    run("merge", str(OUT / "base"), str(OUT / "combined"), "-o", str(OUT / "base-merged"))
+    run("convert", str(OUT / "style-small"), "--to", "kohya", "-o", str(OUT / "style-small-kohya.safetensors"))
+    run("validate", str(OUT / "style-small-kohya.safetensors"), "--base", str(OUT / "base"))
     print("\nquickstart finished: see README.md for the full CLI tour")
 
 
