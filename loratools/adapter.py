@@ -144,6 +144,7 @@ class Adapter:
 
     def with_dtype(self, dtype: torch.dtype) -> Adapter:
         """A copy with every floating tensor cast to ``dtype``."""
+
         def cast(t: torch.Tensor | None) -> torch.Tensor | None:
             return t.to(dtype) if t is not None and t.is_floating_point() else t
 
@@ -160,9 +161,7 @@ def _describes(config: Mapping[str, Any], modules: Mapping[str, LoraModule]) -> 
     if not spec.config_problems(config) == []:
         return False
     return all(
-        spec.targets(config, name)
-        and spec.module_rank(config, name) == m.rank
-        and spec.module_alpha(config, name) == m.alpha
+        spec.targets(config, name) and spec.module_rank(config, name) == m.rank and spec.module_alpha(config, name) == m.alpha
         for name, m in modules.items()
     )
 
@@ -204,9 +203,7 @@ def from_raw(raw: RawAdapter) -> Adapter:
     modules = {}
     for name, p in parts.items():
         kind = kinds.get(name) or ("conv" if p["A"].dim() > 2 else "linear")
-        modules[name] = LoraModule(
-            p["A"], p["B"], spec.module_alpha(config, name), rslora, kind, p.get("magnitude"), p.get("bias")
-        )
+        modules[name] = LoraModule(p["A"], p["B"], spec.module_alpha(config, name), rslora, kind, p.get("magnitude"), p.get("bias"))
     return Adapter(modules, config, extras, dict(raw.metadata))
 
 

@@ -40,7 +40,7 @@ class Checkpoint:
 
     def shard_of(self, name: str) -> Path:
         """The shard file holding tensor ``name``."""
-        for shard, header in zip(self.shards, self.headers.values()):
+        for shard, header in zip(self.shards, self.headers.values(), strict=True):
             if name in header.tensors:
                 return shard
         raise KeyError(name)
@@ -77,7 +77,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(path, [single], {single.name: read_header(single)}, None)
     pickles = [p for p in _PICKLES if (path / p).exists()]
     if pickles:
-        raise FormatError(f"only pickle weights ({pickles[0]}) found; convert the base to safetensors first (pickles are refused)", path=path)
+        raise FormatError(
+            f"only pickle weights ({pickles[0]}) found; convert the base to safetensors first (pickles are refused)", path=path
+        )
     raise FormatError(f"no {SINGLE_NAME} or {INDEX_NAME} in the directory", path=path)
 
 

@@ -30,14 +30,14 @@ from . import __version__
 from .adapter import Adapter, load
 from .arith import ResizeRow, add, resize, scale, subtract
 from .atomic import check_output
-from .convert import TARGETS, save_as
+from .convert import TARGETS, Target, save_as
 from .convert import convert as convert_adapter
 from .diff import diff as diff_adapters
 from .errors import ArgumentError, HubError, LoratoolsError
 from .extract import extract as extract_adapter
 from .hub import pull as pull_adapter
 from .hub import push as push_adapter
-from .merge import DTYPE_CHOICES, MergeResult
+from .merge import DTYPE_CHOICES, Device, Dtype, MergeResult
 from .merge import merge as merge_checkpoint
 from .merge import unmerge as unmerge_checkpoint
 from .spectrum import ENERGY_LEVELS, plot_spectrum, spectra
@@ -82,7 +82,11 @@ class _Group(click.Group):
             where = f"{e.filename}: " if e.filename else ""
             _fail(f"{where}{e.strerror or e}", EXIT_INPUT, debug=_debug(ctx))
         except Exception as e:  # noqa: BLE001 - the one place that must catch everything
-            _fail(f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback and report it)", EXIT_INTERNAL, debug=_debug(ctx))
+            _fail(
+                f"internal error: {type(e).__name__}: {e} (rerun with --debug for a traceback and report it)",
+                EXIT_INTERNAL,
+                debug=_debug(ctx),
+            )
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -157,7 +161,9 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
         table.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
     for m in summary.modules:
         kind = m.kind + (" +DoRA" if m.dora else "")
-        table.add_row(m.module, kind, " x ".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", m.dtype, f"{m.delta_norm:.4g}")
+        table.add_row(
+            m.module, kind, " x ".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", m.dtype, f"{m.delta_norm:.4g}"
+        )
     out.print(table)
     out.print(
         f"modules: {len(summary.modules)}  parameters: {summary.num_params:,}  bytes: {summary.num_bytes:,}\n"
@@ -228,14 +234,13 @@ def pull(ref: str, out_dir: str | None, offline: bool, token: str | None, force:
     out.print(f"commit: {result.commit_sha}", highlight=False)
 
 
-
 @main.command()
 @click.argument("src")
 @click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts file).")
 @click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
 @click.option("-o", "--out", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya.")
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
-def convert(src: str, to: str, base: str | None, output: str, force: bool) -> None:
+def convert(src: str, to: Target, base: str | None, output: str, force: bool) -> None:
     """Convert the adapter at SRC (PEFT, kohya or diffusers) to another format.
 
     \b
@@ -243,7 +248,7 @@ def convert(src: str, to: str, base: str | None, output: str, force: bool) -> No
       loratools convert my_lora.safetensors --to peft --base ./unet.safetensors -o ./my-lora
       loratools convert ./my-lora --to kohya -o my_lora.safetensors
     """
-    adapter = convert_adapter(src, output, to=to, base=base, force=force)  # type: ignore[arg-type]
+    adapter = convert_adapter(src, output, to=to, base=base, force=force)
     out.print(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)", highlight=False)
 
 
@@ -264,7 +269,7 @@ def extract(
     rank: int,
     energy: float | None,
     output: str,
-    to: str,
+    to: Target,
     skip_modules_to_save: bool,
     device: str,
     force: bool,
@@ -279,7 +284,15 @@ def extract(
       loratools extract sd15.safetensors sd15-ft.safetensors --rank 32 --to kohya --skip-modules-to-save -o ft.safetensors
     """
     _, report = extract_adapter(
-        base, tuned, rank=rank, energy=energy, out=output, to=to, force=force, skip_modules_to_save=skip_modules_to_save, device=device  # type: ignore[arg-type]
+        base,
+        tuned,
+        rank=rank,
+        energy=energy,
+        out=output,
+        to=to,
+        force=force,
+        skip_modules_to_save=skip_modules_to_save,
+        device=device,
     )
     if as_json:
         _emit_json(report.to_dict())
@@ -341,14 +354,19 @@ def _output_options(f: Any) -> Any:
     return click.option("-o", "--output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file).")(f)
 
 
-def _write(result: Adapter, output: str, to: str | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
-    save_as(result, output, to=to, force=force)  # type: ignore[arg-type]
+def _write(result: Adapter, output: str, to: Target | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
+    save_as(result, output, to=to, force=force)
     ranks = sorted({m.rank for m in result.modules.values()})
     if as_json:
-        _emit_json({
-            "output": output, "modules": len(result.modules), "ranks": ranks, "num_params": result.num_params,
-            **({"report": [r.to_dict() for r in rows]} if rows is not None else {}),
-        })
+        _emit_json(
+            {
+                "output": output,
+                "modules": len(result.modules),
+                "ranks": ranks,
+                "num_params": result.num_params,
+                **({"report": [r.to_dict() for r in rows]} if rows is not None else {}),
+            }
+        )
         return
     if rows is not None:
         table = Table(title="resize")
@@ -371,7 +389,14 @@ def _dtype(name: str | None) -> torch.dtype | None:
 @click.option("--rank", type=int, help="Compress the sum to this rank (exact truncated SVD).")
 @_output_options
 def add_cmd(
-    adapters: tuple[str, ...], weights: tuple[float, ...], rank: int | None, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...],
+    rank: int | None,
+    output: str,
+    dtype: str | None,
+    to: Target | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Add adapters exactly: ΔW = Σ wᵢ·ΔWᵢ, by concatenating factors (rank = Σ rᵢ).
 
@@ -394,7 +419,7 @@ def add_cmd(
 @click.argument("adapter")
 @click.argument("factor", type=float)
 @_output_options
-def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool) -> None:
+def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, to: Target | None, force: bool, as_json: bool) -> None:
     """Multiply the adapter's ΔW by FACTOR (negative allowed: `loratools scale a/ -0.5 -o b/`).
 
     \b
@@ -410,7 +435,7 @@ def scale_cmd(adapter: str, factor: float, output: str, dtype: str | None, to: s
 @click.argument("a")
 @click.argument("b")
 @_output_options
-def subtract_cmd(a: str, b: str, output: str, dtype: str | None, to: str | None, force: bool, as_json: bool) -> None:
+def subtract_cmd(a: str, b: str, output: str, dtype: str | None, to: Target | None, force: bool, as_json: bool) -> None:
     """Subtract adapters exactly: ΔW = ΔW_A − ΔW_B (rank r_A + r_B).
 
     \b
@@ -429,8 +454,16 @@ def subtract_cmd(a: str, b: str, output: str, dtype: str | None, to: str | None,
 @click.option("--sv-ratio", type=float, help="Per module, keep singular values >= σ₁/RATIO (e.g. 20).")
 @_output_options
 def resize_cmd(
-    adapter: str, rank: int | None, energy: float | None, max_rel_error: float | None, sv_ratio: float | None,
-    output: str, dtype: str | None, to: str | None, force: bool, as_json: bool,
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    max_rel_error: float | None,
+    sv_ratio: float | None,
+    output: str,
+    dtype: str | None,
+    to: Target | None,
+    force: bool,
+    as_json: bool,
 ) -> None:
     """Shrink the adapter by an exact truncated SVD of each ΔW (from the factors; optimal in ‖·‖_F).
 
@@ -480,24 +513,41 @@ def _byte_progress(description: str, enabled: bool) -> Iterator[Callable[[int, i
     if not enabled:
         yield None
         return
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
-               TransferSpeedColumn(), TimeRemainingColumn())
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(description, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    for option in reversed((
-        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-                     help="Where to compute: auto uses CUDA when present."),
-        click.option("--dtype", type=click.Choice(list(DTYPE_CHOICES)), default="keep", show_default=True,
-                     help="Dtype of the output's floating tensors (keep: as stored in the input)."),
-        click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete)."),
-        click.option("--fsync", is_flag=True, help="Flush the output to stable storage before it appears."),
-        click.option("--quiet", is_flag=True, help="No progress bar or summary."),
-        click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
-    )):
+    for option in reversed(
+        (
+            click.option(
+                "--device",
+                type=click.Choice(["auto", "cpu", "cuda"]),
+                default="auto",
+                show_default=True,
+                help="Where to compute: auto uses CUDA when present.",
+            ),
+            click.option(
+                "--dtype",
+                type=click.Choice(list(DTYPE_CHOICES)),
+                default="keep",
+                show_default=True,
+                help="Dtype of the output's floating tensors (keep: as stored in the input).",
+            ),
+            click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete)."),
+            click.option("--fsync", is_flag=True, help="Flush the output to stable storage before it appears."),
+            click.option("--quiet", is_flag=True, help="No progress bar or summary."),
+            click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
+        )
+    ):
         fn = option(fn)
     return fn
 
@@ -521,8 +571,18 @@ def _report_merge(result: MergeResult, verb: str, quiet: bool, as_json: bool) ->
 @click.option("-o", "--out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
 @_merge_options
-def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[float, ...], device: str, dtype: str,
-          force: bool, fsync: bool, quiet: bool, as_json: bool) -> None:
+def merge(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str | None,
+    weights: tuple[float, ...],
+    device: Device,
+    dtype: Dtype,
+    force: bool,
+    fsync: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
     """Bake ADAPTER(s) into the BASE checkpoint: W' = W + Σ w·s·B·A, streamed tensor by tensor.
 
     BASE is a model directory (model.safetensors or shards + index) or one .safetensors file; the
@@ -536,8 +596,17 @@ def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[
       loratools merge ./base ./a ./b -w 0.7 -w 0.3 -o ./base-ab --dtype bf16
     """
     with _byte_progress("merging", not (quiet or as_json)) as progress:
-        result = merge_checkpoint(base, list(adapters), weights=weights or None, out=out, device=device,  # type: ignore[arg-type]
-                                  dtype=dtype, force=force, fsync=fsync, progress=progress)  # type: ignore[arg-type]
+        result = merge_checkpoint(
+            base,
+            list(adapters),
+            weights=weights or None,
+            out=out,
+            device=device,
+            dtype=dtype,
+            force=force,
+            fsync=fsync,
+            progress=progress,
+        )
     _report_merge(result, "merged", quiet, as_json)
 
 
@@ -546,7 +615,9 @@ def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[
 @click.argument("adapter")
 @click.option("-o", "--out", required=True, help="Output checkpoint (required: never the input).")
 @_merge_options
-def unmerge(merged: str, adapter: str, out: str, device: str, dtype: str, force: bool, fsync: bool, quiet: bool, as_json: bool) -> None:
+def unmerge(
+    merged: str, adapter: str, out: str, device: Device, dtype: Dtype, force: bool, fsync: bool, quiet: bool, as_json: bool
+) -> None:
     """Take ADAPTER back out of the MERGED checkpoint: W = W' − s·B·A.
 
     Exact up to rounding: bf16/fp16 weights may come back one ulp off.  DoRA and modules_to_save
@@ -557,6 +628,14 @@ def unmerge(merged: str, adapter: str, out: str, device: str, dtype: str, force:
       loratools unmerge ./base-merged ./my-adapter -o ./base-again
     """
     with _byte_progress("unmerging", not (quiet or as_json)) as progress:
-        result = unmerge_checkpoint(merged, adapter, out=out, device=device, dtype=dtype, force=force, fsync=fsync,  # type: ignore[arg-type]
-                                    progress=progress)
+        result = unmerge_checkpoint(
+            merged,
+            adapter,
+            out=out,
+            device=device,
+            dtype=dtype,
+            force=force,
+            fsync=fsync,
+            progress=progress,
+        )
     _report_merge(result, "unmerged", quiet, as_json)

@@ -85,7 +85,9 @@ def read_diffusers(header: Header) -> RawAdapter:
     for name, p in parts.items():
         if "A" not in p or "B" not in p:
             missing = "lora-b-missing" if "A" in p else "lora-a-missing"
-            raise FormatError("module has no " + ("up/lora_B" if "A" in p else "down/lora_A") + " weight", path=header.path, key=name, code=missing)
+            raise FormatError(
+                "module has no " + ("up/lora_B" if "A" in p else "down/lora_A") + " weight", path=header.path, key=name, code=missing
+            )
         modules[name] = _module(name, p, configs)
     return foreign_raw(modules, header, {**header.metadata, META_SOURCE: "diffusers"})
 

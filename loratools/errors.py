@@ -43,8 +43,9 @@ class InvalidAdapterError(SpecError):
 
     def __init__(self, problems: list, *, path: str | Path | None = None):
         self.problems = problems
-        first = problems[0]
-        more = f" (and {len(problems) - 1} more problem(s); run `loratools validate` for all)" if len(problems) > 1 else ""
+        first, rest = problems[0], problems[1:]
+        named = ", ".join(p.where for p in rest[:5]) + (", ..." if len(rest) > 5 else "")
+        more = f" (and {len(rest)} more problem(s), at {named}; run `loratools validate` for all)" if rest else ""
         super().__init__(f"{first.where}: {first.message}{more}" if first.where else f"{first.message}{more}", path=path)
 
 

@@ -147,7 +147,12 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
     for name, p in parts.items():
         if DOWN not in p or UP not in p:
             missing = "lora_up" if DOWN in p else "lora_down"
-            raise FormatError(f"module has no {missing} weight; every kohya module needs lora_down and lora_up", path=header.path, key=name, code="lora-b-missing" if missing == "lora_up" else "lora-a-missing")
+            raise FormatError(
+                f"module has no {missing} weight; every kohya module needs lora_down and lora_up",
+                path=header.path,
+                key=name,
+                code="lora-b-missing" if missing == "lora_up" else "lora-a-missing",
+            )
     return parts
 
 

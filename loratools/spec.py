@@ -49,7 +49,7 @@ def split_key(key: str) -> tuple[str, str] | None:
     if match is None:
         return None
     module = match["module"]
-    return (module[len(PREFIX):] if module.startswith(PREFIX) else module), match["suffix"]
+    return (module[len(PREFIX) :] if module.startswith(PREFIX) else module), match["suffix"]
 
 
 def tensor_key(module: str, suffix: str) -> str:
@@ -112,10 +112,7 @@ def version_problem(text: str | None) -> str | None:
         return str(err)
     ours, _ = parse_version(SPEC_VERSION)
     if major > ours:
-        return (
-            f"written for spec version {text}, but this loratools reads spec {SPEC_VERSION} "
-            f"(major {major} > {ours}); upgrade loratools"
-        )
+        return f"written for spec version {text}, but this loratools reads spec {SPEC_VERSION} (major {major} > {ours}); upgrade loratools"
     return None
 
 

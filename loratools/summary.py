@@ -51,17 +51,19 @@ def summarize(adapter: Adapter) -> Summary:
     rows = []
     for name, m in adapter.modules.items():
         out, inp = int(m.B.shape[0]), int(m.A[0].numel())
-        rows.append(ModuleSummary(
-            module=name,
-            kind=m.kind,
-            shape=(out, inp) if m.kind != "conv" else (out, *m.A.shape[1:]),
-            rank=m.rank,
-            alpha=m.alpha,
-            scale=m.scale,
-            dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
-            delta_norm=m.scale * frobenius_norm(m.B, m.A),
-            dora=m.magnitude is not None,
-        ))
+        rows.append(
+            ModuleSummary(
+                module=name,
+                kind=m.kind,
+                shape=(out, inp) if m.kind != "conv" else (out, *m.A.shape[1:]),
+                rank=m.rank,
+                alpha=m.alpha,
+                scale=m.scale,
+                dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
+                delta_norm=m.scale * frobenius_norm(m.B, m.A),
+                dora=m.magnitude is not None,
+            )
+        )
     tensors = adapter.state_dict().values()
     config = adapter.peft_config()
     return Summary(

@@ -209,7 +209,9 @@ class StreamWriter:
             self._fh.close()
 
 
-def write_file(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksum_key: str | None = None) -> None:
+def write_file(
+    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksum_key: str | None = None
+) -> None:
     """Write ``tensors`` (in the given order) to ``path``.
 
     With ``checksum_key``, the SHA-256 of the data section is stored under that metadata key.

@@ -109,10 +109,13 @@ def _config_problems(raw: RawAdapter) -> list[Problem]:
         return [Problem(code, spec.CONFIG_NAME, raw.config_error)]
     config = raw.config
     if isinstance(config, dict) and isinstance(config.get("peft_type"), str) and config["peft_type"] != "LORA":
-        return [Problem(
-            "peft-type-unsupported", "peft_type",
-            f"peft_type {config['peft_type']!r} is not supported; loratools handles LoRA adapters (peft_type \"LORA\")",
-        )]
+        return [
+            Problem(
+                "peft-type-unsupported",
+                "peft_type",
+                f'peft_type {config["peft_type"]!r} is not supported; loratools handles LoRA adapters (peft_type "LORA")',
+            )
+        ]
     return [Problem("config-schema", field or spec.CONFIG_NAME, message) for field, message in spec.config_problems(config)]
 
 
@@ -126,11 +129,14 @@ def _metadata_problems(raw: RawAdapter) -> list[Problem]:
     if raw.header is not None and recorded is not None:
         actual = data_sha256(raw.header)
         if actual != recorded:
-            problems.append(Problem(
-                "checksum-mismatch", where,
-                f"tensor data hashes to sha256 {actual[:12]}… but {spec.META_SHA256} records {recorded[:12]}…; "
-                "the file is corrupt or was changed after it was written (download it again)",
-            ))
+            problems.append(
+                Problem(
+                    "checksum-mismatch",
+                    where,
+                    f"tensor data hashes to sha256 {actual[:12]}… but {spec.META_SHA256} records {recorded[:12]}…; "
+                    "the file is corrupt or was changed after it was written (download it again)",
+                )
+            )
     return problems
 
 
@@ -143,7 +149,9 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
         if split is not None:
             modules.setdefault(split[0], {})[spec.TENSOR_ROLES[split[1]]] = tensor
         elif not _is_saved_module(key, config):
-            problems.append(Problem("unexpected-tensor", key, "not a LoRA tensor and not in modules_to_save; PEFT will ignore it", "warning"))
+            problems.append(
+                Problem("unexpected-tensor", key, "not a LoRA tensor and not in modules_to_save; PEFT will ignore it", "warning")
+            )
     if not modules:
         problems.append(Problem("empty", raw.source, "the adapter holds no LoRA tensors (lora_A/lora_B); it would change nothing"))
     for name, parts in modules.items():
@@ -176,32 +184,67 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
     where = spec.PREFIX + name
     if "A" not in parts or "B" not in parts:
         missing = "lora_B" if "A" in parts else "lora_A"
-        return [Problem(f"{missing.lower().replace('_', '-')}-missing", where, f"has no {missing} tensor; every module needs both lora_A and lora_B")]
+        return [
+            Problem(
+                f"{missing.lower().replace('_', '-')}-missing", where, f"has no {missing} tensor; every module needs both lora_A and lora_B"
+            )
+        ]
     A, B = parts["A"], parts["B"]
     problems = []
     if A.dim() < 2 or B.dim() != A.dim() or any(d != 1 for d in B.shape[2:]):
-        return [Problem("bad-shape", where, f"lora_A {list(A.shape)} and lora_B {list(B.shape)} are not LoRA factor shapes (A: r x in[ x k...], B: out x r[ x 1...])")]
+        return [
+            Problem(
+                "bad-shape",
+                where,
+                f"lora_A {list(A.shape)} and lora_B {list(B.shape)} are not LoRA factor shapes (A: r x in[ x k...], B: out x r[ x 1...])",
+            )
+        ]
     if A.shape[0] != B.shape[1]:
-        return [Problem("rank-mismatch", where, f"lora_A has rank {A.shape[0]} (shape {list(A.shape)}) but lora_B has rank {B.shape[1]} (shape {list(B.shape)})")]
+        return [
+            Problem(
+                "rank-mismatch",
+                where,
+                f"lora_A has rank {A.shape[0]} (shape {list(A.shape)}) but lora_B has rank {B.shape[1]} (shape {list(B.shape)})",
+            )
+        ]
     rank, out = int(A.shape[0]), int(B.shape[0])
     conv_magnitude = (1, out, *[1] * (A.dim() - 2))  # PEFT stores conv DoRA magnitudes as (1, out, 1, 1)
     for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
         allowed = ((out,), conv_magnitude) if role == "magnitude" and A.dim() > 2 else ((out,),)
         if role in parts and tuple(parts[role].shape) not in allowed:
-            problems.append(Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{out}] (one per output feature)"))
+            problems.append(
+                Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{out}] (one per output feature)")
+            )
     if config is None:
         return problems
     if not spec.targets(config, name):
-        problems.append(Problem("not-targeted", where, f"module is not matched by target_modules {config.get('target_modules')!r}; PEFT would silently ignore its tensors"))
+        problems.append(
+            Problem(
+                "not-targeted",
+                where,
+                f"module is not matched by target_modules {config.get('target_modules')!r}; PEFT would silently ignore its tensors",
+            )
+        )
     declared = spec.module_rank(config, name)
     if declared != rank:
-        problems.append(Problem("rank-config-mismatch", where, f"tensors have rank {rank} but the config declares r={declared} for this module (check r / rank_pattern)"))
+        problems.append(
+            Problem(
+                "rank-config-mismatch",
+                where,
+                f"tensors have rank {rank} but the config declares r={declared} for this module (check r / rank_pattern)",
+            )
+        )
     dora = bool(config.get("use_dora"))
     if dora != ("magnitude" in parts):
-        problems.append(Problem(
-            "dora-mismatch", where,
-            "use_dora is true but the module has no lora_magnitude_vector" if dora else "has a lora_magnitude_vector but use_dora is false",
-        ))
+        problems.append(
+            Problem(
+                "dora-mismatch",
+                where,
+                "use_dora is true but the module has no lora_magnitude_vector"
+                if dora
+                else "has a lora_magnitude_vector but use_dora is false",
+            )
+        )
     return problems
 
 
@@ -217,9 +260,21 @@ def check_base(adapter: Adapter, base: str | Path) -> list[Problem]:
     for name, module in adapter.modules.items():
         key = find_weight(name, index)
         if key is None:
-            problems.append(Problem("base-unmatched", spec.PREFIX + name, f"no tensor in base {base} matches this module (looked for {name}.weight, with and without prefixes)"))
+            problems.append(
+                Problem(
+                    "base-unmatched",
+                    spec.PREFIX + name,
+                    f"no tensor in base {base} matches this module (looked for {name}.weight, with and without prefixes)",
+                )
+            )
             continue
         want = module.delta_shape(fan_in_fan_out=adapter.fan_in_fan_out)
         if tuple(tensors[key].shape) != want:
-            problems.append(Problem("base-shape-mismatch", spec.PREFIX + name, f"ΔW has shape {list(want)} but base tensor {key} has {list(tensors[key].shape)}"))
+            problems.append(
+                Problem(
+                    "base-shape-mismatch",
+                    spec.PREFIX + name,
+                    f"ΔW has shape {list(want)} but base tensor {key} has {list(tensors[key].shape)}",
+                )
+            )
     return problems

@@ -14,7 +14,9 @@ def random_module(out: int = 6, inp: int = 5, rank: int = 3, *, alpha: float = 6
     return LoraModule(A, B, alpha, **kw)
 
 
-def random_adapter(n: int = 2, *, out: int = 6, inp: int = 5, rank: int = 3, alpha: float = 6.0, dtype=torch.float32, seed: int = 0) -> Adapter:
+def random_adapter(
+    n: int = 2, *, out: int = 6, inp: int = 5, rank: int = 3, alpha: float = 6.0, dtype=torch.float32, seed: int = 0
+) -> Adapter:
     modules = {
         f"model.layers.{i}.self_attn.q_proj": random_module(out, inp, rank, alpha=alpha, dtype=dtype, seed=seed + i) for i in range(n)
     }

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from .arith_support import adapter, dense, module
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,6 +13,8 @@ from loratools import ArgumentError, ShapeError, SpecError, load, save
 from loratools.adapter import LoraModule
 from loratools.arith import add, resize, scale, subtract
 from loratools.linalg import singular_values
+
+from .arith_support import adapter, dense, module
 
 SETTINGS = settings(max_examples=30, deadline=None)
 Q, V, K = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj", "model.layers.1.self_attn.k_proj"
@@ -263,6 +264,7 @@ def _peft_matches(out_dir, reference: dict[str, torch.Tensor]) -> None:
     import warnings
 
     import peft
+
     from .arith_support import tiny_llama
 
     with warnings.catch_warnings(record=True) as caught:

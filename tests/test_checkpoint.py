@@ -19,7 +19,10 @@ def test_single_file_directory(llama_base):
 def test_sharded_directory(tmp_path):
     save_file({"a.weight": torch.zeros(2, 2)}, tmp_path / "model-00001-of-00002.safetensors")
     save_file({"b.weight": torch.zeros(3, 2)}, tmp_path / "model-00002-of-00002.safetensors")
-    index = {"metadata": {"total_size": 40}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}}
+    index = {
+        "metadata": {"total_size": 40},
+        "weight_map": {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"},
+    }
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
     ckpt = open_checkpoint(tmp_path)
     assert [s.name for s in ckpt.shards] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]

@@ -6,11 +6,12 @@ import json
 
 import pytest
 import torch
-from .arith_support import dense, peft_adapter
 from click.testing import CliRunner
 
 from loratools import load
 from loratools.cli import main
+
+from .arith_support import dense, peft_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
 

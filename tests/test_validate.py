@@ -123,7 +123,12 @@ def test_rank_disagrees_with_rank_pattern(tmp_path):
 
 
 def test_nan_and_inf(tmp_path):
-    report = validate(write(tmp_path / "a", {f"{Q}.lora_A.weight": torch.tensor([[float("nan")] * 16] * 2), f"{Q}.lora_B.weight": torch.full((16, 2), float("inf"))}))
+    report = validate(
+        write(
+            tmp_path / "a",
+            {f"{Q}.lora_A.weight": torch.tensor([[float("nan")] * 16] * 2), f"{Q}.lora_B.weight": torch.full((16, 2), float("inf"))},
+        )
+    )
     assert codes(report) == ["non-finite", "non-finite"]
     assert "32 of 32" in report.problems[0].message
 
@@ -161,7 +166,9 @@ def test_dora_flag_must_match_tensors(tmp_path):
 
 
 def test_unsupported_dtype(tmp_path):
-    report = validate(write(tmp_path / "a", {f"{Q}.lora_A.weight": torch.ones(2, 16, dtype=torch.float64), f"{Q}.lora_B.weight": torch.ones(16, 2)}))
+    report = validate(
+        write(tmp_path / "a", {f"{Q}.lora_A.weight": torch.ones(2, 16, dtype=torch.float64), f"{Q}.lora_B.weight": torch.ones(16, 2)})
+    )
     assert codes(report) == ["dtype-unsupported"]
 
 
