@@ -244,7 +244,7 @@ def test_dora_is_refused_with_the_reason():
 
 @pytest.fixture(scope="module")
 def peft_inputs(tmp_path_factory):
-    from .arith_support import peft_adapter
+    from .conftest import peft_adapter
 
     root = tmp_path_factory.mktemp("peft-inputs")
     a = peft_adapter(root / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
@@ -265,7 +265,7 @@ def _peft_matches(out_dir, reference: dict[str, torch.Tensor]) -> None:
 
     import peft
 
-    from .arith_support import tiny_llama
+    from .conftest import tiny_llama
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -11,7 +11,8 @@ from click.testing import CliRunner
 from loratools import load
 from loratools.cli import main
 
-from .arith_support import dense, peft_adapter
+from .arith_support import dense
+from .conftest import peft_adapter
 
 Q = "model.layers.0.self_attn.q_proj"
 
