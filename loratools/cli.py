@@ -98,7 +98,13 @@ def main(debug: bool) -> None:
     \b
     Examples:
       loratools validate ./my-adapter --base ./Llama-3-8B
-      loratools inspect ./my-adapter --json
+      loratools inspect ./my-adapter --spectrum
+      loratools resize ./my-adapter --rank 8 -o ./my-adapter-r8
+      loratools add ./style ./subject -w 0.7 -w 0.5 -o ./combined
+      loratools merge ./Llama-3-8B ./my-adapter -o ./Llama-3-8B-merged
+      loratools convert my_lora.safetensors --to peft --base ./sd15.safetensors -o ./my-lora
+      loratools push ./my-adapter me/my-adapter
+      loratools pull me/my-adapter@main -o ./my-adapter
 
     Exit codes: 0 ok, 1 invalid adapter, 2 bad usage, 3 bad input/output,
     4 Hub/network error, 70 internal error, 130 interrupted.

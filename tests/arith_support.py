@@ -1,4 +1,4 @@
-"""Builders shared by the arithmetic tests: random factored adapters, tiny Llamas, dense references."""
+"""Builders shared by the arithmetic tests: random factored adapters and dense references."""
 
 from __future__ import annotations
 
