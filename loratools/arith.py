@@ -75,7 +75,7 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: torch
     """
     if not adapters:
         raise ArgumentError("add needs at least one adapter")
-    weights = _weights(weights, len(adapters))
+    weights = check_weights(weights, len(adapters))
     for i, adapter in enumerate(adapters, 1):
         _refuse_dora(adapter, f"input {i}")
     if len({a.fan_in_fan_out for a in adapters}) > 1:
@@ -160,7 +160,8 @@ def _per_module(fn: Callable[[T], R], items: list[T]) -> list[R]:
         torch.set_num_threads(threads)
 
 
-def _weights(weights: Sequence[float] | None, n: int) -> list[float]:
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """One finite weight per input (all 1 when ``weights`` is None); :class:`ArgumentError` otherwise."""
     if weights is None:
         return [1.0] * n
     weights = list(weights)

@@ -266,7 +266,13 @@ def convert(src: str, to: Target, base: str | None, output: str, force: bool) ->
 @click.option("-o", "--out", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya).")
 @click.option("--to", "to", type=click.Choice(TARGETS), default="peft", show_default=True, help="Output format.")
 @click.option("--skip-modules-to-save", is_flag=True, help="Drop changed embeddings/norms instead of saving them whole.")
-@click.option("--device", default="auto", show_default=True, help="Where to factor: auto (CUDA if present), cpu, cuda, cuda:1 ...")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where to factor: auto uses CUDA when present.",
+)
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def extract(

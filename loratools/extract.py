@@ -27,6 +27,7 @@ from . import spec
 from .adapter import Adapter, LoraModule
 from .checkpoint import Checkpoint, open_checkpoint
 from .convert import Target, save_as
+from .device import resolve as resolve_device
 from .errors import ShapeError, SpecError
 
 OVERSAMPLE = 10
@@ -86,13 +87,6 @@ def choose_rank(S: torch.Tensor, total_energy: float, rank: int, energy: float |
         return most
     reached = (torch.cumsum(S.double() ** 2, 0) / total_energy >= energy).nonzero()
     return min(int(reached[0]) + 1, most) if reached.numel() else most
-
-
-def resolve_device(device: str) -> torch.device:
-    """``"auto"`` picks CUDA when present, else CPU; anything else is passed to :class:`torch.device`."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def extract(

@@ -44,8 +44,10 @@ import torch
 
 from . import spec
 from .adapter import Adapter, load
+from .arith import check_weights
 from .atomic import check_output
 from .checkpoint import Checkpoint, find_weight, module_index, open_checkpoint
+from .device import resolve as resolve_device
 from .errors import MergeError, ShapeError
 from .streaming import FilePlan, Transform, write_checkpoint
 from .tensorfile import TensorInfo
@@ -268,18 +270,16 @@ def _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, 
 
 def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
-    base = Path(base)
+    base = Path(base).resolve()  # "." has no name to build <base>-merged from
     if not adapters:
         raise MergeError("no adapters given")
-    weights = [1.0] * len(adapters) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(adapters):
-        raise MergeError(f"{len(weights)} weight(s) given for {len(adapters)} adapter(s); give one per adapter or none")
+    weights = check_weights(weights, len(adapters))
     if dtype not in DTYPE_CHOICES:
         raise MergeError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     checkpoint = open_checkpoint(base)
     out = Path(out) if out is not None else default_out(base)
     _check_out(base, out, force)
-    target = _device(device)
+    target = resolve_device(device)
     edits = plan_edits(checkpoint, adapters, weights, labels)
     plans = [_file_plan(checkpoint.headers[s.name], edits, DTYPE_CHOICES[dtype], target, pool) for s in checkpoint.shards]
     total = write_checkpoint(checkpoint, plans, out, force=force, fsync=fsync, pin=target.type == "cuda", progress=progress)
@@ -340,16 +340,6 @@ def _check_out(base: Path, out: Path, force: bool) -> None:
     if o in b.parents:
         raise MergeError("the output may not contain the base: replacing it would delete the base; choose another -o", path=out)
     check_output(out, force=force)
-
-
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda"):
-        raise MergeError(f"device {device!r} is not one of auto, cpu, cuda")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MergeError("--device cuda was asked for but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
 
 
 def plan_edits(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]) -> dict[str, Edit]:

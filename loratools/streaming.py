@@ -75,8 +75,13 @@ class FilePlan:
         return encode_header(plan, self.header.metadata)[0]
 
     @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data in the output file (the index's ``total_size`` sums these)."""
+        return sum(self.out_nbytes(t) for t in self.tensors)
+
+    @property
     def size(self) -> int:
-        return len(self.header_bytes()) + sum(self.out_nbytes(t) for t in self.tensors)
+        return len(self.header_bytes()) + self.data_bytes
 
 
 class _Stopped(Exception):
@@ -287,18 +292,23 @@ def _feed(
         _put(writes, ("buf", out, n), stop)
 
 
+def _is_weights(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
+
+
 def side_files(root: Path, weight_files: set[str]) -> list[Path]:
     """Everything in model directory ``root`` to copy beside merged weights: config, tokenizer, ...
 
-    Weight files (``.safetensors``, pickles, ...) and indexes are left out: the merged output writes
-    its own, and a stale copy of unmerged weights would be loaded instead of the merged ones.
+    Weight files (``.safetensors``, pickles, ...) and indexes are left out, in subfolders too (Meta's
+    ``original/consolidated.00.pth``): the merged output writes its own, and a stale copy of unmerged
+    weights would be loaded instead of the merged ones.
     """
     keep = []
     for path in sorted(root.iterdir()):
         name = path.name
         if name in weight_files or name.startswith(".loratools-tmp-") or name in _SKIP_DIRS:
             continue
-        if path.is_file() and (path.suffix in WEIGHT_SUFFIXES or name.endswith(".index.json")):
+        if path.is_file() and _is_weights(path):
             continue
         keep.append(path)
     return keep
@@ -307,7 +317,8 @@ def side_files(root: Path, weight_files: set[str]) -> list[Path]:
 def copy_side_files(paths: list[Path], dst: Path) -> None:
     for path in paths:
         if path.is_dir():
-            shutil.copytree(path, dst / path.name, symlinks=False)
+            skip = lambda folder, names: [n for n in names if _is_weights(Path(folder) / n) and (Path(folder) / n).is_file()]  # noqa: E731
+            shutil.copytree(path, dst / path.name, symlinks=False, ignore=skip)
         else:
             shutil.copy2(path, dst / path.name)
 
@@ -372,6 +383,6 @@ def write_checkpoint(
         jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
         stream_files(jobs, pin=pin, fsync=fsync, progress=tick)
         if checkpoint.index is not None:
-            write_index(checkpoint.index, sum(p.size - p.header.data_start for p in plans), tmp / INDEX_NAME)
+            write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
         copy_side_files(extras, tmp)
     return total

@@ -103,3 +103,21 @@ def test_unmerge_restores_the_base(files: tuple[Path, Path], tmp_path: Path) -> 
 def test_help_shows_examples() -> None:
     code, stdout, _ = _run("merge", "--help")
     assert code == 0 and "loratools merge ./base ./a ./b -w 0.7 -w 0.3" in stdout and "--device" in stdout
+
+
+def test_bad_weights_and_devices_are_usage_errors(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    for args in (["-w", "nan"], ["-w", "1", "-w", "2"]):
+        code, _, stderr = _run("merge", str(base), str(adapter), *args, "-o", str(tmp_path / "o"))
+        assert code == 2 and "weight" in stderr and "Traceback" not in stderr
+    if not torch.cuda.is_available():
+        code, _, stderr = _run("merge", str(base), str(adapter), "--device", "cuda", "-o", str(tmp_path / "o"))
+        assert code == 2 and "CUDA is not available" in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_given_as_dot(files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, adapter = files
+    monkeypatch.chdir(base)
+    code, _, _ = _run("merge", ".", str(adapter), "--quiet")
+    assert code == 0 and (tmp_path / "base-merged" / "config.json").exists()

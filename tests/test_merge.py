@@ -251,11 +251,18 @@ def test_layout_index_metadata_and_side_files(tmp_path: Path) -> None:
     (base / "extra").mkdir()
     (base / "extra" / "notes.txt").write_text("hi")
     (base / "pytorch_model.bin").write_bytes(b"stale pickle")
+    (base / "original").mkdir()  # as Meta ships: unmerged pickle weights in a subfolder
+    (base / "original" / "consolidated.00.pth").write_bytes(b"stale pickle")
+    (base / "original" / "params.json").write_text("{}")
     adapter = _make_adapter(_llama(torch.bfloat16), tmp_path / "a", **LLAMA_CASES["plain"])
     out = merge(base, [adapter], out=tmp_path / "out").out
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(p.name for p in base.iterdir() if p.name != "pytorch_model.bin")
     assert (out / "extra" / "notes.txt").read_text() == "hi"
+    assert sorted(p.name for p in (out / "original").iterdir()) == ["params.json"]
+    wide = merge(base, [adapter], out=tmp_path / "fp32", dtype="fp32").out
+    wide_sizes = sum(read_header(f).file_size - read_header(f).data_start for f in wide.glob("*.safetensors"))
+    assert json.loads((wide / "model.safetensors.index.json").read_text())["metadata"]["total_size"] == wide_sizes
     index, base_index = (json.loads((d / "model.safetensors.index.json").read_text()) for d in (out, base))
     assert index["weight_map"] == base_index["weight_map"]
     sizes = sum(read_header(f).file_size - read_header(f).data_start for f in out.glob("*.safetensors"))
