@@ -134,9 +134,9 @@ def validate(path: str, base: str | None, as_json: bool) -> None:
     else:
         for p in report.problems:
             color = "red" if p.severity == "error" else "yellow"
-            out.print(f"[{color}]{p.severity}[/] [bold]{p.code}[/] {p.where}: {p.message}", highlight=False)
+            out.print(f"[{color}]{p.severity}[/] [bold]{p.code}[/] {escape(p.where)}: {escape(p.message)}", highlight=False)
         verdict = "[green]valid[/]" if report.ok else f"[red]invalid[/] ({len(report.errors)} error(s))"
-        out.print(f"{path}: {verdict}, {len(report.warnings)} warning(s)", highlight=False)
+        out.print(f"{escape(path)}: {verdict}, {len(report.warnings)} warning(s)", highlight=False)
     if not report.ok:
         sys.exit(EXIT_INVALID)
 
@@ -162,19 +162,27 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
     if as_json:
         _emit_json(summary.to_dict())
         return
-    table = Table(title=path, show_lines=False)
+    table = Table(title=escape(path), show_lines=False)
     for col in ("module", "kind", "out x in", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
         table.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
     for m in summary.modules:
         kind = m.kind + (" +DoRA" if m.dora else "")
         table.add_row(
-            m.module, kind, " x ".join(map(str, m.shape)), str(m.rank), f"{m.alpha:g}", f"{m.scale:.4g}", m.dtype, f"{m.delta_norm:.4g}"
+            escape(m.module),
+            kind,
+            " x ".join(map(str, m.shape)),
+            str(m.rank),
+            f"{m.alpha:g}",
+            f"{m.scale:.4g}",
+            m.dtype,
+            f"{m.delta_norm:.4g}",
         )
     out.print(table)
     out.print(
         f"modules: {len(summary.modules)}  parameters: {summary.num_params:,}  bytes: {summary.num_bytes:,}\n"
         f"targets: {summary.targets}\nbase model: {summary.base_model}\nspec version: {summary.spec_version}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -205,10 +213,10 @@ def push(
     if as_json:
         _emit_json(result.to_dict())
         return
-    out.print(f"pushed {adapter} to {result.url} ({result.revision})", highlight=False)
-    out.print(f"commit: {result.commit_sha}", highlight=False)
+    out.print(f"pushed {adapter} to {result.url} ({result.revision})", highlight=False, markup=False)
+    out.print(f"commit: {result.commit_sha}", highlight=False, markup=False)
     if result.pr_url:
-        out.print(f"pull request: {result.pr_url}", highlight=False)
+        out.print(f"pull request: {result.pr_url}", highlight=False, markup=False)
 
 
 @main.command()
@@ -236,8 +244,8 @@ def pull(ref: str, out_dir: str | None, offline: bool, token: str | None, force:
     if as_json:
         _emit_json(result.to_dict())
         return
-    out.print(f"pulled {result.repo_id}@{result.revision} into {result.path}", highlight=False)
-    out.print(f"commit: {result.commit_sha}", highlight=False)
+    out.print(f"pulled {result.repo_id}@{result.revision} into {result.path}", highlight=False, markup=False)
+    out.print(f"commit: {result.commit_sha}", highlight=False, markup=False)
 
 
 @main.command()
@@ -255,7 +263,7 @@ def convert(src: str, to: Target, base: str | None, output: str, force: bool) ->
       loratools convert ./my-lora --to kohya -o my_lora.safetensors
     """
     adapter = convert_adapter(src, output, to=to, base=base, force=force)
-    out.print(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)", highlight=False)
+    out.print(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)", highlight=False, markup=False)
 
 
 @main.command()
@@ -309,15 +317,17 @@ def extract(
     if as_json:
         _emit_json(report.to_dict())
         return
-    table = Table(title=f"{output} (on {report.device})")
+    table = Table(title=f"{escape(output)} (on {report.device})")
     for col in ("module", "ΔW shape", "rank", "kept energy", "‖ΔW‖_F"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for m in report.modules:
-        table.add_row(m.module, " x ".join(map(str, m.shape)), str(m.rank), f"{m.kept_energy:.4f}", f"{m.delta_norm:.4g}")
+        table.add_row(escape(m.module), " x ".join(map(str, m.shape)), str(m.rank), f"{m.kept_energy:.4f}", f"{m.delta_norm:.4g}")
     out.print(table)
-    out.print(f"modules: {len(report.modules)}  saved whole: {len(report.saved)}  skipped: {len(report.skipped)}", highlight=False)
+    out.print(
+        f"modules: {len(report.modules)}  saved whole: {len(report.saved)}  skipped: {len(report.skipped)}", highlight=False, markup=False
+    )
     for key, why in report.skipped.items():
-        out.print(f"[yellow]skipped[/] {key}: {why}", highlight=False)
+        out.print(f"[yellow]skipped[/] {escape(key)}: {escape(why)}", highlight=False)
 
 
 @main.command()
@@ -336,18 +346,18 @@ def diff(a: str, b: str, base: str | None, as_json: bool) -> None:
     if as_json:
         _emit_json(report.to_dict())
         return
-    table = Table(title=f"{a} vs {b}")
+    table = Table(title=escape(f"{a} vs {b}"))
     for col in ("module", "cosine", "‖ΔW_A‖", "‖ΔW_B‖", "ratio A/B", "rank A", "rank B"):
         table.add_column(col, justify="left" if col == "module" else "right")
     for m in report.modules:
         fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
-        table.add_row(m.module, fmt(m.cosine), fmt(m.norm_a), fmt(m.norm_b), fmt(m.norm_ratio), str(m.rank_a), str(m.rank_b))
+        table.add_row(escape(m.module), fmt(m.cosine), fmt(m.norm_a), fmt(m.norm_b), fmt(m.norm_ratio), str(m.rank_a), str(m.rank_b))
     out.print(table)
     for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
         for name in names:
-            out.print(f"[yellow]{label}[/] {name}", highlight=False)
+            out.print(f"[yellow]{label}[/] {escape(name)}", highlight=False)
     for name, why in report.mismatched.items():
-        out.print(f"[red]mismatch[/] {name}: {why}", highlight=False)
+        out.print(f"[red]mismatch[/] {escape(name)}: {escape(why)}", highlight=False)
 
 
 # --- adapter arithmetic: add, scale, subtract, resize (issue 4) ---
@@ -385,7 +395,7 @@ def _write(result: Adapter, output: str, to: Target | None, force: bool, as_json
         for col in ("module", "old rank", "new rank", "kept energy", "rel. error"):
             table.add_column(col, justify="left" if col == "module" else "right")
         for r in rows:
-            table.add_row(r.module, str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
+            table.add_row(escape(r.module), str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
         out.print(table)
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     out.print(f"wrote {escape(output)}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters", highlight=False)
@@ -510,7 +520,7 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
     table.add_column("σ₁, σ₂, ...")
     for s in found:
         shown = ", ".join(f"{v:.3g}" for v in s.singular_values[:8]) + (", ..." if len(s.singular_values) > 8 else "")
-        table.add_row(s.module, str(s.rank), *(str(s.rank_for(level)) for level in ENERGY_LEVELS), shown)
+        table.add_row(escape(s.module), str(s.rank), *(str(s.rank_for(level)) for level in ENERGY_LEVELS), shown)
     out.print(table)
     if plot_path:
         out.print(f"wrote {escape(plot_path)}", highlight=False)
@@ -574,6 +584,7 @@ def _report_merge(result: MergeResult, verb: str, quiet: bool, as_json: bool) ->
             f"{verb} {len(result.merged)} of {result.tensors} tensors{replaced} -> {result.out} "
             f"({result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s, {rate:.2f} GiB/s, {result.device})",
             highlight=False,
+            markup=False,
         )
 
 

@@ -234,17 +234,14 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
                 f"tensors have rank {rank} but the config declares r={declared} for this module (check r / rank_pattern)",
             )
         )
-    dora = bool(config.get("use_dora"))
-    if dora != ("magnitude" in parts):
-        problems.append(
-            Problem(
-                "dora-mismatch",
-                where,
-                "use_dora is true but the module has no lora_magnitude_vector"
-                if dora
-                else "has a lora_magnitude_vector but use_dora is false",
-            )
-        )
+    for flag, role, tensor, code in (
+        ("use_dora", "magnitude", "lora_magnitude_vector", "dora-mismatch"),
+        ("lora_bias", "bias", "lora_B.bias", "lora-bias-mismatch"),
+    ):
+        declared = bool(config.get(flag))
+        if declared != (role in parts):  # PEFT would ignore the tensor, or start it from zero
+            why = f"{flag} is true but the module has no {tensor}" if declared else f"has a {tensor} but {flag} is false"
+            problems.append(Problem(code, where, why))
     return problems
 
 

@@ -165,6 +165,13 @@ def test_dora_flag_must_match_tensors(tmp_path):
     assert codes(validate(write(tmp_path / "a", config={**CONFIG, "use_dora": True}))) == ["dora-mismatch"]
 
 
+def test_lora_bias_flag_must_match_tensors(tmp_path):
+    tensors = {f"{Q}.lora_A.weight": torch.ones(2, 16), f"{Q}.lora_B.weight": torch.ones(16, 2), f"{Q}.lora_B.bias": torch.ones(16)}
+    assert codes(validate(write(tmp_path / "a", tensors))) == ["lora-bias-mismatch"]
+    assert validate(write(tmp_path / "b", tensors, config={**CONFIG, "lora_bias": True})).ok
+    assert codes(validate(write(tmp_path / "c", config={**CONFIG, "lora_bias": True}))) == ["lora-bias-mismatch"]
+
+
 def test_unsupported_dtype(tmp_path):
     report = validate(
         write(tmp_path / "a", {f"{Q}.lora_A.weight": torch.ones(2, 16, dtype=torch.float64), f"{Q}.lora_B.weight": torch.ones(16, 2)})
