@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from collections.abc import Iterable, Mapping
@@ -58,10 +59,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -118,15 +116,21 @@ def read_header(path: str | Path) -> Header:
 def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
         raise FormatError("corrupt safetensors header entry (needs dtype, shape, data_offsets)", path=path, key=name)
-    dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
+        raise FormatError(f"corrupt safetensors header entry: shape {shape!r} is not a list of sizes", path=path, key=name)
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise FormatError(f"corrupt safetensors header entry: data_offsets {offsets!r} is not [begin, end]", path=path, key=name)
     if dtype not in DTYPES:
         raise FormatError(f"unknown safetensors dtype {dtype!r}", path=path, key=name)
-    n = 1
-    for d in shape:
-        n *= d
-    if end - begin != n * ITEMSIZE[dtype]:
-        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {list(shape)}", path=path, key=name)
-    return TensorInfo(name, dtype, shape, data_start + begin, data_start + end)
+    begin, end = offsets
+    if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
+        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {shape}", path=path, key=name)
+    return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def data_sha256(header: Header) -> str:
@@ -152,10 +156,7 @@ def encode_header(plan: Iterable[tuple[str, str, tuple[int, ...]]], metadata: Ma
         header["__metadata__"] = dict(metadata)
     offset = 0
     for name, dtype, shape in plan:
-        n = 1
-        for d in shape:
-            n *= d
-        size = n * ITEMSIZE[dtype]
+        size = math.prod(shape) * ITEMSIZE[dtype]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()

@@ -66,6 +66,8 @@ def _write_raw(path, header: dict, data: bytes):
         ({"w": {"dtype": "Q4", "shape": [2], "data_offsets": [0, 8]}}, b"\0" * 8, "unknown safetensors dtype"),
         ({"w": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, b"\0" * 8, "gap"),
         ({"w": {"shape": [1]}}, b"", "needs dtype"),
+        ({"w": {"dtype": "F32", "shape": 4, "data_offsets": [0, 16]}}, b"\0" * 16, "shape 4 is not a list"),
+        ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0]}}, b"\0" * 16, "is not \\[begin, end\\]"),
     ],
 )
 def test_corrupt_files_are_refused_by_name(tmp_path, header, data, needle):
