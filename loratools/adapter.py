@@ -19,6 +19,7 @@ import torch
 
 from . import spec
 from .atomic import atomic_output
+from .errors import SpecError
 from .reader import META_CONFIG, RawAdapter, read_raw
 from .tensorfile import write_file
 
@@ -137,7 +138,8 @@ class Adapter:
 
     def file_metadata(self) -> dict[str, str]:
         """safetensors ``__metadata__`` to write: ours plus any foreign keys carried through."""
-        meta = {k: v for k, v in self.metadata.items() if k not in (spec.META_SHA256, META_CONFIG)}
+        ours = (spec.META_SHA256, META_CONFIG, spec.META_SOURCE, spec.META_PREFIX)  # a PEFT write is no longer kohya
+        meta = {k: v for k, v in self.metadata.items() if k not in ours}
         meta[spec.META_FORMAT] = "pt"
         meta[spec.META_VERSION] = spec.SPEC_VERSION
         return meta
@@ -236,6 +238,13 @@ def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torc
     if dtype is not None:
         adapter = adapter.with_dtype(dtype)
     path = Path(path)
+    kohya = sorted(n for n in adapter.modules if spec.KOHYA_NAME.match(n))
+    if kohya:
+        raise SpecError(
+            f"module {kohya[0]} still has its kohya name (read without a base), which PEFT cannot apply; "
+            "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
+            path=path,
+        )
     raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
     config = adapter.peft_config()
     meta = adapter.file_metadata()

@@ -7,7 +7,6 @@ in (:func:`source_format`) unless told otherwise, through :func:`save_as`.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
@@ -42,8 +41,7 @@ def save_as(adapter: Adapter, path: str | Path, *, to: Target | None = None, for
         return save_kohya(adapter, path, force=force, dtype=dtype)
     if to != "peft":
         raise SpecError(f"unknown output format {to!r}; choose one of {', '.join(TARGETS)}")
-    metadata = {k: v for k, v in adapter.metadata.items() if k != META_SOURCE}
-    return save(replace(adapter, metadata=metadata), path, force=force, dtype=dtype)
+    return save(adapter, path, force=force, dtype=dtype)  # a PEFT write drops the kohya source marks
 
 
 def convert(src: str | Path, out: str | Path, *, to: Target, base: str | Path | None = None, force: bool = False) -> Adapter:

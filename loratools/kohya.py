@@ -31,8 +31,7 @@ from .errors import FormatError
 from .reader import RawAdapter
 from .tensorfile import Header, write_file
 
-META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the format an adapter was read from
-META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
+META_SOURCE, META_PREFIX = spec.META_SOURCE, spec.META_PREFIX
 
 DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 _SUFFIXES = (DOWN, UP, ALPHA, DORA)

@@ -20,6 +20,10 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 META_FORMAT = "format"
 META_VERSION = "loratools.spec_version"
 META_SHA256 = "loratools.sha256"
+META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the layout an adapter was read from
+META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
+# A kohya module name that was never mapped onto a module path (no base given when it was read).
+KOHYA_NAME = re.compile(r"^lora_(unet|te\d?)_")
 
 PREFIX = "base_model.model."
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")

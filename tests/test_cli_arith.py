@@ -160,7 +160,7 @@ def test_kohya_inputs_stay_kohya_unless_to_says_otherwise(inputs, tmp_path):
     with safe_open(str(tmp_path / "k2.safetensors"), "pt") as fh:
         keys = list(fh.keys())
     assert keys and all(k.endswith((".lora_down.weight", ".lora_up.weight", ".alpha")) for k in keys)
-    assert run("scale", kohya, "0.5", "--to", "peft", "-o", tmp_path / "peft").exit_code == 0
-    assert (tmp_path / "peft" / "adapter_config.json").exists()
+    unmapped = run("scale", kohya, "0.5", "--to", "peft", "-o", tmp_path / "peft")  # kohya names, no base to map them
+    assert unmapped.exit_code == 3 and "--base" in unmapped.stderr and not (tmp_path / "peft").exists()
     wrong = run("resize", kohya, "--rank", "2", "-o", tmp_path / "kdir")
     assert wrong.exit_code == 3 and ".safetensors" in wrong.stderr and not (tmp_path / "kdir").exists()

@@ -86,8 +86,9 @@ def test_save_as_defaults_to_the_source_format(tmp_path):
     kohya = loratools.load(_kohya_te(tmp_path / "k.safetensors"))
     loratools.save_as(kohya, tmp_path / "k2.safetensors")
     assert loratools.source_format(loratools.load(tmp_path / "k2.safetensors")) == "kohya"
-    loratools.save_as(kohya, tmp_path / "as-peft", to="peft")
-    assert loratools.source_format(loratools.load(tmp_path / "as-peft")) == "peft"
+    with pytest.raises(SpecError, match="still has its kohya name"):  # PEFT could not apply unmapped names
+        loratools.save_as(kohya, tmp_path / "as-peft", to="peft")
+    assert not (tmp_path / "as-peft").exists()
     with pytest.raises(SpecError, match="single file"):
         loratools.save_as(kohya, tmp_path / "dir-out", to="kohya")
 
@@ -98,8 +99,10 @@ def test_cli_convert_validate_inspect(clip, tmp_path):
     out = str(tmp_path / "peft")
     result = runner.invoke(main, ["convert", src, "--to", "peft", "--base", str(clip[2]), "-o", out])
     assert result.exit_code == 0, result.output
-    assert runner.invoke(main, ["convert", src, "--to", "peft", "-o", out]).exit_code == 3  # exists, no --force
-    assert runner.invoke(main, ["convert", src, "--to", "peft", "-o", out, "--force"]).exit_code == 0
+    assert runner.invoke(main, ["convert", src, "--to", "peft", "--base", str(clip[2]), "-o", out]).exit_code == 3  # exists
+    assert runner.invoke(main, ["convert", src, "--to", "peft", "--base", str(clip[2]), "-o", out, "--force"]).exit_code == 0
+    unmapped = runner.invoke(main, ["convert", src, "--to", "peft", "-o", str(tmp_path / "unmapped")])
+    assert unmapped.exit_code == 3 and "--base" in unmapped.stderr and not (tmp_path / "unmapped").exists()
     assert runner.invoke(main, ["validate", src, "--base", str(clip[2])]).exit_code == 0
     inspected = json.loads(runner.invoke(main, ["inspect", src, "--json"]).output)
     assert sorted((m["module"], m["rank"], m["alpha"]) for m in inspected["modules"]) == [

@@ -85,7 +85,8 @@ def test_without_base_names_stay_and_source_is_recorded(tmp_path):
 def test_round_trip_kohya_spec_kohya_keeps_every_delta(tmp_path):
     modules = _kohya_modules()
     src = _write_kohya(tmp_path / "k.safetensors", modules)
-    loratools.convert(src, tmp_path / "spec", to="peft")
+    _sd_base(tmp_path / "base.safetensors")  # maps kohya names to module paths, so the spec adapter loads in PEFT
+    loratools.convert(src, tmp_path / "spec", to="peft", base=tmp_path / "base.safetensors")
     back = tmp_path / "back.safetensors"
     loratools.convert(tmp_path / "spec", back, to="kohya")
     tensors, meta = _read_file(back)
