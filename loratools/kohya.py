@@ -27,7 +27,7 @@ from . import spec
 from .adapter import Adapter, LoraModule
 from .atomic import atomic_output
 from .checkpoint import module_index, open_checkpoint
-from .errors import FormatError
+from .errors import FormatError, LoratoolsError
 from .reader import RawAdapter
 from .tensorfile import Header, write_file
 
@@ -72,8 +72,13 @@ def map_names(names: Iterable[str], base: str | Path) -> tuple[dict[str, str], d
     (no base key flattens to it, or several do).  Module paths are the base's own, so the mapped
     adapter fits that base (and a PEFT model built on it) directly.
     """
+    try:
+        checkpoint = open_checkpoint(base)
+    except LoratoolsError as err:
+        err.code = "base-unreadable"  # the base is at fault, not the kohya file
+        raise
     candidates: dict[str, set[str]] = {}
-    for module in module_index(list(open_checkpoint(base).tensors)):
+    for module in module_index(list(checkpoint.tensors)):
         for flat in _flattenings(module):
             candidates.setdefault(flat, set()).add(module)
     mapped, unmapped = {}, {}

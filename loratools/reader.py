@@ -42,6 +42,7 @@ class RawAdapter:
     metadata: dict[str, str] = field(default_factory=dict)
     header: Header | None = None
     config_error: str | None = None
+    config_error_code: str = "config-invalid"  # or "config-missing"
 
 
 def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
@@ -73,6 +74,7 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
         config, config_error = _read_config(path.parent / spec.CONFIG_NAME)
     else:
         config_error = f"{weights}: no adapter config: put {spec.CONFIG_NAME} beside it or pass the adapter directory"
+        return _finish(str(path), header, config, config_error, missing=True)
     return _finish(str(path), header, config, config_error)
 
 
@@ -101,17 +103,19 @@ def _read_dir(path: Path, base: str | Path | None = None) -> RawAdapter:
     if config_path.exists():
         config, config_error = _read_config(config_path)
     else:
-        config, config_error = None, f"{config_path}: missing; a PEFT adapter directory needs its {spec.CONFIG_NAME}"
+        message = f"{config_path}: missing; a PEFT adapter directory needs its {spec.CONFIG_NAME}"
+        return _finish(str(path), header, None, message, missing=True)
     return _finish(str(path), header, config, config_error)
 
 
-def _finish(source: str, header: Header, config: Any, config_error: str | None) -> RawAdapter:
+def _finish(source: str, header: Header, config: Any, config_error: str | None, *, missing: bool = False) -> RawAdapter:
     _refuse_foreign(header)
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(header.path), framework="pt") as fh:
         for name in header.tensors:
             tensors[name] = fh.get_tensor(name)
-    return RawAdapter(source, config, tensors, dict(header.metadata), header, config_error)
+    code = "config-missing" if missing else "config-invalid"
+    return RawAdapter(source, config, tensors, dict(header.metadata), header, config_error, code)
 
 
 def _refuse_foreign(header: Header) -> None:

@@ -105,8 +105,7 @@ def check_raw(raw: RawAdapter) -> list[Problem]:
 
 def _config_problems(raw: RawAdapter) -> list[Problem]:
     if raw.config_error is not None:
-        code = "config-missing" if "missing" in raw.config_error or "no adapter config" in raw.config_error else "config-invalid"
-        return [Problem(code, spec.CONFIG_NAME, raw.config_error)]
+        return [Problem(raw.config_error_code, spec.CONFIG_NAME, raw.config_error)]
     config = raw.config
     if isinstance(config, dict) and isinstance(config.get("peft_type"), str) and config["peft_type"] != "LORA":
         return [

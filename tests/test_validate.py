@@ -45,6 +45,10 @@ def test_invalid_json_config_names_line(tmp_path):
     assert codes(report) == ["config-invalid"] and "line 1" in report.problems[0].message
 
 
+def test_invalid_json_is_not_called_missing_whatever_the_path(tmp_path):
+    assert codes(validate(write(tmp_path / "missing-config" / "a", config="{"))) == ["config-invalid"]
+
+
 def test_schema_violations_each_named(tmp_path):
     report = validate(write(tmp_path / "a", config={"peft_type": "LORA", "r": 0, "lora_alpha": "x", "target_modules": ["q_proj"]}))
     assert [(p.code, p.where) for p in report.problems] == [("config-schema", "r"), ("config-schema", "lora_alpha")]
@@ -217,6 +221,9 @@ def test_base_matching_is_fan_in_fan_out_aware(tmp_path, llama_base):
 def test_unreadable_base(tmp_path):
     report = validate(write(tmp_path / "a"), base=tmp_path / "nope")
     assert codes(report) == ["base-unreadable"]
+    kohya = tmp_path / "k.safetensors"
+    save_file({"lora_unet_x.lora_down.weight": torch.ones(2, 4), "lora_unet_x.lora_up.weight": torch.ones(3, 2)}, kohya)
+    assert codes(validate(kohya, base=tmp_path / "nope")) == ["base-unreadable"]
 
 
 def test_validate_an_adapter_object():
