@@ -118,7 +118,7 @@ def push(
     api = HfApi(endpoint=endpoint, token=token)
     with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as scratch, _hub_errors(repo_id, branch, token):
         folder = Path(adapter_path)
-        if not folder.is_dir():  # a bare .safetensors adapter: publish it as a PEFT directory
+        if not all((folder / name).is_file() for name in ADAPTER_FILES):  # a bare file, kohya, diffusers: as a PEFT dir
             folder = save(adapter, Path(scratch) / "adapter")
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != "main":
