@@ -221,7 +221,7 @@ def push(
 
 @main.command()
 @click.argument("ref", metavar="REPO_ID[@REVISION]")
-@click.option("-o", "--out", "out_dir", metavar="DIR", help="Where to put the adapter (default: ./NAME for owner/NAME).")
+@click.option("-o", "--out", "--output", "out_dir", metavar="DIR", help="Where to put the adapter (default: ./NAME for owner/NAME).")
 @click.option("--offline", is_flag=True, help="Use the huggingface_hub cache only (also: HF_HUB_OFFLINE=1).")
 @click.option("--token", help="Hub token (default: HF_TOKEN, then the `hf auth login` token). Never printed.")
 @click.option("--force", is_flag=True, help="Replace DIR if it exists.")
@@ -252,7 +252,9 @@ def pull(ref: str, out_dir: str | None, offline: bool, token: str | None, force:
 @click.argument("src")
 @click.option("--to", "to", type=click.Choice(TARGETS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts file).")
 @click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
-@click.option("-o", "--out", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya.")
+@click.option(
+    "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
+)
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
 def convert(src: str, to: Target, base: str | None, output: str, force: bool) -> None:
     """Convert the adapter at SRC (PEFT, kohya or diffusers) to another format.
@@ -271,7 +273,9 @@ def convert(src: str, to: Target, base: str | None, output: str, force: bool) ->
 @click.argument("tuned")
 @click.option("--rank", type=click.IntRange(min=1), required=True, help="Largest rank per module.")
 @click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Lower each module's rank to keep this fraction of ‖ΔW‖²_F.")
-@click.option("-o", "--out", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya).")
+@click.option(
+    "-o", "--out", "--output", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya)."
+)
 @click.option("--to", "to", type=click.Choice(TARGETS), default="peft", show_default=True, help="Output format.")
 @click.option("--skip-modules-to-save", is_flag=True, help="Drop changed embeddings/norms instead of saving them whole.")
 @click.option(
@@ -373,7 +377,9 @@ def _output_options(f: Any) -> Any:
         "--to", type=click.Choice(TARGETS), help="Output format (default: the first input's: kohya files stay kohya, else PEFT)."
     )(f)
     f = click.option("--dtype", type=click.Choice(list(_DTYPES)), help="Write factors in this dtype (default: the inputs').")(f)
-    return click.option("-o", "--output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file).")(f)
+    return click.option(
+        "-o", "--out", "--output", "output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file)."
+    )(f)
 
 
 def _write(result: Adapter, output: str, to: Target | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
@@ -591,7 +597,7 @@ def _report_merge(result: MergeResult, verb: str, quiet: bool, as_json: bool) ->
 @main.command()
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
+@click.option("-o", "--out", "--output", "out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
 @_merge_options
 def merge(
@@ -636,7 +642,7 @@ def merge(
 @main.command()
 @click.argument("merged")
 @click.argument("adapter")
-@click.option("-o", "--out", required=True, help="Output checkpoint (required: never the input).")
+@click.option("-o", "--out", "--output", "out", required=True, help="Output checkpoint (required: never the input).")
 @_merge_options
 def unmerge(
     merged: str, adapter: str, out: str, device: Device, dtype: Dtype, force: bool, fsync: bool, quiet: bool, as_json: bool
