@@ -26,5 +26,11 @@ lint: $(STAMP)
 	$(BIN)/ruff check loratools tests benchmarks examples
 	$(BIN)/mypy loratools
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/resize.py
+	$(BIN)/python benchmarks/extract.py --layers 1
+	$(BIN)/python benchmarks/merge.py
+	$(BIN)/python -m benchmarks.hub
+
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis demo-output
