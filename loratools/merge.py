@@ -56,6 +56,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Dtype = Literal["keep", "fp16", "bf16", "fp32"]
 DTYPE_CHOICES: dict[str, str | None] = {"keep": None, "fp16": "F16", "bf16": "BF16", "fp32": "F32"}
 _FLOATS = ("F64", "F32", "F16", "BF16")
+_LISTED = 8  # problems named in one error line; validate --base lists every one
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
 AdapterLike = str | Path | Adapter
 _scratch = threading.local()  # per-thread float32 work buffer for CPU row blocks: no page faults per block
@@ -387,7 +388,14 @@ def plan_edits(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seq
             replacements[target] = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
     if problems:
         raise ShapeError(
-            f"{len(problems)} adapter module(s) do not fit the base; nothing was written: " + "; ".join(problems), path=checkpoint.root
+            f"{len(problems)} adapter module(s) do not fit the base; nothing was written: "
+            + "; ".join(problems[:_LISTED])
+            + (
+                f"; ... and {len(problems) - _LISTED} more (`loratools validate ADAPTER --base BASE` lists all)"
+                if len(problems) > _LISTED
+                else ""
+            ),
+            path=checkpoint.root,
         )
     shared = sorted(k for k in magnitudes if len(terms[k]) > 1)
     if shared:
