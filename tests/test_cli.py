@@ -68,3 +68,47 @@ def test_help_has_examples(runner):
     for command in ("validate", "inspect"):
         result = runner.invoke(main, [command, "--help"])
         assert result.exit_code == 0 and "loratools " + command in result.output
+
+
+def _bad_inputs(tmp_path):
+    """One broken adapter per kind of bad input, each with the text its error line must carry."""
+    import torch
+    from safetensors.torch import save_file
+
+    from loratools import save
+
+    from .factories import random_adapter
+
+    cases = {}
+    pickled = write(tmp_path / "pickle")
+    (pickled / "adapter_model.safetensors").unlink()
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04")
+    cases["pickle"] = (pickled, "pickle")
+    truncated = write(tmp_path / "truncated")
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    cases["truncated"] = (truncated, "truncated")
+    cases["bad-json"] = (write(tmp_path / "json", config="{"), "adapter_config.json")
+    cases["future"] = (write(tmp_path / "future", metadata={"format": "pt", "loratools.spec_version": "9.0"}), "9.0")
+    loha = tmp_path / "loha.safetensors"
+    save_file({"lora_unet_x.hada_w1_a": torch.ones(2, 2)}, loha)
+    cases["loha"] = (loha, "LoHa")
+    save(random_adapter(1), tmp_path / "sum")
+    data = bytearray((tmp_path / "sum" / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "sum" / "adapter_model.safetensors").write_bytes(bytes(data))
+    cases["checksum"] = (tmp_path / "sum", "sha256")
+    return cases
+
+
+@pytest.mark.parametrize("case", ["pickle", "truncated", "bad-json", "future", "loha", "checksum"])
+def test_every_bad_input_is_one_line_naming_the_file(runner, tmp_path, case):
+    path, needle = _bad_inputs(tmp_path)[case]
+    for command in ("inspect", "resize"):
+        args = [command, str(path)] + (["--rank", "1", "-o", str(tmp_path / "out")] if command == "resize" else [])
+        result = runner.invoke(main, args)
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 3, (command, result.stderr)
+        assert len(lines) == 1 and needle in lines[0] and str(tmp_path) in lines[0], lines
+        assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+    assert runner.invoke(main, ["validate", str(path)]).exit_code == 1
