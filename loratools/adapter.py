@@ -20,6 +20,7 @@ import torch
 from . import spec
 from .atomic import atomic_output
 from .errors import SpecError
+from .linalg import flat
 from .reader import META_CONFIG, RawAdapter, read_raw
 from .tensorfile import write_file
 
@@ -64,12 +65,15 @@ class LoraModule:
         out, inp = int(self.B.shape[0]), int(self.A.shape[1])
         return (inp, out) if fan_in_fan_out else (out, inp)
 
+    def transposed(self, *, fan_in_fan_out: bool = False) -> bool:
+        """Whether the base stores (B·A)ᵀ: embeddings always, linears under ``fan_in_fan_out``."""
+        return self.kind == "embedding" or (self.kind == "linear" and fan_in_fan_out)
+
     def delta(self, *, fan_in_fan_out: bool = False) -> torch.Tensor:
         """Dense ΔW in float32, in the base weight's layout.  Forms an out x in matrix: merge only."""
-        B = self.B.reshape(self.B.shape[0], self.B.shape[1]).float()
-        A = self.A.reshape(self.A.shape[0], -1).float()
+        B, A = flat(self.B.float(), self.A.float())
         dense = self.scale * (B @ A)
-        if self.kind == "embedding" or (self.kind == "linear" and fan_in_fan_out):
+        if self.transposed(fan_in_fan_out=fan_in_fan_out):
             return dense.T
         return dense.reshape(self.delta_shape())
 

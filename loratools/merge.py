@@ -49,6 +49,7 @@ from .atomic import check_output
 from .checkpoint import Checkpoint, find_weight, module_index, open_checkpoint
 from .device import resolve as resolve_device
 from .errors import MergeError, ShapeError
+from .linalg import flat
 from .streaming import FilePlan, Transform, write_checkpoint
 from .tensorfile import TensorInfo
 
@@ -367,8 +368,8 @@ def plan_edits(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seq
                 problems.append(f"{where}: ΔW is {list(want)} but base tensor {key} is {info.dtype} {list(info.shape)}")
                 continue
             scale = weight * module.scale
-            B, A = module.B.reshape(module.B.shape[0], -1).float(), module.A.reshape(module.A.shape[0], -1).float()
-            transposed = module.kind == "embedding" or (module.kind == "linear" and adapter.fan_in_fan_out)
+            B, A = flat(module.B.float(), module.A.float())
+            transposed = module.transposed(fan_in_fan_out=adapter.fan_in_fan_out)
             rounded = module.kind == "embedding" and module.magnitude is None
             terms.setdefault(key, []).append(Term(B, A, scale, transposed, rounded))
             if module.magnitude is not None:

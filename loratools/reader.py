@@ -64,7 +64,7 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
         raise _pickle_refused(path)
     weights = path
     config, config_error = None, None
-    header = read_header(weights)
+    header = _read_lora_header(weights)
     foreign = _read_foreign(header, base, has_config=META_CONFIG in header.metadata or (path.parent / spec.CONFIG_NAME).exists())
     if foreign is not None:
         return foreign
@@ -82,7 +82,6 @@ def _read_foreign(header: Header, base: str | Path | None, *, has_config: bool) 
     """A kohya file, or a diffusers one when no PEFT config comes with it, read into the PEFT layout."""
     from . import diffusers, kohya  # local: they build on adapter.py, which imports this module
 
-    _refuse_foreign(header)
     if kohya.is_kohya(header.tensors):
         return kohya.read_kohya(header, base=base)
     if not has_config and diffusers.is_diffusers(list(header.tensors)):
@@ -98,7 +97,7 @@ def _read_dir(path: Path, base: str | Path | None = None) -> RawAdapter:
         if (path / spec.PICKLE_WEIGHTS_NAME).exists():
             raise _pickle_refused(path / spec.PICKLE_WEIGHTS_NAME)
         raise SpecError(f"no {spec.WEIGHTS_NAME} in the adapter directory", path=path, code="weights-missing")
-    header = read_header(weights)
+    header = _read_lora_header(weights)
     config_path = path / spec.CONFIG_NAME
     if config_path.exists():
         config, config_error = _read_config(config_path)
@@ -109,13 +108,19 @@ def _read_dir(path: Path, base: str | Path | None = None) -> RawAdapter:
 
 
 def _finish(source: str, header: Header, config: Any, config_error: str | None, *, missing: bool = False) -> RawAdapter:
-    _refuse_foreign(header)
     tensors: dict[str, torch.Tensor] = {}
     with safe_open(str(header.path), framework="pt") as fh:
         for name in header.tensors:
             tensors[name] = fh.get_tensor(name)
     code = "config-missing" if missing else "config-invalid"
     return RawAdapter(source, config, tensors, dict(header.metadata), header, config_error, code)
+
+
+def _read_lora_header(weights: Path) -> Header:
+    """The weights file's header, once LyCORIS layouts (not LoRA at all) have been refused by name."""
+    header = read_header(weights)
+    _refuse_foreign(header)
+    return header
 
 
 def _refuse_foreign(header: Header) -> None:
