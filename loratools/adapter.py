@@ -21,7 +21,7 @@ from . import spec
 from .atomic import atomic_output
 from .errors import SpecError
 from .linalg import flat
-from .reader import META_CONFIG, RawAdapter, read_raw
+from .reader import RawAdapter, read_raw
 from .tensorfile import write_file
 
 Kind = Literal["linear", "conv", "embedding"]
@@ -142,8 +142,7 @@ class Adapter:
 
     def file_metadata(self) -> dict[str, str]:
         """safetensors ``__metadata__`` to write: ours plus any foreign keys carried through."""
-        ours = (spec.META_SHA256, META_CONFIG, spec.META_SOURCE, spec.META_PREFIX)  # a PEFT write is no longer kohya
-        meta = {k: v for k, v in self.metadata.items() if k not in ours}
+        meta = {k: v for k, v in self.metadata.items() if k not in spec.OWN_METADATA}  # a PEFT write is no longer kohya
         meta[spec.META_FORMAT] = "pt"
         meta[spec.META_VERSION] = spec.SPEC_VERSION
         return meta
@@ -255,7 +254,8 @@ def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torc
     single = path.suffix == ".safetensors"
     with atomic_output(path, force=force, directory=not single) as tmp:
         if single:
-            write_file(tmp, adapter.state_dict(), {**meta, META_CONFIG: json.dumps(config, sort_keys=True)}, checksum_key=spec.META_SHA256)
+            meta[spec.META_CONFIG] = json.dumps(config, sort_keys=True)
+            write_file(tmp, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
         else:
             write_file(tmp / spec.WEIGHTS_NAME, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
             (tmp / spec.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

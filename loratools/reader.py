@@ -20,8 +20,6 @@ from . import spec
 from .errors import FormatError, SpecError
 from .tensorfile import Header, read_header
 
-META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
-
 _FOREIGN = (
     (("hada_w1", "hada_w2"), "a LyCORIS LoHa adapter (hada_* tensors)", "LoHa is not LoRA: it has no B·A factorisation loratools can use"),
     (("lokr_w1", "lokr_w2"), "a LyCORIS LoKr adapter (lokr_* tensors)", "LoKr is not LoRA: it has no B·A factorisation loratools can use"),
@@ -65,11 +63,11 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
     weights = path
     config, config_error = None, None
     header = _read_lora_header(weights)
-    foreign = _read_foreign(header, base, has_config=META_CONFIG in header.metadata or (path.parent / spec.CONFIG_NAME).exists())
+    foreign = _read_foreign(header, base, has_config=spec.META_CONFIG in header.metadata or (path.parent / spec.CONFIG_NAME).exists())
     if foreign is not None:
         return foreign
-    if META_CONFIG in header.metadata:
-        config, config_error = _parse_json(header.metadata[META_CONFIG], f"{weights} [{META_CONFIG}]")
+    if spec.META_CONFIG in header.metadata:
+        config, config_error = _parse_json(header.metadata[spec.META_CONFIG], f"{weights} [{spec.META_CONFIG}]")
     elif (path.parent / spec.CONFIG_NAME).exists():
         config, config_error = _read_config(path.parent / spec.CONFIG_NAME)
     else:
