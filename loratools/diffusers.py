@@ -29,7 +29,6 @@ from .kohya import META_SOURCE, foreign_raw
 from .reader import RawAdapter
 from .tensorfile import Header
 
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 META_ADAPTER = "lora_adapter_metadata"
 _COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.")
 
@@ -48,7 +47,7 @@ def is_diffusers(names: list[str]) -> bool:
     """Whether ``names`` look like a diffusers LoRA file (and not a PEFT ``base_model.model.`` one)."""
     if any(n.startswith(spec.PREFIX) for n in names):
         return False
-    return any(_parse(n) is not None and _parse(n)[1] in ("A", "B") for n in names)  # type: ignore[index]
+    return any((parsed := _parse(n)) is not None and parsed[1] in ("A", "B") for n in names)
 
 
 def _parse(key: str) -> tuple[str, str] | None:

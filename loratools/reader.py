@@ -89,8 +89,8 @@ def _read_foreign(header: Header, base: str | Path | None, *, has_config: bool) 
 
 def _read_dir(path: Path, base: str | Path | None = None) -> RawAdapter:
     weights = path / spec.WEIGHTS_NAME
-    if not weights.exists() and (path / "pytorch_lora_weights.safetensors").exists():
-        return read_raw(path / "pytorch_lora_weights.safetensors", base=base)
+    if not weights.exists() and (path / spec.DIFFUSERS_WEIGHTS_NAME).exists():
+        return read_raw(path / spec.DIFFUSERS_WEIGHTS_NAME, base=base)
     if not weights.exists():
         if (path / spec.PICKLE_WEIGHTS_NAME).exists():
             raise _pickle_refused(path / spec.PICKLE_WEIGHTS_NAME)

@@ -14,6 +14,7 @@ from typing import Any
 SPEC_VERSION = "1.0"
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+DIFFUSERS_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes
 CARD_NAME = "README.md"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 

@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 import loratools
-from loratools.diffusers import WEIGHTS_NAME
 from loratools.errors import FormatError
+from loratools.spec import DIFFUSERS_WEIGHTS_NAME
 
 DOWN = torch.tensor([[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]])  # A: rank 2, in 3
 UP = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # B: out 2, rank 2
@@ -67,7 +67,7 @@ def test_alpha_tensor_and_adapter_metadata(tmp_path):
 
 def test_pipeline_directory_and_half_modules(tmp_path):
     (tmp_path / "pipe").mkdir()
-    save_file({"unet.a.lora_A.weight": DOWN, "unet.a.lora_B.weight": UP}, str(tmp_path / "pipe" / WEIGHTS_NAME))
+    save_file({"unet.a.lora_A.weight": DOWN, "unet.a.lora_B.weight": UP}, str(tmp_path / "pipe" / DIFFUSERS_WEIGHTS_NAME))
     assert list(loratools.load(tmp_path / "pipe").modules) == ["unet.a"]
     save_file({"unet.a.lora_A.weight": DOWN}, str(tmp_path / "half.safetensors"))
     with pytest.raises(FormatError, match="no up/lora_B"):
