@@ -9,12 +9,20 @@ rank-16 adapter on the 7 attention/MLP projections, then times, in the same run:
 * peft:      AutoModelForCausalLM.from_pretrained + PeftModel.from_pretrained + merge_and_unload +
              save_pretrained,
 
-each with wall time, CPU time and peak RSS (``/usr/bin/time -v``; getrusage of children otherwise);
-copy and loratools run ``--repeat`` times (best shown: the machine may be shared), PEFT once.  Page
-cache is warm for all three (the checkpoint was just written); dirty pages are synced before each
-run.  Data lives under a temporary directory that is deleted at the end.
+plus ``loratools merge --buffered`` (writes through the page cache instead of around it), each with
+wall time, CPU time and peak RSS (``/usr/bin/time -v``; getrusage of children otherwise), and the
+wall time including a trailing ``sync`` (until the output is on disk, not only in the page cache).
+copy and loratools run ``--repeat`` times (best shown: the machine may be shared), PEFT once.  The
+source's page cache is warm for all (the checkpoint was just written).
 
-    python benchmarks/merge.py [--dir /tmp] [--keep] [--repeat 3] [--device cpu|cuda] [--skip-peft]
+Before each run, dirty pages are synced and the script waits ``--settle`` seconds, so that every
+run finds memory in the same state: VMs like our CI's hand freed memory back to their host within
+about 2 s, and a process writing into such memory pays a host fault per fresh page (measured here:
+buffered writes 0.4-0.6 GiB/s, against 3-4 GiB/s into memory freed a moment earlier).  Without
+the wait, ``cp`` reuses the pages the previous run's output just freed while a Python process
+spends its first 1.5 s importing torch; ``--settle 0`` shows that case.
+
+    python benchmarks/merge.py [--dir /tmp] [--keep] [--repeat 3] [--settle 5] [--device cpu|cuda] [--skip-peft]
 """
 
 from __future__ import annotations
@@ -128,9 +136,14 @@ def make_adapter(path: Path, base: Path) -> None:
     save(Adapter(modules, config), path)
 
 
-def timed(cmd: list[str]) -> tuple[float, float, float]:
-    """(wall seconds, peak RSS in MiB, CPU seconds user+sys) of ``cmd`` run to completion."""
+Timing = tuple[float, float, float, float]
+"""wall seconds, peak RSS in MiB, CPU seconds (user+sys), wall seconds including a trailing sync"""
+
+
+def timed(cmd: list[str], settle: float) -> Timing:
+    """Sync, wait ``settle`` seconds, then run ``cmd`` to completion and time it, and its sync."""
     subprocess.run(["sync"], check=True)
+    time.sleep(settle)
     gnu_time = Path("/usr/bin/time")
     if gnu_time.exists():
         report = tempfile.NamedTemporaryFile(suffix=".time", delete=False)
@@ -138,18 +151,22 @@ def timed(cmd: list[str]) -> tuple[float, float, float]:
         start = time.perf_counter()
         subprocess.run([str(gnu_time), "-v", "-o", report.name, *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wall = time.perf_counter() - start
+        subprocess.run(["sync"], check=True)
+        synced = time.perf_counter() - start
         text = Path(report.name).read_text()
         os.unlink(report.name)
         fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
         cpu = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
-        return wall, int(fields["Maximum resident set size (kbytes)"]) / 1024, cpu
+        return wall, int(fields["Maximum resident set size (kbytes)"]) / 1024, cpu, synced
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
+    subprocess.run(["sync"], check=True)
+    synced = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # maxrss: the largest child so far
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return wall, after.ru_maxrss / 1024, cpu
+    return wall, after.ru_maxrss / 1024, cpu, synced
 
 
 def main() -> None:
@@ -159,6 +176,7 @@ def main() -> None:
     parser.add_argument("--skip-peft", action="store_true", help="time only copy and loratools")
     parser.add_argument("--device", default="cpu", help="loratools --device")
     parser.add_argument("--repeat", type=int, default=3, help="runs of copy and loratools (best is shown); PEFT runs once")
+    parser.add_argument("--settle", type=float, default=5.0, help="seconds to wait before each run (see the module docstring)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loratools-merge-bench-", dir=args.dir))
     env_path = str(Path(__file__).resolve().parent.parent)
@@ -171,21 +189,11 @@ def main() -> None:
             f"checkpoint: {size / 2**30:.2f} GiB bf16, {LAYERS} layers; adapter rank {RANK} on {len(TARGETS)} targets; "
             f"{os.cpu_count()} CPU(s), torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}"
         )
+        merge_cmd = [sys.executable, "-c", LORATOOLS_SCRIPT, "merge", str(base), str(adapter), "-o", str(work / "out"), "--quiet"]
         runs = {
             "copy (cp -r)": ["cp", "-r", str(base), str(work / "out")],
-            "loratools merge": [
-                sys.executable,
-                "-c",
-                LORATOOLS_SCRIPT,
-                "merge",
-                str(base),
-                str(adapter),
-                "-o",
-                str(work / "out"),
-                "--quiet",
-                "--device",
-                args.device,
-            ],
+            "loratools merge": [*merge_cmd, "--device", args.device],
+            "loratools --buffered": [*merge_cmd, "--device", args.device, "--buffered"],
             "peft merge_and_unload": [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(work / "out")],
         }
         if args.skip_peft:
@@ -194,17 +202,18 @@ def main() -> None:
         for label, cmd in runs.items():
             best = None
             for _ in range(args.repeat if "peft" not in label else 1):  # best of N: the machine may be shared
-                result = timed(cmd)
+                result = timed(cmd, args.settle)
                 shutil.rmtree(work / "out")
                 best = result if best is None or result[0] < best[0] else best
             rows.append((label, best))
-        print(f"{'':24}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>15}{'GiB/s':>8}")
-        for label, (wall, rss, cpu) in rows:
-            print(f"{label:24}{wall:9.2f}{cpu:8.2f}{rss:15.0f}{size / 2**30 / wall:8.2f}")
-        (copy_s, _, _), (lt_s, lt_rss, _) = rows[0][1], rows[1][1]
-        print(f"loratools / copy: {lt_s / copy_s:.2f}x wall (goal <= 2.5x)")
-        if len(rows) > 2:
-            peft_s, peft_rss, _ = rows[2][1]
+        print(f"settle {args.settle:g} s; best of {args.repeat} for copy and loratools")
+        print(f"{'':24}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>15}{'GiB/s':>8}{'wall+sync s':>13}")
+        for label, (wall, rss, cpu, synced) in rows:
+            print(f"{label:24}{wall:9.2f}{cpu:8.2f}{rss:15.0f}{size / 2**30 / wall:8.2f}{synced:13.2f}")
+        (copy_s, _, _, copy_synced), (lt_s, lt_rss, _, lt_synced) = rows[0][1], rows[1][1]
+        print(f"loratools / copy: {lt_s / copy_s:.2f}x wall (goal <= 2.5x); {lt_synced / copy_synced:.2f}x until on disk")
+        if len(rows) > 3:
+            peft_s, peft_rss, _, _ = rows[3][1]
             print(f"peft / loratools: {peft_s / lt_s:.1f}x faster (goal >= 6x); RSS {100 * lt_rss / peft_rss:.0f}% of PEFT's (goal <= 25%)")
     finally:
         if not args.keep:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
 
 # Before torch loads: libgomp's default busy-waiting makes torch's short ops crawl when cores are
 # shared (measured: 7B-adapter resize 18 s -> 4 s on 2 busy cores).  setdefault: a user's value wins.
@@ -31,7 +32,6 @@ from .errors import (
     SpecError,
 )
 from .extract import ExtractReport, extract
-from .hub import PullResult, PushResult, pull, push
 from .kohya import save_kohya
 from .linalg import FactoredSVD, factored_svd, singular_values
 from .merge import MergeResult, merge, unmerge
@@ -39,6 +39,21 @@ from .spec import SPEC_VERSION
 from .spectrum import ModuleSpectrum, plot_spectrum, spectra
 from .summary import Summary, summarize
 from .validate import Problem, Report, validate
+
+if TYPE_CHECKING:
+    from .hub import PullResult, PushResult, pull, push
+
+_HUB_NAMES = frozenset({"PullResult", "PushResult", "pull", "push"})
+
+
+def __getattr__(name: str) -> Any:
+    """The Hub API loads on first use: huggingface_hub's import costs 0.2 s that merge, resize etc. never need."""
+    if name in _HUB_NAMES:
+        from . import hub
+
+        return getattr(hub, name)
+    raise AttributeError(f"module 'loratools' has no attribute {name!r}")
+
 
 try:
     __version__ = version("loratools")

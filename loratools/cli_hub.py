@@ -5,8 +5,6 @@ from __future__ import annotations
 import click
 
 from .cli import emit_json, main, out
-from .hub import pull as pull_adapter
-from .hub import push as push_adapter
 
 
 @main.command()
@@ -32,6 +30,8 @@ def push(
       loratools push ./my-adapter me/my-adapter --revision experiment -m "rank 8 run"
       loratools push ./my-adapter org/adapter --create-pr --json
     """
+    from .hub import push as push_adapter  # huggingface_hub loads only for the commands that use it
+
     result = push_adapter(adapter, repo_id, revision=revision, private=private, create_pr=create_pr, message=message, token=token)
     if as_json:
         emit_json(result.to_dict())
@@ -63,6 +63,8 @@ def pull(ref: str, out_dir: str | None, offline: bool, token: str | None, force:
       loratools pull me/my-adapter --offline --json
       loratools inspect hf://me/my-adapter@main
     """
+    from .hub import pull as pull_adapter
+
     result = pull_adapter(ref, out=out_dir, offline=offline, token=token, force=force)
     if as_json:
         emit_json(result.to_dict())

@@ -51,6 +51,12 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
                 help="Dtype of the output's floating tensors (keep: as stored in the input).",
             ),
             click.option("--force", is_flag=True, help="Replace an existing output (only once the new one is complete)."),
+            click.option(
+                "--buffered",
+                is_flag=True,
+                help="Write through the page cache (keeps the output cached for an immediate load). "
+                "Default: direct I/O around the cache where the file system allows.",
+            ),
             click.option("--fsync", is_flag=True, help="Flush the output to stable storage before it appears."),
             click.option("--quiet", is_flag=True, help="No progress bar or summary."),
             click.option("--json", "as_json", is_flag=True, help="Print the result as JSON."),
@@ -88,6 +94,7 @@ def merge(
     device: Device,
     dtype: Dtype,
     force: bool,
+    buffered: bool,
     fsync: bool,
     quiet: bool,
     as_json: bool,
@@ -113,6 +120,7 @@ def merge(
             device=device,
             dtype=dtype,
             force=force,
+            direct=not buffered,
             fsync=fsync,
             progress=progress,
         )
@@ -125,7 +133,16 @@ def merge(
 @click.option("-o", "--out", "--output", "out", required=True, help="Output checkpoint (required: never the input).")
 @_merge_options
 def unmerge(
-    merged: str, adapter: str, out: str, device: Device, dtype: Dtype, force: bool, fsync: bool, quiet: bool, as_json: bool
+    merged: str,
+    adapter: str,
+    out: str,
+    device: Device,
+    dtype: Dtype,
+    force: bool,
+    buffered: bool,
+    fsync: bool,
+    quiet: bool,
+    as_json: bool,
 ) -> None:
     """Take ADAPTER back out of the MERGED checkpoint: W = W' − s·B·A.
 
@@ -144,6 +161,7 @@ def unmerge(
             device=device,
             dtype=dtype,
             force=force,
+            direct=not buffered,
             fsync=fsync,
             progress=progress,
         )

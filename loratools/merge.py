@@ -50,7 +50,7 @@ from .checkpoint import Checkpoint, find_weight, module_index, open_checkpoint
 from .device import resolve as resolve_device
 from .errors import MergeError, ShapeError
 from .linalg import flat
-from .streaming import FilePlan, Transform, write_checkpoint
+from .streaming import FilePlan, Transform, WriteOptions, write_checkpoint
 from .tensorfile import TensorInfo
 
 Device = Literal["auto", "cpu", "cuda"]
@@ -209,6 +209,7 @@ def merge(
     device: Device = "auto",
     dtype: Dtype = "keep",
     force: bool = False,
+    direct: bool = True,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
@@ -219,12 +220,14 @@ def merge(
     ``dtype``), index and side files.  Nothing is written unless every adapter module maps to a base
     tensor of its ΔW's shape (:class:`ShapeError` lists every one that does not).  The output appears
     only when complete (a crash, Ctrl-C, kill -9 or full disk leaves none); ``fsync`` also flushes
-    it to stable storage first.  ``progress`` is called with (bytes written, bytes total).
+    it to stable storage first.  ``direct`` writes around the page cache where the file system
+    allows (:mod:`loratools.sink` says why); ``progress`` is called with (bytes written, bytes total).
     """
     with _own_threads() as pool:
         loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
-        return _merge(base, loaded, labels, weights, out, device, dtype, force, fsync, progress, pool)
+        options = WriteOptions(force, direct, fsync, progress)
+        return _merge(base, loaded, labels, weights, out, device, dtype, options, pool)
 
 
 def unmerge(
@@ -235,6 +238,7 @@ def unmerge(
     device: Device = "auto",
     dtype: Dtype = "keep",
     force: bool = False,
+    direct: bool = True,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
@@ -250,10 +254,10 @@ def unmerge(
     label = str(adapter) if not isinstance(adapter, Adapter) else "adapter #1"
     with _own_threads() as pool:
         loaded = adapter if isinstance(adapter, Adapter) else load(adapter, base=merged)
-        return _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool)
+        return _unmerge(merged, loaded, label, out, device, dtype, WriteOptions(force, direct, fsync, progress), pool)
 
 
-def _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
+def _unmerge(merged, loaded, label, out, device, dtype, options, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     dora = sorted(n for n, m in loaded.modules.items() if m.magnitude is not None)
     if dora:
         raise MergeError(
@@ -267,10 +271,10 @@ def _unmerge(merged, loaded, label, out, device, dtype, force, fsync, progress, 
             f"cannot unmerge modules_to_save tensors ({', '.join(saved[:3])}): the merge replaced the base tensors", path=label
         )
     loaded = Adapter(loaded.modules, loaded.config, {}, loaded.metadata)  # saved base_layer tensors are the base's own
-    return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, force, fsync, progress, pool)
+    return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, options, pool)
 
 
-def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, progress, pool) -> MergeResult:  # type: ignore[no-untyped-def]
+def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -> MergeResult:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     base = Path(base).resolve()  # "." has no name to build <base>-merged from
     if not adapters:
@@ -280,11 +284,11 @@ def _merge(base, adapters, labels, weights, out, device, dtype, force, fsync, pr
         raise MergeError(f"dtype {dtype!r} is not one of {', '.join(DTYPE_CHOICES)}")
     checkpoint = open_checkpoint(base)
     out = Path(out) if out is not None else default_out(base)
-    _check_out(base, out, force)
+    _check_out(base, out, options.force)
     target = resolve_device(device)
     edits = plan_edits(checkpoint, adapters, weights, labels)
     plans = [_file_plan(checkpoint.headers[s.name], edits, DTYPE_CHOICES[dtype], target, pool) for s in checkpoint.shards]
-    total = write_checkpoint(checkpoint, plans, out, force=force, fsync=fsync, pin=target.type == "cuda", progress=progress)
+    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda")
     return MergeResult(
         out,
         base,

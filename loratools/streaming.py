@@ -1,8 +1,9 @@
 """Stream safetensors files through per-tensor transforms, overlapping reads, compute and writes.
 
 An output file's header is known from its input's, so each output is written front to back in one
-pass: the header, then every tensor in file order.  Tensors nobody transforms are copied by the
-kernel (``copy_file_range``) without passing through Python.  The others are mapped from the page
+pass: the header, then every tensor in file order, appended by a :class:`~loratools.sink.Sink`
+(around the page cache where the file system allows).  Tensors nobody transforms are copied as
+bytes, by the kernel when writes are buffered.  The others are mapped from the page
 cache by a reader thread (no copy; or, when a GPU computes, copied into a small pool of pinned
 buffers so host-to-device copies run asynchronously), transformed by the caller on the main thread
 into a pool of output buffers, and written by a writer thread while the next tensor is computed.
@@ -12,7 +13,6 @@ the model: a 70B checkpoint streams on a machine with a fraction of its size in 
 
 from __future__ import annotations
 
-import errno
 import json
 import mmap
 import os
@@ -29,7 +29,9 @@ import torch
 
 from .atomic import atomic_output
 from .checkpoint import INDEX_NAME, Checkpoint
-from .errors import DiskSpaceError, FormatError
+from .errors import DiskSpaceError
+from .pipeline import Stopped, Worker, get, put
+from .sink import ALIGN, Sink, as_bytes, pread_into
 from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header
 
 Transform = Callable[[torch.Tensor, torch.Tensor], None]
@@ -38,9 +40,7 @@ Progress = Callable[[int], None]
 """Called with the number of output bytes just written."""
 
 _POOL = 2  # buffers per pool: the reader runs one tensor ahead, the writer one behind
-_TICK = 0.1  # seconds between checks for a failed worker while waiting on a queue
-_NO_COPY_FILE_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
-_COPY_CHUNK = 64 * 1024 * 1024
+_CHUNK = 16 * 2**20  # bytes per piece of an untouched tensor passed through
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 _SKIP_DIRS = {".git", ".cache", ".huggingface"}
 
@@ -84,89 +84,18 @@ class FilePlan:
         return len(self.header_bytes()) + self.data_bytes
 
 
-class _Stopped(Exception):
-    """Raised inside a pipeline stage when another stage failed or was interrupted."""
-
-
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> None:
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_TICK)
-            return
-        except queue.Full:
-            continue
-    raise _Stopped
-
-
-def _get(q: queue.Queue, stop: threading.Event) -> Any:
-    while not stop.is_set():
-        try:
-            return q.get(timeout=_TICK)
-        except queue.Empty:
-            continue
-    raise _Stopped
-
-
-class _Worker(threading.Thread):
-    """A pipeline stage; its first error stops the others and is re-raised by the main thread."""
-
-    def __init__(self, fn: Callable[..., None], stop: threading.Event, *args: Any):
-        super().__init__(daemon=True)
-        self._fn, self._stop_event, self._args = fn, stop, args
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        try:
-            self._fn(*self._args)
-        except _Stopped:
-            pass
-        except BaseException as err:  # noqa: BLE001 - handed to the main thread
-            self.error = err
-            self._stop_event.set()
-
-
 def _pool(nbytes: int, pin: bool) -> queue.Queue:
+    """Output (or pinned input) buffers, with room to place data at an address congruent to its file offset."""
     pool: queue.Queue = queue.Queue()
     for _ in range(_POOL):
-        pool.put(torch.empty(nbytes, dtype=torch.uint8, pin_memory=pin))
+        pool.put(torch.empty(nbytes + ALIGN if nbytes else 0, dtype=torch.uint8, pin_memory=pin))
     return pool
 
 
-def _bytes(buf: torch.Tensor, n: int) -> memoryview:
-    return memoryview(buf[:n].numpy()).cast("B")  # type: ignore[arg-type]
-
-
-def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
-    pos = 0
-    while pos < len(view):
-        n = os.preadv(fd, [view[pos:]], offset + pos)
-        if n == 0:
-            raise FormatError(f"file is truncated: expected data up to byte {offset + len(view)}", path=path)
-        pos += n
-
-
-def _write_exact(fd: int, view: memoryview) -> None:
-    pos = 0
-    while pos < len(view):
-        pos += os.write(fd, view[pos:])
-
-
-def _copy_range(src: int, dst: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src`` from ``offset`` to ``dst``, in the kernel when it can."""
-    kernel = hasattr(os, "copy_file_range")  # Linux only
-    while count:
-        try:
-            if not kernel:
-                raise OSError(errno.ENOSYS, "no copy_file_range")
-            n = os.copy_file_range(src, dst, min(count, 1 << 30), offset)
-        except OSError as err:
-            if err.errno not in _NO_COPY_FILE_RANGE:
-                raise
-            kernel = False
-            n = os.write(dst, os.pread(src, min(count, _COPY_CHUNK), offset))
-        if n == 0:
-            raise FormatError(f"input ended early while copying byte {offset}")
-        offset, count = offset + n, count - n
+def _placed(buf: torch.Tensor, offset: int, n: int) -> torch.Tensor:
+    """``n`` bytes of ``buf`` at an address ≡ ``offset`` (mod ALIGN): the sink writes them without a copy."""
+    shift = (offset - buf.data_ptr()) % ALIGN if n else 0
+    return buf[shift : shift + n]
 
 
 def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
@@ -178,118 +107,152 @@ def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) 
     return buf[:nbytes].view(DTYPES[dtype]).reshape(rows, cols)
 
 
-def _map(fd: int, info: TensorInfo) -> torch.Tensor:
-    """The tensor's bytes as a read-only view of the page cache: no copy, prefaulted by MAP_POPULATE.
+def _pieces(plan: FilePlan, info: TensorInfo) -> list[tuple[int, int]]:
+    """File ranges read ahead for one tensor: whole when transformed, else in chunks of at most _CHUNK bytes.
+
+    Untouched tensors pass through in chunks so a huge one (a 70B model's embeddings) is never
+    mapped whole; transformed ones are read whole.
+    """
+    if plan.computed(info) or info.nbytes <= _CHUNK:
+        return [(info.start, info.end)]
+    return [(a, min(a + _CHUNK, info.end)) for a in range(info.start, info.end, _CHUNK)]
+
+
+def _map(fd: int, start: int, end: int) -> torch.Tensor:
+    """Bytes ``start:end`` of the file as a read-only view of the page cache: no copy, prefaulted by MAP_POPULATE.
 
     The mapping lives as long as the returned tensor, so it is unmapped as soon as the tensor is done.
+    Its address is congruent to ``start`` modulo the page size, which direct writes need.
     """
-    if info.nbytes == 0:
+    if end == start:
         return torch.empty(0, dtype=torch.uint8)
-    start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+    base = start - start % mmap.ALLOCATIONGRANULARITY
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-    mapped = mmap.mmap(fd, info.end - start, flags=flags, prot=mmap.PROT_READ, offset=start)
+    mapped = mmap.mmap(fd, end - base, flags=flags, prot=mmap.PROT_READ, offset=base)
     with warnings.catch_warnings():  # read-only on purpose: sources are never written
         warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.start - start)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start - base)
 
 
-def _read_all(fd: int, path: Path, infos: list[TensorInfo], pool: queue.Queue | None, reads: queue.Queue, stop: threading.Event) -> None:
-    """Read ahead: map each tensor (CPU), or copy it into a pinned pool buffer (GPU: async uploads)."""
+def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Queue, stop: threading.Event) -> None:
+    """Read ahead in file order: map each piece from the page cache, or, when a GPU computes, copy
+    the tensors it transforms into pinned pool buffers (so uploads run asynchronously)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    for info in infos:
-        if pool is None:
-            _put(reads, (_map(fd, info), info), stop)
+    for info in plan.tensors:
+        if pool is not None and plan.computed(info):
+            buf = get(pool, stop)
+            pread_into(fd, as_bytes(buf[: info.nbytes]), info.start, plan.header.path)
+            put(reads, buf, stop)
             continue
-        buf = _get(pool, stop)
-        _pread_into(fd, _bytes(buf, info.nbytes), info.start, path)
-        _put(reads, (buf, info), stop)
+        for start, end in _pieces(plan, info):
+            put(reads, _map(fd, start, end), stop)
 
 
-def _write_all(src: int, dst: int, writes: queue.Queue, pool: queue.Queue, progress: Progress, fsync: bool, stop: threading.Event) -> None:
-    pos = os.lseek(dst, 0, os.SEEK_CUR)
-    while (item := _get(writes, stop)) is not None:
-        kind, what, n = item
-        if kind == "copy":
-            _copy_range(src, dst, what, n)
-        else:
-            _write_exact(dst, _bytes(what, n))
-            pool.put(what)
-        if fsync and hasattr(os, "posix_fadvise"):  # start writeback now, not all at the final fsync
-            os.posix_fadvise(dst, pos, n, os.POSIX_FADV_DONTNEED)
-        pos += n
-        progress(n)
+def _write_all(sink: Sink, writes: queue.Queue, pool: queue.Queue, progress: Progress, stop: threading.Event) -> None:
+    """Append each queued piece to the sink; output buffers go back to their pool once written."""
+    while (item := get(writes, stop)) is not None:
+        data, buf = item
+        sink.write(data)
+        if buf is not None:
+            pool.put(buf)
+        progress(data.numel())
 
 
 def _cast(src: torch.Tensor, dst: torch.Tensor) -> None:
     dst.copy_(src)
 
 
-def stream_files(jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, fsync: bool = False, progress: Progress | None = None) -> None:
+def stream_files(
+    jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, direct: bool = True, fsync: bool = False, progress: Progress | None = None
+) -> None:
     """Write each plan's output file; on any error or interrupt, stop every stage and re-raise.
 
+    ``direct`` writes around the page cache where the file system allows (:mod:`loratools.sink`).
     ``fsync`` flushes each file to stable storage before returning (durability against power loss;
-    like ``cp`` and ``save_pretrained``, the default leaves that to the OS, which costs nothing on
-    an idle disk and many seconds on a busy one).
+    like ``cp`` and ``save_pretrained``, the default leaves that to the OS).
     """
     computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
     in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin) if pin else None
     out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin)
     for plan, dst in jobs:
-        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), fsync)
+        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), direct, fsync)
 
 
-def _stream_file(plan: FilePlan, dst: Path, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress, fsync: bool) -> None:
+def _stream_file(
+    plan: FilePlan, dst: Path, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress, direct: bool, fsync: bool
+) -> None:
+    sink = Sink(dst, direct=direct, fsync=fsync)
+    try:
+        header = plan.header_bytes()
+        sink.write(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        progress(len(header))
+        with open(plan.header.path, "rb", buffering=0) as src:
+            _run_stages(plan, src.fileno(), len(header), sink, in_pool, out_pool, progress)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _run_stages(
+    plan: FilePlan, src: int, offset: int, sink: Sink, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress
+) -> None:
+    """Reader and writer threads around the main thread's transforms; re-raises the first failure."""
     stop = threading.Event()
     reads: queue.Queue = queue.Queue(maxsize=_POOL)
     writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
-    todo = [t for t in plan.tensors if plan.computed(t)]
-    with open(plan.header.path, "rb", buffering=0) as src, open(dst, "wb", buffering=0) as out:
-        header = plan.header_bytes()
-        _write_exact(out.fileno(), memoryview(header))
-        progress(len(header))
-        workers = [
-            _Worker(_read_all, stop, src.fileno(), plan.header.path, todo, in_pool, reads, stop),
-            _Worker(_write_all, stop, src.fileno(), out.fileno(), writes, out_pool, progress, fsync, stop),
-        ]
+    workers = [Worker(_read_all, stop, src, plan, in_pool, reads, stop), Worker(_write_all, stop, sink, writes, out_pool, progress, stop)]
+    for w in workers:
+        w.start()
+    try:
+        _feed(plan, offset, reads, writes, in_pool, out_pool, stop)
+        put(writes, None, stop)
+    except Stopped:
+        pass  # a stage failed: its error is raised below
+    except BaseException:
+        stop.set()
+        raise
+    finally:
         for w in workers:
-            w.start()
-        try:
-            _feed(plan, reads, writes, in_pool, out_pool, stop)
-            _put(writes, None, stop)
-        except _Stopped:
-            pass  # a worker failed: its error is raised below
-        except BaseException:
-            stop.set()
-            raise
-        finally:
-            for w in workers:
-                w.join()
-        for w in workers:
-            if w.error is not None:
-                raise w.error
-        if fsync:
-            os.fsync(out.fileno())
+            w.join()
+    for w in workers:
+        if w.error is not None:
+            raise w.error
 
 
 def _feed(
-    plan: FilePlan, reads: queue.Queue, writes: queue.Queue, in_pool: queue.Queue | None, out_pool: queue.Queue, stop: threading.Event
+    plan: FilePlan,
+    offset: int,
+    reads: queue.Queue,
+    writes: queue.Queue,
+    in_pool: queue.Queue | None,
+    out_pool: queue.Queue,
+    stop: threading.Event,
 ) -> None:
-    """The main thread's part: in file order, queue a kernel copy or transform the tensor read ahead."""
+    """The main thread's part, in file order: pass untouched pieces through, transform the others.
+
+    ``offset``: where the first tensor starts in the output file; each output is placed in its
+    buffer congruent to its own offset, so the sink can write it straight from there.
+    """
     for info in plan.tensors:
         if not plan.computed(info):
-            _put(writes, ("copy", info.start, info.nbytes), stop)
+            for _ in _pieces(plan, info):
+                put(writes, (get(reads, stop), None), stop)
+            offset += info.nbytes
             continue
-        buf, _ = _get(reads, stop)
-        out = _get(out_pool, stop)
+        src = get(reads, stop)
+        out = get(out_pool, stop)
         n = plan.out_nbytes(info)
-        src = _matrix(buf, info.dtype, info.shape, info.nbytes)
-        dst = _matrix(out, plan.dtypes[info.name], info.shape, n)
-        plan.transforms.get(info.name, _cast)(src, dst)
+        dst = _placed(out, offset, n)
+        plan.transforms.get(info.name, _cast)(
+            _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[info.name], info.shape, n)
+        )
         if in_pool is not None:
-            in_pool.put(buf)
-        del src, buf  # a mapped source is unmapped here
-        _put(writes, ("buf", out, n), stop)
+            in_pool.put(src)
+        del src  # a mapped source is unmapped here
+        put(writes, (dst, out), stop)
+        offset += n
 
 
 def _is_weights(path: Path) -> bool:
@@ -354,20 +317,26 @@ def check_free_space(where: Path, need: int) -> None:
         )
 
 
-def write_checkpoint(
-    checkpoint: Checkpoint,
-    plans: list[FilePlan],
-    out: Path,
-    *,
-    force: bool = False,
-    fsync: bool = False,
-    pin: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-) -> int:
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a checkpoint is written.
+
+    ``force``: replace an existing output (only once the new one is complete).  ``direct``: write
+    around the page cache where the file system allows.  ``fsync``: flush to stable storage before
+    the output appears.  ``progress``: called with (bytes written, bytes total).
+    """
+
+    force: bool = False
+    direct: bool = True
+    fsync: bool = False
+    progress: Callable[[int, int], None] | None = None
+
+
+def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, options: WriteOptions, *, pin: bool = False) -> int:
     """Write a checkpoint mirroring ``checkpoint`` to ``out``, atomically; returns the bytes of weights written.
 
     One output shard per plan (same names and order), the index with its new ``total_size``, and the
-    side files.  Free space is checked first; ``progress`` gets (bytes written, bytes total).
+    side files.  Free space is checked first.  ``pin``: stage tensors in pinned memory (GPU compute).
     """
     extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
     total = sum(p.size for p in plans)
@@ -376,12 +345,12 @@ def write_checkpoint(
 
     def tick(n: int) -> None:
         done[0] += n
-        if progress is not None:
-            progress(done[0], total)
+        if options.progress is not None:
+            options.progress(done[0], total)
 
-    with atomic_output(out, force=force, directory=not checkpoint.is_file) as tmp:
+    with atomic_output(out, force=options.force, directory=not checkpoint.is_file) as tmp:
         jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
-        stream_files(jobs, pin=pin, fsync=fsync, progress=tick)
+        stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
         if checkpoint.index is not None:
             write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
         copy_side_files(extras, tmp)
