@@ -20,7 +20,6 @@ through the page cache instead.
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 from pathlib import Path
@@ -31,7 +30,8 @@ from .errors import FormatError
 
 ALIGN = 4096  # covers 512- and 4096-byte logical blocks and the memory alignment they need
 _STAGE = 8 * 2**20  # bounce buffer for data not aligned like its file offset; a multiple of ALIGN
-_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP}
+_NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP}  # O_DIRECT refused at open or write
+_NO_DIRECT_MEMORY = {errno.EFAULT}  # memory the kernel cannot pin for DMA (some accelerators' host memory)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 
 
@@ -108,14 +108,16 @@ class Sink:
         self.abort()
 
     def abort(self) -> None:
-        """Close the file and unmap the buffers now, not whenever the object is collected."""
+        """Close the file and unmap the buffers now, not whenever the object is collected.  Never raises."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        self._carry.close()
-        if self._stage is not None:
-            self._stage.close()
-            self._stage = None
+        for buf in (self._carry, self._stage):
+            try:
+                if buf is not None:
+                    buf.close()
+            except BufferError:
+                pass  # a traceback being raised still holds a view of it: unmapped when that is collected
 
     def _append_carry(self, data: memoryview) -> None:
         self._carry[self._fill : self._fill + len(data)] = data
@@ -139,11 +141,18 @@ class Sink:
             try:
                 pos += os.pwrite(self._fd, view[pos:], offset + pos)
             except OSError as err:
-                flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
-                if err.errno not in _NO_DIRECT or not flags & _O_DIRECT:
+                if err.errno not in _NO_DIRECT | _NO_DIRECT_MEMORY:
                     raise
-                # The file system took O_DIRECT at open but refuses it on write: go through the cache.
-                fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
+                self._stop_direct(err)
+
+    def _stop_direct(self, err: OSError) -> None:
+        """The file system took O_DIRECT at open but refuses it on a write: go through the cache from now on."""
+        import fcntl  # POSIX only, like O_DIRECT itself
+
+        flags = fcntl.fcntl(self._fd, fcntl.F_GETFL)
+        if not flags & _O_DIRECT:
+            raise err
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, flags & ~_O_DIRECT)
 
     def _write_buffered(self, data: memoryview) -> None:
         pos = 0

@@ -2,8 +2,8 @@
 
 An output file's header is known from its input's, so each output is written front to back in one
 pass: the header, then every tensor in file order, appended by a :class:`~loratools.sink.Sink`
-(around the page cache where the file system allows).  Tensors nobody transforms are copied as
-bytes, by the kernel when writes are buffered.  The others are mapped from the page
+(around the page cache where the file system allows).  Tensors nobody transforms pass through as
+bytes mapped from the base's page cache.  The others are mapped from the page
 cache by a reader thread (no copy; or, when a GPU computes, copied into a small pool of pinned
 buffers so host-to-device copies run asynchronously), transformed by the caller on the main thread
 into a pool of output buffers, and written by a writer thread while the next tensor is computed.
@@ -84,17 +84,24 @@ class FilePlan:
         return len(self.header_bytes()) + self.data_bytes
 
 
-def _pool(nbytes: int, pin: bool) -> queue.Queue:
-    """Output (or pinned input) buffers, with room to place data at an address congruent to its file offset."""
+def _pool(nbytes: int, pin: bool, room: int = 0) -> queue.Queue:
+    """Buffers of ``nbytes`` plus ``room`` bytes to place data congruent to its file offset (see :func:`_placed`)."""
     pool: queue.Queue = queue.Queue()
     for _ in range(_POOL):
-        pool.put(torch.empty(nbytes + ALIGN if nbytes else 0, dtype=torch.uint8, pin_memory=pin))
+        pool.put(torch.empty(nbytes + room if nbytes else 0, dtype=torch.uint8, pin_memory=pin))
     return pool
 
 
-def _placed(buf: torch.Tensor, offset: int, n: int) -> torch.Tensor:
-    """``n`` bytes of ``buf`` at an address ≡ ``offset`` (mod ALIGN): the sink writes them without a copy."""
-    shift = (offset - buf.data_ptr()) % ALIGN if n else 0
+def _placed(buf: torch.Tensor, offset: int, n: int, itemsize: int) -> torch.Tensor:
+    """``n`` bytes of ``buf``, at an address ≡ ``offset`` (mod ALIGN) when the buffer has room for it.
+
+    The sink writes data so placed without a copy.  Placement is skipped (the sink then bounces the
+    bytes) when the buffer has no spare room or when the shift would misalign the elements, as a
+    tensor stored at an offset that is not a multiple of its item size would.
+    """
+    shift = (offset - buf.data_ptr()) % ALIGN
+    if shift % itemsize or shift + n > buf.numel():
+        shift = 0
     return buf[shift : shift + n]
 
 
@@ -174,7 +181,9 @@ def stream_files(
     """
     computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
     in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin) if pin else None
-    out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin)
+    # Pinned buffers get no placement room: the caching host allocator rounds sizes up to a power
+    # of two, so 4 KiB more on a power-of-two tensor would double them; their writes bounce instead.
+    out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin, room=0 if pin else ALIGN)
     for plan, dst in jobs:
         _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), direct, fsync)
 
@@ -214,11 +223,22 @@ def _run_stages(
         stop.set()
         raise
     finally:
-        for w in workers:
-            w.join()
+        _join(workers, stop)
     for w in workers:
         if w.error is not None:
             raise w.error
+
+
+def _join(workers: list[Worker], stop: threading.Event) -> None:
+    """Wait for every stage; interrupted while waiting, stop them first so none outlives its file."""
+    try:
+        for w in workers:
+            w.join()
+    except BaseException:
+        stop.set()
+        for w in workers:
+            w.join()
+        raise
 
 
 def _feed(
@@ -244,7 +264,7 @@ def _feed(
         src = get(reads, stop)
         out = get(out_pool, stop)
         n = plan.out_nbytes(info)
-        dst = _placed(out, offset, n)
+        dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[info.name]])
         plan.transforms.get(info.name, _cast)(
             _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[info.name], info.shape, n)
         )

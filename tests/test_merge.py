@@ -432,3 +432,26 @@ def test_direct_and_buffered_writes_give_identical_files(tmp_path: Path, monkeyp
     assert files == sorted(p.name for p in buffered.out.iterdir()) and len(files) > 3
     for name in files:
         assert (direct.out / name).read_bytes() == (buffered.out / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("header_pad", [0, 5])
+@pytest.mark.parametrize("direct", [True, False])
+def test_tensors_at_odd_offsets_merge_correctly(tmp_path: Path, header_pad: int, direct: bool) -> None:
+    """A 3-byte U8 tensor ahead of the adapted F32 weight (and an unpadded header) puts it at an
+    offset that is not a multiple of 4; safetensors loads such files, and so must a merge."""
+    gen = torch.Generator().manual_seed(5)
+    mask, W = torch.ones(3, dtype=torch.uint8), torch.randn(8, 6, generator=gen)
+    header = {
+        "tok.mask": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "layer.q.weight": {"dtype": "F32", "shape": [8, 6], "data_offsets": [3, 195]},
+    }
+    blob = json.dumps(header).encode() + b" " * header_pad
+    (tmp_path / "base.safetensors").write_bytes(struct.pack("<Q", len(blob)) + blob + mask.numpy().tobytes() + W.numpy().tobytes())
+    A, B = torch.randn(2, 6, generator=gen), torch.randn(8, 2, generator=gen)
+    adapter = loratools.Adapter(
+        {"layer.q": loratools.LoraModule(A, B, 4.0)}, {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+    )
+    out = merge(tmp_path / "base.safetensors", [adapter], out=tmp_path / "out.safetensors", direct=direct).out
+    merged = load_file(out)
+    assert torch.equal(merged["tok.mask"], mask)
+    assert torch.allclose(merged["layer.q.weight"], W + 2.0 * (B @ A), atol=1e-6)

@@ -96,19 +96,6 @@ def test_file_system_refusing_o_direct_at_write_falls_back_mid_file(tmp_path: Pa
     assert (tmp_path / "out").read_bytes() == b"".join(pieces)
 
 
-def test_a_failing_write_raises_and_abort_closes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def disk_full(*args: object) -> int:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    sink = Sink(tmp_path / "out")
-    monkeypatch.setattr(os, "pwrite", disk_full)
-    monkeypatch.setattr(os, "write", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        sink.write(_placed(b"z" * (2 * ALIGN), 0, True))
-    sink.abort()
-    assert sink._fd == -1
-
-
 def test_fsync_and_permissions_like_a_plain_create(tmp_path: Path) -> None:
     umask = os.umask(0o022)
     try:
@@ -117,3 +104,35 @@ def test_fsync_and_permissions_like_a_plain_create(tmp_path: Path) -> None:
         os.umask(umask)
     assert (tmp_path / "out").read_bytes() == b"q" * 9
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o644
+
+
+def _fill_disk(monkeypatch: pytest.MonkeyPatch) -> None:
+    def disk_full(*args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", disk_full)
+    monkeypatch.setattr(os, "write", disk_full)
+
+
+@pytest.mark.parametrize("congruent", [True, False])
+def test_a_failing_write_reports_the_os_error_and_abort_closes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, congruent: bool) -> None:
+    """A disk-full error reaches the caller as itself (zero-copy, carried or bounced), not as an error
+    about buffers still in use, when abort runs while it is in flight (as the streaming layer does)
+    and when close hits it."""
+    sink = Sink(tmp_path / "in-flight")
+    _fill_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        try:
+            sink.write(_placed(b"z" * 100, 0, congruent))
+            sink.write(_placed(b"y" * (3 * ALIGN), 100, congruent))
+        except OSError:
+            sink.abort()
+            raise
+    assert sink._fd == -1
+    monkeypatch.undo()
+    sink = Sink(tmp_path / "at-close")
+    sink.write(_placed(b"z" * 100, 0, congruent))
+    _fill_disk(monkeypatch)
+    with pytest.raises(OSError, match="No space"):
+        sink.close()
+    assert sink._fd == -1
