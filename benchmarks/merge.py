@@ -144,29 +144,26 @@ def timed(cmd: list[str], settle: float) -> Timing:
     """Sync, wait ``settle`` seconds, then run ``cmd`` to completion and time it, and its sync."""
     subprocess.run(["sync"], check=True)
     time.sleep(settle)
-    gnu_time = Path("/usr/bin/time")
-    if gnu_time.exists():
-        report = tempfile.NamedTemporaryFile(suffix=".time", delete=False)
-        report.close()
-        start = time.perf_counter()
-        subprocess.run([str(gnu_time), "-v", "-o", report.name, *cmd], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wall = time.perf_counter() - start
-        subprocess.run(["sync"], check=True)
-        synced = time.perf_counter() - start
-        text = Path(report.name).read_text()
-        os.unlink(report.name)
-        fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
-        cpu = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
-        return wall, int(fields["Maximum resident set size (kbytes)"]) / 1024, cpu, synced
+    report = None
+    if Path("/usr/bin/time").exists():
+        fd, name = tempfile.mkstemp(suffix=".time")
+        os.close(fd)
+        report = Path(name)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wrapped = ["/usr/bin/time", "-v", "-o", str(report), *cmd] if report else cmd
+    subprocess.run(wrapped, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wall = time.perf_counter() - start
     subprocess.run(["sync"], check=True)
     synced = time.perf_counter() - start
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # maxrss: the largest child so far
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return wall, after.ru_maxrss / 1024, cpu, synced
+    if report is None:
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # maxrss: the largest child so far
+        return wall, after.ru_maxrss / 1024, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, synced
+    text = report.read_text()
+    report.unlink()
+    fields = dict(line.strip().rsplit(": ", 1) for line in text.splitlines() if ": " in line)
+    cpu = float(fields["User time (seconds)"]) + float(fields["System time (seconds)"])
+    return wall, int(fields["Maximum resident set size (kbytes)"]) / 1024, cpu, synced
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from typing import Any
 
 import click
@@ -66,14 +67,28 @@ def _merge_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     return fn
 
 
-def _report_merge(result: MergeResult, verb: str, quiet: bool, as_json: bool) -> None:
+def _run(
+    verb: str,
+    call: Callable[..., MergeResult],
+    *,
+    device: Device,
+    dtype: Dtype,
+    force: bool,
+    buffered: bool,
+    fsync: bool,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Run ``call`` (merge or unmerge, inputs bound) with the :func:`_merge_options` and a progress bar; report it."""
+    with _byte_progress(f"{verb[:-1]}ing", not (quiet or as_json)) as progress:
+        result = call(device=device, dtype=dtype, force=force, direct=not buffered, fsync=fsync, progress=progress)
     if as_json:
         emit_json(result.to_dict())
     elif not quiet:
         rate = result.bytes_written / 2**30 / max(result.seconds, 1e-9)
         replaced = f", {len(result.replaced)} replaced" if result.replaced else ""
         out.print(
-            f"{verb} {len(result.merged)} of {result.tensors} tensors{replaced} -> {result.out} "
+            f"{verb}d {len(result.merged)} of {result.tensors} tensors{replaced} -> {result.out} "
             f"({result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s, {rate:.2f} GiB/s, {result.device})",
             highlight=False,
             markup=False,
@@ -86,19 +101,7 @@ def _report_merge(result: MergeResult, verb: str, quiet: bool, as_json: bool) ->
 @click.option("-o", "--out", "--output", "out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
 @_merge_options
-def merge(
-    base: str,
-    adapters: tuple[str, ...],
-    out: str | None,
-    weights: tuple[float, ...],
-    device: Device,
-    dtype: Dtype,
-    force: bool,
-    buffered: bool,
-    fsync: bool,
-    quiet: bool,
-    as_json: bool,
-) -> None:
+def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[float, ...], **options: Any) -> None:
     """Bake ADAPTER(s) into the BASE checkpoint: W' = W + Σ w·s·B·A, streamed tensor by tensor.
 
     BASE is a model directory (model.safetensors or shards + index) or one .safetensors file; the
@@ -111,20 +114,8 @@ def merge(
       loratools merge ./Llama-3-8B ./my-adapter
       loratools merge ./base ./a ./b -w 0.7 -w 0.3 -o ./base-ab --dtype bf16
     """
-    with _byte_progress("merging", not (quiet or as_json)) as progress:
-        result = merge_checkpoint(
-            base,
-            list(adapters),
-            weights=weights or None,
-            out=out,
-            device=device,
-            dtype=dtype,
-            force=force,
-            direct=not buffered,
-            fsync=fsync,
-            progress=progress,
-        )
-    _report_merge(result, "merged", quiet, as_json)
+    call = partial(merge_checkpoint, base, list(adapters), weights=weights or None, out=out)
+    _run("merge", call, **options)
 
 
 @main.command()
@@ -132,18 +123,7 @@ def merge(
 @click.argument("adapter")
 @click.option("-o", "--out", "--output", "out", required=True, help="Output checkpoint (required: never the input).")
 @_merge_options
-def unmerge(
-    merged: str,
-    adapter: str,
-    out: str,
-    device: Device,
-    dtype: Dtype,
-    force: bool,
-    buffered: bool,
-    fsync: bool,
-    quiet: bool,
-    as_json: bool,
-) -> None:
+def unmerge(merged: str, adapter: str, out: str, **options: Any) -> None:
     """Take ADAPTER back out of the MERGED checkpoint: W = W' − s·B·A.
 
     Exact up to rounding: bf16/fp16 weights may come back one ulp off.  DoRA and modules_to_save
@@ -153,16 +133,5 @@ def unmerge(
     Example:
       loratools unmerge ./base-merged ./my-adapter -o ./base-again
     """
-    with _byte_progress("unmerging", not (quiet or as_json)) as progress:
-        result = unmerge_checkpoint(
-            merged,
-            adapter,
-            out=out,
-            device=device,
-            dtype=dtype,
-            force=force,
-            direct=not buffered,
-            fsync=fsync,
-            progress=progress,
-        )
-    _report_merge(result, "unmerged", quiet, as_json)
+    call = partial(unmerge_checkpoint, merged, adapter, out=out)
+    _run("unmerge", call, **options)

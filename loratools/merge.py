@@ -226,8 +226,7 @@ def merge(
     with _own_threads() as pool:
         loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
-        options = WriteOptions(force, direct, fsync, progress)
-        return _merge(base, loaded, labels, weights, out, device, dtype, options, pool)
+        return _merge(base, loaded, labels, weights, out, device, dtype, WriteOptions(force, direct, fsync, progress), pool)
 
 
 def unmerge(

@@ -26,28 +26,13 @@ from pathlib import Path
 
 import torch
 
-from .errors import FormatError
+from .tensorfile import tensor_bytes
 
 ALIGN = 4096  # covers 512- and 4096-byte logical blocks and the memory alignment they need
 _STAGE = 8 * 2**20  # bounce buffer for data not aligned like its file offset; a multiple of ALIGN
 _NO_DIRECT = {errno.EINVAL, errno.EOPNOTSUPP}  # O_DIRECT refused at open or write
 _NO_DIRECT_MEMORY = {errno.EFAULT}  # memory the kernel cannot pin for DMA (some accelerators' host memory)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-
-
-def as_bytes(tensor: torch.Tensor) -> memoryview:
-    """A contiguous CPU tensor's storage as a flat byte view (no copy)."""
-    return memoryview(tensor.view(torch.uint8).reshape(-1).numpy()).cast("B")  # type: ignore[arg-type]
-
-
-def pread_into(fd: int, view: memoryview, offset: int, path: Path | None = None) -> None:
-    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a :class:`FormatError`."""
-    pos = 0
-    while pos < len(view):
-        n = os.preadv(fd, [view[pos:]], offset + pos)
-        if n == 0:
-            raise FormatError(f"file is truncated: expected data up to byte {offset + len(view)}", path=path)
-        pos += n
 
 
 class Sink:
@@ -74,7 +59,7 @@ class Sink:
 
     def write(self, tensor: torch.Tensor) -> None:
         """Append the bytes of contiguous CPU ``tensor``; zero-copy when its address ≡ :attr:`size` mod :data:`ALIGN`."""
-        data = as_bytes(tensor)
+        data = tensor_bytes(tensor)
         if not self.direct:
             self._write_buffered(data)
             return

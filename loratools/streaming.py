@@ -29,10 +29,10 @@ import torch
 
 from .atomic import atomic_output
 from .checkpoint import INDEX_NAME, Checkpoint
-from .errors import DiskSpaceError
+from .errors import DiskSpaceError, FormatError
 from .pipeline import Stopped, Worker, get, put
-from .sink import ALIGN, Sink, as_bytes, pread_into
-from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header
+from .sink import ALIGN, Sink
+from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header, tensor_bytes
 
 Transform = Callable[[torch.Tensor, torch.Tensor], None]
 """Fills ``dst`` from ``src``; both are 2-D (rows, cols) CPU views, ``src`` in the stored dtype, ``dst`` in the output one."""
@@ -141,6 +141,16 @@ def _map(fd: int, start: int, end: int) -> torch.Tensor:
         return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start - base)
 
 
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a :class:`FormatError`."""
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], offset + pos)
+        if n == 0:
+            raise FormatError(f"file is truncated: expected data up to byte {offset + len(view)}", path=path)
+        pos += n
+
+
 def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Queue, stop: threading.Event) -> None:
     """Read ahead in file order: map each piece from the page cache, or, when a GPU computes, copy
     the tensors it transforms into pinned pool buffers (so uploads run asynchronously)."""
@@ -149,7 +159,7 @@ def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Qu
     for info in plan.tensors:
         if pool is not None and plan.computed(info):
             buf = get(pool, stop)
-            pread_into(fd, as_bytes(buf[: info.nbytes]), info.start, plan.header.path)
+            _pread_into(fd, tensor_bytes(buf[: info.nbytes]), info.start, plan.header.path)
             put(reads, buf, stop)
             continue
         for start, end in _pieces(plan, info):

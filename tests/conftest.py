@@ -14,18 +14,20 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
-def tiny_llama_config():
+def tiny_llama_config(**overrides):
+    """A 2-layer Llama config small enough to build in milliseconds; ``overrides`` replace any field."""
     import transformers
 
-    return transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-    )
+    fields = {
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 32,
+    }
+    return transformers.LlamaConfig(**{**fields, **overrides})
 
 
 def tiny_llama(seed: int = 0):

@@ -105,12 +105,12 @@ def test_errors(tmp_path):
 
 def test_extracted_adapter_reproduces_the_tuned_model_in_peft(tmp_path):
     from peft import PeftModel
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from .conftest import tiny_llama_config
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
+    config = tiny_llama_config(vocab_size=50, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2)
     base = LlamaForCausalLM(config).eval()
     tuned = copy.deepcopy(base)
     g = torch.Generator().manual_seed(5)

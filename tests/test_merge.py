@@ -17,12 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import loratools
 from loratools import DiskSpaceError, MergeError, OutputExistsError, ShapeError, merge, unmerge
 from loratools.merge import default_out
 from loratools.tensorfile import read_header
+
+from .conftest import tiny_llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
 merge_module = importlib.import_module("loratools.merge")  # the module; `loratools.merge` is the function
@@ -30,15 +32,8 @@ IDS = torch.tensor([[1, 5, 9, 2, 33, 7]])
 
 
 def _llama(dtype: torch.dtype = torch.float32, seed: int = 0) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-        attention_bias=True,
+    config = tiny_llama_config(
+        hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, attention_bias=True
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).to(dtype).eval()
