@@ -1,30 +1,47 @@
-"""The :class:`Adapter` value and its load/save.
+"""The adapter value types: :class:`LoraModule`, :class:`Adapter`, and :class:`RawAdapter` (files as read).
 
 An adapter is a set of :class:`LoraModule` factors keyed by module path (relative to the base model,
 e.g. ``model.layers.0.self_attn.q_proj``), the PEFT config they came with, any full tensors that
 replace base weights (``modules_to_save``), and file metadata.  Values are never changed in place:
-operations build new adapters with :func:`dataclasses.replace`.
+operations build new adapters with :func:`dataclasses.replace`.  Reading and writing files is
+:mod:`loratools.formats`' job and the checked public load/save is :mod:`loratools.api`'s; this layer
+knows only how config fields and tensor keys describe modules (the fitted config of an output).
 """
 
 from __future__ import annotations
 
-import json
+import math
+import numbers
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
 
 from . import spec
-from .atomic import atomic_output
-from .errors import SpecError
+from .errors import ArgumentError
+from .io.tensorfile import Header
 from .linalg import flat
-from .reader import RawAdapter, read_raw
-from .tensorfile import write_file
 
 Kind = Literal["linear", "conv", "embedding"]
+
+
+@dataclass(frozen=True)
+class RawAdapter:
+    """What an adapter's files hold, before any spec check.
+
+    ``config`` is ``None`` when no config could be found; ``header`` is the weights file's parsed
+    safetensors header (``None`` for adapters built in memory).
+    """
+
+    source: str
+    config: Any
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    header: Header | None = None
+    config_error: str | None = None
+    config_error_code: str = "config-invalid"  # or "config-missing"
 
 
 @dataclass(frozen=True)
@@ -212,51 +229,24 @@ def from_raw(raw: RawAdapter) -> Adapter:
     return Adapter(modules, config, extras, dict(raw.metadata))
 
 
-def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
-    """Load and validate the adapter at ``path`` (PEFT directory, ``.safetensors``, kohya or diffusers file).
+def raw_from_modules(modules: dict[str, LoraModule], header: Header, metadata: dict[str, str]) -> RawAdapter:
+    """Modules read from a foreign file (kohya, diffusers) as the spec v1 :class:`RawAdapter` they describe.
 
-    With ``base`` (a checkpoint), kohya's flattened names are mapped onto the base's module paths and
-    every module must fit a base tensor.  Raises :class:`~loratools.errors.InvalidAdapterError`
-    listing every error-level problem, e.g. each kohya name that did not map (warnings do not stop a load).
+    The config is fitted to the modules; the file's own header stays attached, so validation still
+    checks its ``loratools.sha256`` if it has one.
     """
-    from .validate import check_base, check_raw, raise_errors
-
-    raw = read_raw(path, base=base)
-    raise_errors(check_raw(raw), path=path)
-    adapter = from_raw(raw)
-    if base is not None:
-        raise_errors(check_base(adapter, base), path=path)
-    return adapter
+    raw = Adapter(modules, {}, {}, metadata).to_raw(str(header.path))
+    return replace(raw, metadata=metadata, header=header)
 
 
-def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: torch.dtype | None = None) -> Path:
-    """Write ``adapter`` to ``path`` per spec v1, atomically; returns ``path``.
-
-    A path ending in ``.safetensors`` gets a single file with the config embedded in its metadata;
-    anything else becomes a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``).
-    The checksum of the data section goes into the metadata.  An existing path needs ``force``.
-    """
-    from .validate import check_raw, raise_errors
-
-    if dtype is not None:
-        adapter = adapter.with_dtype(dtype)
-    path = Path(path)
-    kohya = sorted(n for n in adapter.modules if spec.KOHYA_NAME.match(n))
-    if kohya:
-        raise SpecError(
-            f"module {kohya[0]} still has its kohya name (read without a base), which PEFT cannot apply; "
-            "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
-            path=path,
-        )
-    raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
-    config = adapter.peft_config()
-    meta = adapter.file_metadata()
-    single = path.suffix == ".safetensors"
-    with atomic_output(path, force=force, directory=not single) as tmp:
-        if single:
-            meta[spec.META_CONFIG] = json.dumps(config, sort_keys=True)
-            write_file(tmp, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
-        else:
-            write_file(tmp / spec.WEIGHTS_NAME, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
-            (tmp / spec.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    return path
+def check_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    """One finite weight per input adapter (all 1 when ``weights`` is None); :class:`ArgumentError` otherwise."""
+    if weights is None:
+        return [1.0] * n
+    weights = list(weights)
+    if len(weights) != n:
+        raise ArgumentError(f"got {len(weights)} weight(s) for {n} adapter(s); give exactly one weight per adapter")
+    for w in weights:
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise ArgumentError(f"weight {w!r} is not a finite number")
+    return [float(w) for w in weights]

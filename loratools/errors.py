@@ -8,7 +8,22 @@ as a single line.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding about an adapter: a stable ``code`` (see the spec), where it is (file, field or
+    tensor), what is wrong, and whether it stops a load (``error``) or is only worth knowing."""
+
+    code: str
+    where: str
+    message: str
+    severity: Severity = "error"
 
 
 class LoratoolsError(Exception):
@@ -41,7 +56,7 @@ class ChecksumError(FormatError):
 class InvalidAdapterError(SpecError):
     """Validation found errors; ``problems`` lists every one of them."""
 
-    def __init__(self, problems: list, *, path: str | Path | None = None):
+    def __init__(self, problems: list[Problem], *, path: str | Path | None = None):
         self.problems = problems
         first, rest = problems[0], problems[1:]
         named = ", ".join(p.where for p in rest[:5]) + (", ..." if len(rest) > 5 else "")
@@ -75,3 +90,7 @@ class MergeError(LoratoolsError, ValueError):
 
 class DiskSpaceError(LoratoolsError, OSError):
     """The output's file system has too little free space for the output; nothing was written."""
+
+
+class DependencyError(LoratoolsError, ImportError):
+    """An optional dependency a feature needs is not installed (matplotlib for ``--plot``)."""

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Collection, Iterable, Mapping
+from typing import Any, Literal
+
+from .errors import ArgumentError
 
 SPEC_VERSION = "1.0"
 CONFIG_NAME = "adapter_config.json"
@@ -45,6 +47,47 @@ TENSOR_ROLES: dict[str, str] = {
 _ROLE_RE = re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for s in TENSOR_ROLES) + r")$")
 
 BIAS_VALUES = ("none", "all", "lora_only")
+
+# Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
+Format = Literal["peft", "kohya"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya")  # what writers produce; kohya and diffusers are read
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
+DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]
+DTYPE_CHOICES: tuple[DtypeChoice, ...] = ("keep", "fp16", "bf16", "fp32")
+ENERGY_LEVELS = (0.9, 0.99, 0.999)  # kept fractions of ‖ΔW‖_F² for which `inspect --spectrum` gives the rank
+_DTYPE_CODES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}
+_TORCH_NAMES = {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}
+
+
+def dtype_choice(value: object) -> DtypeChoice:
+    """The name in :data:`DTYPE_CHOICES` of a dtype given as a name, a ``torch.dtype`` or ``None`` (keep).
+
+    One vocabulary for every call that writes tensors (merge, add, scale, resize, save, convert).
+    """
+    if value is None:
+        return "keep"
+    name = _TORCH_NAMES.get(str(value), value)
+    if name not in DTYPE_CHOICES:
+        raise ArgumentError(f"dtype {value!r} is not one of {', '.join(DTYPE_CHOICES)} (or torch.float16/bfloat16/float32)")
+    return name  # type: ignore[return-value]
+
+
+def dtype_code(value: object) -> str | None:
+    """The safetensors dtype code (``"BF16"``) of a dtype (:func:`dtype_choice`); ``None`` for keep."""
+    return _DTYPE_CODES.get(dtype_choice(value))
+
+
+def missing_factor(roles: Collection[str]) -> tuple[str, str] | None:
+    """The rule that a module needs both factors: ``(code, message)`` for a module holding ``roles``, or None.
+
+    PEFT's ``lora_A``/``lora_B`` are kohya's ``lora_down``/``lora_up`` and diffusers' ``down``/``up``.
+    """
+    if "A" in roles and "B" in roles:
+        return None
+    missing = "lora_B" if "A" in roles else "lora_A"
+    other = "lora_up/up" if missing == "lora_B" else "lora_down/down"
+    return f"{missing.lower().replace('_', '-')}-missing", f"has no {missing} ({other}) tensor; every module needs both factors"
 
 
 def split_key(key: str) -> tuple[str, str] | None:

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 
 from loratools import spec
-from loratools.adapter import Adapter, LoraModule, load, save
+from loratools.adapter import Adapter, LoraModule
+from loratools.api import load, save
 from loratools.errors import InvalidAdapterError, OutputExistsError
 
 from .factories import random_adapter, random_module

@@ -32,7 +32,11 @@ def case_dir(request, tmp_path_factory):
 
 def test_peft_written_adapters_validate_and_load_identically(case_dir, llama_base):
     report = validate(case_dir, base=llama_base)
-    assert report.ok, report.problems
+    if case_dir.name.startswith("lora-bias"):  # Llama's projections have no bias: PEFT cannot merge it either
+        assert {p.code for p in report.problems} == {"base-bias-unmatched"}, report.problems
+        assert validate(case_dir).ok
+    else:
+        assert report.ok, report.problems
     adapter = load(case_dir)
     with safe_open(str(case_dir / WEIGHTS_NAME), "pt") as fh:
         on_disk = {k: fh.get_tensor(k) for k in fh.keys()}

@@ -1,0 +1,93 @@
+"""The checked public load and save: read any format, validate, and write any format.
+
+:func:`load` accepts a PEFT directory, a ``.safetensors`` file (PEFT, kohya or diffusers) or
+``hf://owner/name[@rev]`` (fetched into the huggingface_hub cache first, adapter files only), and
+raises one :class:`~loratools.errors.InvalidAdapterError` listing every error.  :func:`save` and
+:func:`save_as` refuse to write anything that would not load back.  Commands that produce an
+adapter write it in the format their input came in (:func:`source_format`) unless told otherwise.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import spec
+from .adapter import Adapter, from_raw
+from .errors import SpecError
+from .formats.registry import read_raw, source_format, writer
+from .io.remote import local_path
+from .io.tensorfile import DtypeLike, torch_dtype
+from .validation import check_base, check_raw, raise_errors
+
+__all__ = ["convert", "load", "save", "save_as", "save_kohya", "source_format"]
+
+
+def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
+    """Load and validate the adapter at ``path`` (PEFT directory, ``.safetensors``, kohya or diffusers file, ``hf://``).
+
+    With ``base`` (a checkpoint), kohya's flattened names are mapped onto the base's module paths and
+    the adapter must fit the base as the merge planner sees it.  Raises
+    :class:`~loratools.errors.InvalidAdapterError` listing every error-level problem, e.g. each kohya
+    name that did not map (warnings do not stop a load).
+    """
+    raw = read_raw(local_path(path), base=base)
+    raise_errors(check_raw(raw), path=path)
+    adapter = from_raw(raw)
+    if base is not None:
+        raise_errors(check_base(adapter, base), path=path)
+    return adapter
+
+
+def save(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: DtypeLike = None) -> Path:
+    """Write ``adapter`` to ``path`` per spec v1, atomically; returns ``path``.
+
+    A path ending in ``.safetensors`` gets a single file with the config embedded in its metadata;
+    anything else becomes a PEFT directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+    The checksum of the data section goes into the metadata.  An existing path needs ``force``.
+    ``dtype``: ``"fp16"``, ``"bf16"``, ``"fp32"`` (or the torch dtype) to cast the tensors; default keep.
+    """
+    return save_as(adapter, path, to="peft", force=force, dtype=dtype)
+
+
+def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None, force: bool = False, dtype: DtypeLike = None) -> Path:
+    """Write ``adapter`` in format ``to`` (default: :func:`source_format`); atomic, refuses to overwrite without ``force``.
+
+    ``peft`` writes spec v1 (a directory, or one file for a ``.safetensors`` path) and drops the kohya
+    source marks; ``kohya`` writes one ``.safetensors`` file in kohya naming.
+    """
+    fmt = to or source_format(adapter)
+    write = writer(fmt)
+    cast = torch_dtype(dtype)
+    if cast is not None:
+        adapter = adapter.with_dtype(cast)
+    path = Path(path)
+    if fmt == "peft":
+        _refuse_kohya_names(adapter, path)
+        raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
+    return write(adapter, path, force=force)
+
+
+def save_kohya(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: DtypeLike = None) -> Path:
+    """Write ``adapter`` as a kohya ``.safetensors`` file (:func:`save_as` with ``to="kohya"``)."""
+    return save_as(adapter, path, to="kohya", force=force, dtype=dtype)
+
+
+def convert(src: str | Path, out: str | Path, *, to: spec.Format, base: str | Path | None = None, force: bool = False) -> Adapter:
+    """Read the adapter at ``src`` (any format :func:`load` reads) and write it to ``out`` as ``to``.
+
+    With ``base``, kohya names are mapped to the base's module paths (so a PEFT output loads on a
+    model built from that base) and every module must fit; returns the adapter as converted.
+    """
+    adapter = load(src, base=base)
+    save_as(adapter, out, to=to, force=force)
+    return adapter
+
+
+def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
+    kohya = sorted(n for n in adapter.modules if spec.KOHYA_NAME.match(n))
+    if kohya:
+        raise SpecError(
+            f"module {kohya[0]} still has its kohya name (read without a base), which PEFT cannot apply; "
+            "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
+            path=path,
+        )

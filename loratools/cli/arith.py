@@ -1,0 +1,161 @@
+"""`loratools add`, `scale`, `subtract` and `resize`: adapter arithmetic in factored form."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import click
+from rich.table import Table
+
+import loratools
+
+from ..io.atomic import check_output
+from ..spec import DTYPE_CHOICES, FORMATS, DtypeChoice, Format
+from .console import emit_json, out, safe, say
+
+if TYPE_CHECKING:
+    from ..adapter import Adapter
+    from ..ops.arith import ResizeRow
+
+
+def _output_options(f: Any) -> Any:
+    """-o/--output, --dtype, --force and --json, shared by every command that writes an adapter."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print the result (and any resize report) as JSON.")(f)
+    f = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(f)
+    f = click.option(
+        "--to", type=click.Choice(FORMATS), help="Output format (default: the first input's: kohya files stay kohya, else PEFT)."
+    )(f)
+    f = click.option(
+        "--dtype",
+        type=click.Choice(DTYPE_CHOICES),
+        default="keep",
+        show_default=True,
+        help="Dtype of the written factors (keep: the inputs').",
+    )(f)
+    return click.option(
+        "-o", "--out", "--output", "output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file)."
+    )(f)
+
+
+def _write(result: Adapter, output: str, to: Format | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
+    loratools.save_as(result, output, to=to, force=force)
+    ranks = sorted({m.rank for m in result.modules.values()})
+    if as_json:
+        emit_json(
+            {
+                "output": output,
+                "modules": len(result.modules),
+                "ranks": ranks,
+                "num_params": result.num_params,
+                **({"report": [r.to_dict() for r in rows]} if rows is not None else {}),
+            }
+        )
+        return
+    if rows is not None:
+        table = Table(title="resize")
+        for col in ("module", "old rank", "new rank", "kept energy", "rel. error"):
+            table.add_column(col, justify="left" if col == "module" else "right")
+        for r in rows:
+            table.add_row(safe(r.module), str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
+        out.print(table)
+    rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
+    say(f"wrote {output}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters")
+
+
+@click.command("add")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each input, in order (one per input; default 1).")
+@click.option("--rank", type=int, help="Compress the sum to this rank (exact truncated SVD).")
+@_output_options
+def add(
+    adapters: tuple[str, ...],
+    weights: tuple[float, ...],
+    rank: int | None,
+    output: str,
+    dtype: DtypeChoice,
+    to: Format | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Add adapters exactly: ΔW = Σ wᵢ·ΔWᵢ, by concatenating factors (rank = Σ rᵢ).
+
+    \b
+    Examples:
+      loratools add style/ subject/ -o combined/
+      loratools add a/ b/ -w 0.7 -w 0.3 --rank 16 -o mix/
+    """
+    if len(adapters) < 2:
+        raise click.UsageError("add needs at least two adapters (use `loratools scale` for one)")
+    check_output(output, force=force)
+    result = loratools.add(*(loratools.load(p) for p in adapters), weights=weights or None, dtype=dtype)
+    rows = None
+    if rank is not None:
+        result, rows = loratools.resize(result, rank, dtype=dtype)
+    _write(result, output, to, force, as_json, rows)
+
+
+@click.command("scale", context_settings={"ignore_unknown_options": True})
+@click.argument("adapter")
+@click.argument("factor", type=float)
+@_output_options
+def scale(adapter: str, factor: float, output: str, dtype: DtypeChoice, to: Format | None, force: bool, as_json: bool) -> None:
+    """Multiply the adapter's ΔW by FACTOR (negative allowed: `loratools scale a/ -0.5 -o b/`).
+
+    \b
+    Examples:
+      loratools scale ./adapter 0.5 -o ./half
+      loratools scale ./adapter -1 -o ./negated      (or: ... -o ./negated -- -1)
+    """
+    check_output(output, force=force)
+    _write(loratools.scale(loratools.load(adapter), factor, dtype=dtype), output, to, force, as_json)
+
+
+@click.command("subtract")
+@click.argument("a")
+@click.argument("b")
+@_output_options
+def subtract(a: str, b: str, output: str, dtype: DtypeChoice, to: Format | None, force: bool, as_json: bool) -> None:
+    """Subtract adapters exactly: ΔW = ΔW_A − ΔW_B (rank r_A + r_B).
+
+    \b
+    Example:
+      loratools subtract finetuned/ base-task/ -o difference/
+    """
+    check_output(output, force=force)
+    _write(loratools.subtract(loratools.load(a), loratools.load(b), dtype=dtype), output, to, force, as_json)
+
+
+@click.command("resize")
+@click.argument("adapter")
+@click.option("--rank", type=int, help="Keep this rank in every module.")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F² (e.g. 0.99).")
+@click.option("--max-rel-error", type=float, help="Per module, the smallest rank with ‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= this (e.g. 0.05).")
+@click.option("--sv-ratio", type=float, help="Per module, keep singular values >= σ₁/RATIO (e.g. 20).")
+@_output_options
+def resize(
+    adapter: str,
+    rank: int | None,
+    energy: float | None,
+    max_rel_error: float | None,
+    sv_ratio: float | None,
+    output: str,
+    dtype: DtypeChoice,
+    to: Format | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Shrink the adapter by an exact truncated SVD of each ΔW (from the factors; optimal in ‖·‖_F).
+
+    Give exactly one of --rank, --energy, --max-rel-error, --sv-ratio.  Prints, for each module,
+    the old and new rank, the kept energy and the relative error.
+
+    \b
+    Examples:
+      loratools resize ./adapter --rank 8 -o ./adapter-r8
+      loratools resize ./adapter --energy 0.99 -o ./adapter-e99 --json
+    """
+    check_output(output, force=force)
+    result, rows = loratools.resize(
+        loratools.load(adapter), rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio, dtype=dtype
+    )
+    _write(result, output, to, force, as_json, rows)

@@ -1,0 +1,125 @@
+"""`loratools convert`, `extract` and `diff`: moving between formats, and comparing adapters."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+import loratools
+
+from ..spec import DEVICES, FORMATS, Device, Format
+from .console import emit_json, out, safe, say
+
+
+@click.command()
+@click.argument("src")
+@click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts file).")
+@click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
+@click.option(
+    "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
+)
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+def convert(src: str, to: Format, base: str | None, output: str, force: bool) -> None:
+    """Convert the adapter at SRC (PEFT, kohya or diffusers) to another format.
+
+    \b
+    Examples:
+      loratools convert my_lora.safetensors --to peft --base ./unet.safetensors -o ./my-lora
+      loratools convert ./my-lora --to kohya -o my_lora.safetensors
+    """
+    adapter = loratools.convert(src, output, to=to, base=base, force=force)
+    say(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)")
+
+
+@click.command()
+@click.argument("base")
+@click.argument("tuned")
+@click.option("--rank", type=click.IntRange(min=1), required=True, help="Largest rank per module.")
+@click.option("--energy", type=click.FloatRange(0, 1, min_open=True), help="Lower each module's rank to keep this fraction of ‖ΔW‖²_F.")
+@click.option(
+    "-o", "--out", "--output", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya)."
+)
+@click.option("--to", "to", type=click.Choice(FORMATS), default="peft", show_default=True, help="Output format.")
+@click.option("--skip-modules-to-save", is_flag=True, help="Drop changed embeddings/norms instead of saving them whole.")
+@click.option(
+    "--device",
+    type=click.Choice(DEVICES),
+    default="auto",
+    show_default=True,
+    help="Where to factor: auto uses CUDA when present.",
+)
+@click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def extract(
+    base: str,
+    tuned: str,
+    rank: int,
+    energy: float | None,
+    output: str,
+    to: Format,
+    skip_modules_to_save: bool,
+    device: Device,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """Extract a LoRA from the difference TUNED - BASE of two checkpoints.
+
+    \b
+    Examples:
+      loratools extract ./Llama-3-8B ./Llama-3-8B-finetuned --rank 16 -o ./extracted
+      loratools extract base.safetensors tuned.safetensors --rank 64 --energy 0.9 -o lora.safetensors
+      loratools extract sd15.safetensors sd15-ft.safetensors --rank 32 --to kohya --skip-modules-to-save -o ft.safetensors
+    """
+    _, report = loratools.extract(
+        base,
+        tuned,
+        rank=rank,
+        energy=energy,
+        out=output,
+        to=to,
+        force=force,
+        skip_modules_to_save=skip_modules_to_save,
+        device=device,
+    )
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    table = Table(title=f"{safe(output)} (on {report.device})")
+    for col in ("module", "ΔW shape", "rank", "kept energy", "‖ΔW‖_F"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in report.modules:
+        table.add_row(safe(m.module), " x ".join(map(str, m.shape)), str(m.rank), f"{m.kept_energy:.4f}", f"{m.delta_norm:.4g}")
+    out.print(table)
+    say(f"modules: {len(report.modules)}  saved whole: {len(report.saved)}  skipped: {len(report.skipped)}")
+    for key, why in report.skipped.items():
+        out.print(f"[yellow]skipped[/] {safe(key)}: {safe(why)}", highlight=False)
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", help="Base checkpoint to map kohya names with.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def diff(a: str, b: str, base: str | None, as_json: bool) -> None:
+    """Compare adapters A and B per module: cosine of their ΔW and ‖ΔW_A‖/‖ΔW_B‖, from the factors.
+
+    \b
+    Example:
+      loratools diff ./adapter-v1 ./adapter-v2 --json
+    """
+    report = loratools.diff(a, b, base=base)
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    table = Table(title=safe(f"{a} vs {b}"))
+    for col in ("module", "cosine", "‖ΔW_A‖", "‖ΔW_B‖", "ratio A/B", "rank A", "rank B"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for m in report.modules:
+        fmt = lambda x: "-" if x is None else f"{x:.4g}"  # noqa: E731
+        table.add_row(safe(m.module), fmt(m.cosine), fmt(m.norm_a), fmt(m.norm_b), fmt(m.norm_ratio), str(m.rank_a), str(m.rank_b))
+    out.print(table)
+    for label, names in (("only in A", report.only_a), ("only in B", report.only_b)):
+        for name in names:
+            out.print(f"[yellow]{label}[/] {safe(name)}", highlight=False)
+    for name, why in report.mismatched.items():
+        out.print(f"[red]mismatch[/] {safe(name)}: {safe(why)}", highlight=False)

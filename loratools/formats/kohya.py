@@ -1,0 +1,228 @@
+"""kohya/sd-scripts LoRA files: read them into an :class:`Adapter`, write adapters back out.
+
+A kohya file is one ``.safetensors`` whose module names are base module paths with the dots
+flattened to underscores behind a component prefix: ``lora_unet_down_blocks_0_attentions_0_proj_in``,
+``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (``lora_te1_``/``lora_te2_``/``lora_te3_``
+with several text encoders).  Each module holds ``.lora_down.weight`` (A: r x in[ x kh x kw]),
+``.lora_up.weight`` (B: out x r[ x 1 x 1]), an optional float ``.alpha`` (missing means alpha = r,
+scale 1) and DoRA's ``.dora_scale``; ΔW = alpha/r · up·down, the same rule as PEFT's.
+
+Flattening loses the dots (``attn1_to_q`` could be ``attn1.to_q`` or ``attn1_to.q``), so names are
+mapped with a base checkpoint: every base key is flattened the same way and looked up.  Without a
+base the kohya name stays the module name and ``loratools.source_format: kohya`` in the metadata
+records where the adapter came from, so :func:`save_kohya` writes it back unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .. import spec
+from ..adapter import Adapter, LoraModule, RawAdapter, raw_from_modules
+from ..errors import ArgumentError, FormatError, LoratoolsError
+from ..io.atomic import atomic_output
+from ..io.checkpoint import module_index, open_checkpoint
+from ..io.tensorfile import Header, write_file
+
+META_SOURCE, META_PREFIX = spec.META_SOURCE, spec.META_PREFIX
+
+DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
+_SUFFIXES = (DOWN, UP, ALPHA, DORA)
+_ROLES = {DOWN: "A", UP: "B"}
+
+# Base key prefix -> kohya prefix, for checkpoints holding several components (LDM single files,
+# diffusers-style prefixed state dicts).  "text_encoder." is lora_te_ or lora_te1_: see _te_prefix.
+_COMPONENTS: tuple[tuple[str, str], ...] = (
+    ("model.diffusion_model.", "lora_unet_"),
+    ("cond_stage_model.transformer.", "lora_te_"),
+    ("conditioner.embedders.0.transformer.", "lora_te1_"),
+    ("unet.", "lora_unet_"),
+    ("transformer.", "lora_unet_"),
+    ("text_encoder.", "lora_te_"),
+    ("text_encoder_2.", "lora_te2_"),
+    ("text_encoder_3.", "lora_te3_"),
+)
+# A base holding one component (a unet file, a CLIP text model) has bare keys: any prefix may apply.
+# CLIP text models saved by transformers >= 5 drop the "text_model." level kohya names still carry.
+_TE_PREFIXES = ("lora_te_", "lora_te1_", "lora_te2_", "lora_te3_")
+_BARE_PREFIXES = ("lora_unet_", *_TE_PREFIXES, *(p + "text_model_" for p in _TE_PREFIXES))
+
+
+def is_kohya(names: Iterable[str]) -> bool:
+    """Whether tensor ``names`` look like a kohya file (any ``.lora_down.weight``/``.lora_up.weight``)."""
+    return any(n.endswith((DOWN, UP)) for n in names)
+
+
+def flatten(path: str) -> str:
+    """kohya's flattening of a module path: dots become underscores."""
+    return path.replace(".", "_")
+
+
+def map_names(names: Iterable[str], base: str | Path) -> tuple[dict[str, str], dict[str, str]]:
+    """Map kohya module names onto ``base``'s module paths by flattening every base key.
+
+    Returns ``(mapped, unmapped)``: kohya name -> module path, and kohya name -> why it did not map
+    (no base key flattens to it, or several do).  Module paths are the base's own, so the mapped
+    adapter fits that base (and a PEFT model built on it) directly.
+    """
+    try:
+        checkpoint = open_checkpoint(base)
+    except LoratoolsError as err:
+        err.code = "base-unreadable"  # the base is at fault, not the kohya file
+        raise
+    candidates: dict[str, set[str]] = {}
+    for module in module_index(list(checkpoint.tensors)):
+        for flat in _flattenings(module):
+            candidates.setdefault(flat, set()).add(module)
+    mapped, unmapped = {}, {}
+    for name in names:
+        found = candidates.get(name, set())
+        if len(found) == 1:
+            mapped[name] = next(iter(found))
+        else:
+            unmapped[name] = f"several base modules flatten to it: {sorted(found)}" if found else f"no module of base {base} flattens to it"
+    return mapped, unmapped
+
+
+def _flattenings(module: str) -> list[str]:
+    prefixed = [kp + flatten(module[len(bp) :]) for bp, kp in _COMPONENTS if module.startswith(bp)]
+    if module.startswith("text_encoder."):
+        prefixed.append("lora_te1_" + flatten(module[len("text_encoder.") :]))
+    return prefixed + [kp + flatten(module) for kp in _BARE_PREFIXES]
+
+
+def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
+    """Read the kohya file behind ``header`` as a spec v1 :class:`RawAdapter` (config synthesized).
+
+    With ``base``, names are mapped onto base module paths; names that do not map keep their kohya
+    name, so validation against ``base`` lists each of them.  ``ss_*`` metadata passes through.
+    """
+    parts = _module_parts(header)
+    mapped: dict[str, str] = {}
+    if base is not None:
+        mapped, _ = map_names(parts, base)
+    modules: dict[str, LoraModule] = {}
+    with safe_open(str(header.path), framework="pt") as fh:
+        for name, p in parts.items():
+            target = mapped.get(name, name)
+            if target in modules:
+                raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
+            modules[target] = _module(fh, header.path, p)
+    metadata = dict(header.metadata)
+    metadata[META_SOURCE] = "kohya"
+    bare = {kp for name, path in mapped.items() for kp in _BARE_PREFIXES if name == kp + flatten(path)}
+    if len(bare) == 1:
+        metadata[META_PREFIX] = bare.pop()
+    return raw_from_modules(modules, header, metadata)
+
+
+def _module_parts(header: Header) -> dict[str, dict[str, str]]:
+    """kohya module name -> {suffix: tensor name}; refuses unknown tensors and incomplete pairs."""
+    parts: dict[str, dict[str, str]] = {}
+    unknown = []
+    for key in header.tensors:
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if suffix is None:
+            unknown.append(key)
+            continue
+        parts.setdefault(key[: -len(suffix)], {})[suffix] = key
+    if unknown:
+        listed = ", ".join(unknown[:5]) + (f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else "")
+        raise FormatError(f"kohya file holds tensors that are not LoRA factors: {listed}", path=header.path)
+    for name, p in parts.items():
+        missing = spec.missing_factor({_ROLES[s] for s in p if s in _ROLES})
+        if missing is not None:
+            raise FormatError(missing[1], path=header.path, key=name, code=missing[0])
+    return parts
+
+
+def _module(fh: Any, path: Path, parts: Mapping[str, str]) -> LoraModule:
+    """One module from its tensors in the open file ``fh``; a missing alpha means alpha = r (scale 1)."""
+    A, B = fh.get_tensor(parts[DOWN]), fh.get_tensor(parts[UP])
+    alpha = float(fh.get_tensor(parts[ALPHA]).float().item()) if ALPHA in parts else float(A.shape[0])
+    dora = fh.get_tensor(parts[DORA]) if DORA in parts else None
+    magnitude = None
+    if dora is not None:
+        if dora.numel() != B.shape[0] or dora.shape[0] != B.shape[0]:
+            raise FormatError(
+                f"dora_scale of shape {list(dora.shape)} normalises along the input axis; PEFT's DoRA keeps one magnitude per output "
+                f"row ({B.shape[0]}), so this adapter cannot be represented",
+                path=path,
+                key=parts[DORA],
+            )
+        magnitude = dora.reshape(-1)
+    return LoraModule(A, B, alpha, False, "conv" if A.dim() > 2 else "linear", magnitude)
+
+
+def kohya_name(module: str, *, te_prefix: str = "lora_te_", bare_prefix: str | None = None) -> str:
+    """The kohya name of module path ``module`` (a kohya name already is returned as is)."""
+    if module.startswith("lora_") and "." not in module:
+        return module
+    for bp, kp in _COMPONENTS:
+        if module.startswith(bp):
+            return (te_prefix if bp == "text_encoder." else kp) + flatten(module[len(bp) :])
+    if bare_prefix is None:
+        bare_prefix = te_prefix if module.startswith("text_model.") else "lora_unet_"
+    return bare_prefix + flatten(module)
+
+
+def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and ``__metadata__`` of ``adapter`` in kohya layout.
+
+    rsLoRA modules get alpha·sqrt(r) so alpha/r reproduces their scale; DoRA magnitudes become
+    ``dora_scale`` (out x 1[ x 1 x 1]).  Embedding modules, ``lora_B.bias`` and ``modules_to_save``
+    have no kohya form and are refused.
+    """
+    if adapter.extra_tensors:
+        raise FormatError(
+            f"kohya files cannot hold modules_to_save tensors ({', '.join(list(adapter.extra_tensors)[:3])}); convert to peft instead"
+        )
+    multi_te = any(m.startswith(("text_encoder_2.", "text_encoder_3.")) for m in adapter.modules)
+    te_prefix = "lora_te1_" if multi_te or adapter.metadata.get(META_PREFIX, "").startswith("lora_te1_") else "lora_te_"
+    tensors: dict[str, torch.Tensor] = {}
+    for module, m in adapter.modules.items():
+        if m.kind == "embedding" or m.bias is not None:
+            raise FormatError("kohya files hold linear and conv LoRA only (no embeddings, no lora_B.bias)", key=module)
+        name = kohya_name(module, te_prefix=te_prefix, bare_prefix=adapter.metadata.get(META_PREFIX))
+        if name + DOWN in tensors:
+            raise FormatError(f"two modules flatten to the same kohya name {name}", key=module)
+        tensors[name + DOWN] = m.A.contiguous()
+        tensors[name + UP] = m.B.contiguous()
+        tensors[name + ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        if m.magnitude is not None:
+            tensors[name + DORA] = m.magnitude.reshape(-1, *([1] * (m.A.dim() - 1))).contiguous()
+    return tensors, _kohya_metadata(adapter)
+
+
+def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
+    """Foreign metadata kept, ``ss_network_dim``/``ss_network_alpha`` rewritten to tell the truth."""
+    meta = {k: v for k, v in adapter.metadata.items() if k not in spec.OWN_METADATA}
+    ranks = {m.rank for m in adapter.modules.values()}
+    alphas = {m.scale * m.rank for m in adapter.modules.values()}
+    meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
+    meta["ss_network_alpha"] = _alpha_text(alphas.pop()) if len(alphas) == 1 else "Dynamic"
+    meta.setdefault("ss_network_module", "networks.lora")
+    meta[spec.META_FORMAT] = "pt"
+    if adapter.base_model and "ss_sd_model_name" not in meta:
+        meta["ss_sd_model_name"] = adapter.base_model
+    return meta
+
+
+def _alpha_text(alpha: float) -> str:
+    value = float(torch.tensor(alpha, dtype=torch.float32))
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def write(adapter: Adapter, path: Path, *, force: bool) -> Path:
+    """Write ``adapter`` as a kohya ``.safetensors`` file, atomically, with a data checksum; returns ``path``."""
+    if path.suffix != ".safetensors":
+        raise ArgumentError("a kohya output is a single file; give it a .safetensors name", path=path)
+    tensors, meta = kohya_state_dict(adapter)
+    with atomic_output(path, force=force, directory=False) as tmp:
+        write_file(tmp, tensors, meta, checksum_key=spec.META_SHA256)
+    return path

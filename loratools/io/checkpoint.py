@@ -1,0 +1,108 @@
+"""Header-only view of a base checkpoint: one ``.safetensors`` file or a HF model directory.
+
+A directory holds ``model.safetensors`` or shards listed in ``model.safetensors.index.json``.  Only
+headers are read (kilobytes, even for 140 GB models); merge and validation look tensors up here and
+map adapter module names onto base weight keys.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+from .tensorfile import Header, TensorInfo, read_header
+
+SINGLE_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+_PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "model.pt")
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A base checkpoint's layout: shard files in order, their headers, and the index if any."""
+
+    root: Path
+    shards: list[Path]
+    headers: dict[str, Header]  # shard file name -> header
+    index: dict[str, Any] | None
+
+    @property
+    def is_file(self) -> bool:
+        return self.root.is_file()
+
+    @property
+    def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor by name, across shards, in shard then file order."""
+        return {name: info for h in self.headers.values() for name, info in h.tensors.items()}
+
+    def shard_of(self, name: str) -> Path:
+        """The shard file holding tensor ``name``."""
+        for shard, header in zip(self.shards, self.headers.values(), strict=True):
+            if name in header.tensors:
+                return shard
+        raise KeyError(name)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.tensors.values())
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Read the headers of the checkpoint at ``path``; raises :class:`FormatError` if there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError("no such file or directory", path=path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise FormatError("base checkpoints must be safetensors (pickles are refused: loading one can run code)", path=path)
+        return Checkpoint(path, [path], {path.name: read_header(path)}, None)
+    index_path = path / INDEX_NAME
+    if index_path.exists():
+        try:
+            index = json.loads(index_path.read_text(encoding="utf-8"))
+            weight_map: dict[str, str] = index["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise FormatError(f"corrupt index ({err})", path=index_path) from None
+        names = list(dict.fromkeys(weight_map.values()))
+        for name in names:
+            if Path(name).name != name:
+                raise FormatError(f"index names a shard outside the checkpoint directory: {name!r}", path=index_path)
+        shards = [path / n for n in sorted(names)]
+        return Checkpoint(path, shards, {s.name: read_header(s) for s in shards}, index)
+    single = path / SINGLE_NAME
+    if single.exists():
+        return Checkpoint(path, [single], {single.name: read_header(single)}, None)
+    pickles = [p for p in _PICKLES if (path / p).exists()]
+    if pickles:
+        raise FormatError(
+            f"only pickle weights ({pickles[0]}) found; convert the base to safetensors first (pickles are refused)", path=path
+        )
+    raise FormatError(f"no {SINGLE_NAME} or {INDEX_NAME} in the directory", path=path)
+
+
+def module_index(keys: list[str]) -> dict[str, str]:
+    """Map module path -> weight key for every ``<module>.weight`` key of a checkpoint."""
+    return {k[: -len(".weight")]: k for k in keys if k.endswith(".weight")}
+
+
+def find_weight(module: str, modules: dict[str, str]) -> str | None:
+    """The base weight key of adapter ``module``, tolerating prefixes on either side.
+
+    Tries the exact name, then drops leading components of the adapter name (``model.layers.0.q``
+    finds base ``layers.0.q``), then base names that end with the adapter name.  PEFT wraps targeted
+    embeddings, so ``<module>.base_layer`` is tried too.  ``None`` if nothing or several match.
+    """
+    for name in (module, module.removesuffix(".base_layer")):
+        if name in modules:
+            return modules[name]
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):
+            if ".".join(parts[i:]) in modules:
+                return modules[".".join(parts[i:])]
+        longer = [key for base, key in modules.items() if base.endswith("." + name)]
+        if len(longer) == 1:
+            return longer[0]
+    return None

@@ -1,0 +1,387 @@
+"""Stream safetensors files through per-tensor transforms, overlapping reads, compute and writes.
+
+An output file's header is known from its input's, so each output is written front to back in one
+pass: the header, then every tensor in file order, appended by a :class:`~loratools.sink.Sink`
+(around the page cache where the file system allows).  Tensors nobody transforms pass through as
+bytes mapped from the base's page cache.  The others are mapped from the page
+cache by a reader thread (no copy; or, when a GPU computes, copied into a small pool of pinned
+buffers so host-to-device copies run asynchronously), transformed by the caller on the main thread
+into a pool of output buffers, and written by a writer thread while the next tensor is computed.
+Memory is bounded by the queues and pools, a few times the largest transformed tensor and never
+the model: a 70B checkpoint streams on a machine with a fraction of its size in RAM.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import queue
+import shutil
+import threading
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DiskSpaceError, FormatError
+from .atomic import atomic_output
+from .checkpoint import INDEX_NAME, Checkpoint
+from .pipeline import Stopped, Worker, get, put
+from .sink import ALIGN, Sink
+from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header, tensor_bytes
+
+Transform = Callable[[torch.Tensor, torch.Tensor], None]
+"""Fills ``dst`` from ``src``; both are 2-D (rows, cols) CPU views, ``src`` in the stored dtype, ``dst`` in the output one."""
+Progress = Callable[[int], None]
+"""Called with the number of output bytes just written."""
+
+_POOL = 2  # buffers per pool: the reader runs one tensor ahead, the writer one behind
+_CHUNK = 16 * 2**20  # bytes per piece of an untouched tensor passed through
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+_SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """How one output file derives from one input file: the output dtype and transform per tensor.
+
+    With every dtype unchanged the input's header bytes are reused verbatim, so tensor order,
+    offsets and ``__metadata__`` are exactly the input's.
+    """
+
+    header: Header
+    dtypes: Mapping[str, str]
+    transforms: Mapping[str, Transform]
+
+    @property
+    def tensors(self) -> list[TensorInfo]:
+        return sorted(self.header.tensors.values(), key=lambda t: t.start)
+
+    def out_nbytes(self, info: TensorInfo) -> int:
+        return info.numel * ITEMSIZE[self.dtypes[info.name]]
+
+    def computed(self, info: TensorInfo) -> bool:
+        return info.name in self.transforms or self.dtypes[info.name] != info.dtype
+
+    def header_bytes(self) -> bytes:
+        if all(self.dtypes[t.name] == t.dtype for t in self.tensors):
+            with open(self.header.path, "rb") as fh:
+                return fh.read(self.header.data_start)
+        plan = [(t.name, self.dtypes[t.name], t.shape) for t in self.tensors]
+        return encode_header(plan, self.header.metadata)[0]
+
+    @property
+    def data_bytes(self) -> int:
+        """Bytes of tensor data in the output file (the index's ``total_size`` sums these)."""
+        return sum(self.out_nbytes(t) for t in self.tensors)
+
+    @property
+    def size(self) -> int:
+        return len(self.header_bytes()) + self.data_bytes
+
+
+def _pool(nbytes: int, pin: bool, room: int = 0) -> queue.Queue:
+    """Buffers of ``nbytes`` plus ``room`` bytes to place data congruent to its file offset (see :func:`_placed`)."""
+    pool: queue.Queue = queue.Queue()
+    for _ in range(_POOL):
+        pool.put(torch.empty(nbytes + room if nbytes else 0, dtype=torch.uint8, pin_memory=pin))
+    return pool
+
+
+def _placed(buf: torch.Tensor, offset: int, n: int, itemsize: int) -> torch.Tensor:
+    """``n`` bytes of ``buf``, at an address ≡ ``offset`` (mod ALIGN) when the buffer has room for it.
+
+    The sink writes data so placed without a copy.  Placement is skipped (the sink then bounces the
+    bytes) when the buffer has no spare room or when the shift would misalign the elements, as a
+    tensor stored at an offset that is not a multiple of its item size would.
+    """
+    shift = (offset - buf.data_ptr()) % ALIGN
+    if shift % itemsize or shift + n > buf.numel():
+        shift = 0
+    return buf[shift : shift + n]
+
+
+def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) -> torch.Tensor:
+    """``buf``'s first ``nbytes`` as a (rows, cols) tensor: rows is the leading dimension."""
+    rows = shape[0] if shape else 1
+    cols = 1
+    for d in shape[1:]:
+        cols *= d
+    return buf[:nbytes].view(DTYPES[dtype]).reshape(rows, cols)
+
+
+def _pieces(plan: FilePlan, info: TensorInfo) -> list[tuple[int, int]]:
+    """File ranges read ahead for one tensor: whole when transformed, else in chunks of at most _CHUNK bytes.
+
+    Untouched tensors pass through in chunks so a huge one (a 70B model's embeddings) is never
+    mapped whole; transformed ones are read whole.
+    """
+    if plan.computed(info) or info.nbytes <= _CHUNK:
+        return [(info.start, info.end)]
+    return [(a, min(a + _CHUNK, info.end)) for a in range(info.start, info.end, _CHUNK)]
+
+
+def _map(fd: int, start: int, end: int) -> torch.Tensor:
+    """Bytes ``start:end`` of the file as a read-only view of the page cache: no copy, prefaulted by MAP_POPULATE.
+
+    The mapping lives as long as the returned tensor, so it is unmapped as soon as the tensor is done.
+    Its address is congruent to ``start`` modulo the page size, which direct writes need.
+    """
+    if end == start:
+        return torch.empty(0, dtype=torch.uint8)
+    base = start - start % mmap.ALLOCATIONGRANULARITY
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    mapped = mmap.mmap(fd, end - base, flags=flags, prot=mmap.PROT_READ, offset=base)
+    with warnings.catch_warnings():  # read-only on purpose: sources are never written
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(mapped, dtype=torch.uint8, count=end - start, offset=start - base)
+
+
+def _pread_into(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; a file that ends first is a :class:`FormatError`."""
+    pos = 0
+    while pos < len(view):
+        n = os.preadv(fd, [view[pos:]], offset + pos)
+        if n == 0:
+            raise FormatError(f"file is truncated: expected data up to byte {offset + len(view)}", path=path)
+        pos += n
+
+
+def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Queue, stop: threading.Event) -> None:
+    """Read ahead in file order: map each piece from the page cache, or, when a GPU computes, copy
+    the tensors it transforms into pinned pool buffers (so uploads run asynchronously)."""
+    if hasattr(os, "posix_fadvise"):
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    for info in plan.tensors:
+        if pool is not None and plan.computed(info):
+            buf = get(pool, stop)
+            _pread_into(fd, tensor_bytes(buf[: info.nbytes]), info.start, plan.header.path)
+            put(reads, buf, stop)
+            continue
+        for start, end in _pieces(plan, info):
+            put(reads, _map(fd, start, end), stop)
+
+
+def _write_all(sink: Sink, writes: queue.Queue, pool: queue.Queue, progress: Progress, stop: threading.Event) -> None:
+    """Append each queued piece to the sink; output buffers go back to their pool once written."""
+    while (item := get(writes, stop)) is not None:
+        data, buf = item
+        sink.write(data)
+        if buf is not None:
+            pool.put(buf)
+        progress(data.numel())
+
+
+def _cast(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(src)
+
+
+def stream_files(
+    jobs: list[tuple[FilePlan, Path]], *, pin: bool = False, direct: bool = True, fsync: bool = False, progress: Progress | None = None
+) -> None:
+    """Write each plan's output file; on any error or interrupt, stop every stage and re-raise.
+
+    ``direct`` writes around the page cache where the file system allows (:mod:`loratools.sink`).
+    ``fsync`` flushes each file to stable storage before returning (durability against power loss;
+    like ``cp`` and ``save_pretrained``, the default leaves that to the OS).
+    """
+    computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
+    in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin) if pin else None
+    # Pinned buffers get no placement room: the caching host allocator rounds sizes up to a power
+    # of two, so 4 KiB more on a power-of-two tensor would double them; their writes bounce instead.
+    out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin, room=0 if pin else ALIGN)
+    for plan, dst in jobs:
+        _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), direct, fsync)
+
+
+def _stream_file(
+    plan: FilePlan, dst: Path, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress, direct: bool, fsync: bool
+) -> None:
+    sink = Sink(dst, direct=direct, fsync=fsync)
+    try:
+        header = plan.header_bytes()
+        sink.write(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+        progress(len(header))
+        with open(plan.header.path, "rb", buffering=0) as src:
+            _run_stages(plan, src.fileno(), len(header), sink, in_pool, out_pool, progress)
+        sink.close()
+    except BaseException:
+        sink.abort()
+        raise
+
+
+def _run_stages(
+    plan: FilePlan, src: int, offset: int, sink: Sink, in_pool: queue.Queue | None, out_pool: queue.Queue, progress: Progress
+) -> None:
+    """Reader and writer threads around the main thread's transforms; re-raises the first failure."""
+    stop = threading.Event()
+    reads: queue.Queue = queue.Queue(maxsize=_POOL)
+    writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
+    workers = [Worker(_read_all, stop, src, plan, in_pool, reads, stop), Worker(_write_all, stop, sink, writes, out_pool, progress, stop)]
+    for w in workers:
+        w.start()
+    try:
+        _feed(plan, offset, reads, writes, in_pool, out_pool, stop)
+        put(writes, None, stop)
+    except Stopped:
+        pass  # a stage failed: its error is raised below
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        _join(workers, stop)
+    for w in workers:
+        if w.error is not None:
+            raise w.error
+
+
+def _join(workers: list[Worker], stop: threading.Event) -> None:
+    """Wait for every stage; interrupted while waiting, stop them first so none outlives its file."""
+    try:
+        for w in workers:
+            w.join()
+    except BaseException:
+        stop.set()
+        for w in workers:
+            w.join()
+        raise
+
+
+def _feed(
+    plan: FilePlan,
+    offset: int,
+    reads: queue.Queue,
+    writes: queue.Queue,
+    in_pool: queue.Queue | None,
+    out_pool: queue.Queue,
+    stop: threading.Event,
+) -> None:
+    """The main thread's part, in file order: pass untouched pieces through, transform the others.
+
+    ``offset``: where the first tensor starts in the output file; each output is placed in its
+    buffer congruent to its own offset, so the sink can write it straight from there.
+    """
+    for info in plan.tensors:
+        if not plan.computed(info):
+            for _ in _pieces(plan, info):
+                put(writes, (get(reads, stop), None), stop)
+            offset += info.nbytes
+            continue
+        src = get(reads, stop)
+        out = get(out_pool, stop)
+        n = plan.out_nbytes(info)
+        dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[info.name]])
+        plan.transforms.get(info.name, _cast)(
+            _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[info.name], info.shape, n)
+        )
+        if in_pool is not None:
+            in_pool.put(src)
+        del src  # a mapped source is unmapped here
+        put(writes, (dst, out), stop)
+        offset += n
+
+
+def _is_weights(path: Path) -> bool:
+    return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
+
+
+def side_files(root: Path, weight_files: set[str]) -> list[Path]:
+    """Everything in model directory ``root`` to copy beside merged weights: config, tokenizer, ...
+
+    Weight files (``.safetensors``, pickles, ...) and indexes are left out, in subfolders too (Meta's
+    ``original/consolidated.00.pth``): the merged output writes its own, and a stale copy of unmerged
+    weights would be loaded instead of the merged ones.
+    """
+    keep = []
+    for path in sorted(root.iterdir()):
+        name = path.name
+        if name in weight_files or name.startswith(".loratools-tmp-") or name in _SKIP_DIRS:
+            continue
+        if path.is_file() and _is_weights(path):
+            continue
+        keep.append(path)
+    return keep
+
+
+def copy_side_files(paths: list[Path], dst: Path) -> None:
+    for path in paths:
+        if path.is_dir():
+            skip = lambda folder, names: [n for n in names if _is_weights(Path(folder) / n) and (Path(folder) / n).is_file()]  # noqa: E731
+            shutil.copytree(path, dst / path.name, symlinks=False, ignore=skip)
+        else:
+            shutil.copy2(path, dst / path.name)
+
+
+def write_index(index: Mapping[str, Any], total_size: int, dst: Path) -> None:
+    """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size."""
+    out = dict(index)
+    out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total_size}
+    dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def files_size(paths: list[Path]) -> int:
+    total = 0
+    for path in paths:
+        if path.is_dir():
+            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        else:
+            total += path.stat().st_size
+    return total
+
+
+def check_free_space(where: Path, need: int) -> None:
+    """Raise :class:`DiskSpaceError` unless the file system holding ``where`` has ``need`` bytes free."""
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < need:
+        raise DiskSpaceError(
+            f"needs {need / 2**30:.2f} GiB free for the output but only {free / 2**30:.2f} GiB is; "
+            "free some space or write elsewhere with -o",
+            path=probe,
+        )
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How a checkpoint is written.
+
+    ``force``: replace an existing output (only once the new one is complete).  ``direct``: write
+    around the page cache where the file system allows.  ``fsync``: flush to stable storage before
+    the output appears.  ``progress``: called with (bytes written, bytes total).
+    """
+
+    force: bool = False
+    direct: bool = True
+    fsync: bool = False
+    progress: Callable[[int, int], None] | None = None
+
+
+def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, options: WriteOptions, *, pin: bool = False) -> int:
+    """Write a checkpoint mirroring ``checkpoint`` to ``out``, atomically; returns the bytes of weights written.
+
+    One output shard per plan (same names and order), the index with its new ``total_size``, and the
+    side files.  Free space is checked first.  ``pin``: stage tensors in pinned memory (GPU compute).
+    """
+    extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
+    total = sum(p.size for p in plans)
+    check_free_space(out.parent, total + files_size(extras))
+    done = [0]
+
+    def tick(n: int) -> None:
+        done[0] += n
+        if options.progress is not None:
+            options.progress(done[0], total)
+
+    with atomic_output(out, force=options.force, directory=not checkpoint.is_file) as tmp:
+        jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
+        stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
+        if checkpoint.index is not None:
+            write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
+        copy_side_files(extras, tmp)
+    return total

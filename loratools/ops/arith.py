@@ -1,0 +1,240 @@
+"""Adapter arithmetic in factored form: add, scale, subtract and SVD resize, never forming ΔW.
+
+Every function returns a new :class:`~loratools.adapter.Adapter` whose modules have scale 1
+(``lora_alpha = r``, no rsLoRA): each input's s = alpha/r (or alpha/sqrt(r)) and weight are folded
+into the factors, split as sqrt(|c|) into A and sign(c)·sqrt(|c|) into B so neither factor's norm
+drifts.  Sums are exact because factors are concatenated: [√c₁B₁ | √c₂B₂]·[√c₁A₁; √c₂A₂] = c₁B₁A₁ + c₂B₂A₂
+(PEFT's "linear" combination multiplies the summed A's by the summed B's, which adds cross terms Bᵢ·Aⱼ).
+Resizing truncates the SVD of s·B·A computed from the factors (:mod:`loratools.linalg`), which by
+Eckart–Young is the best rank-k approximation in Frobenius norm.
+
+Math runs in float32 (float64 for the r x r cores); outputs keep each input module's dtype unless
+``dtype`` is given.  DoRA adapters are refused: their magnitude step renormalises W + ΔW row by row,
+so it is not linear in ΔW and neither sums nor truncations of ΔW carry over.
+
+``modules_to_save`` tensors replace base weights rather than add to them, so they cannot be summed or
+scaled: they pass through unchanged, and adding adapters whose copies of the same tensor differ is an
+error.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+import torch
+
+from ..adapter import Adapter, LoraModule, check_weights
+from ..compute import per_item
+from ..errors import ArgumentError, ShapeError, SpecError
+from ..io.tensorfile import DtypeLike, torch_dtype
+from ..linalg import CRITERIA, choose_rank, factored_svd, flat, kept_energy, tail_errors
+
+# Config fields an output rewrites from its modules (via Adapter.peft_config); the layer filters go
+# because target_modules becomes the exact module list.
+_REWRITTEN = (
+    "r",
+    "lora_alpha",
+    "rank_pattern",
+    "alpha_pattern",
+    "target_modules",
+    "layers_to_transform",
+    "layers_pattern",
+    "exclude_modules",
+    "use_rslora",
+    "use_dora",
+)
+
+
+@dataclass(frozen=True)
+class ResizeRow:
+    """How :func:`resize` treated one module: ranks before/after, kept fraction of ‖ΔW‖_F², ‖ΔW−ΔW_k‖_F/‖ΔW‖_F."""
+
+    module: str
+    old_rank: int
+    new_rank: int
+    kept_energy: float
+    rel_error: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: DtypeLike = None) -> Adapter:
+    """ΔW = Σ wᵢ·ΔWᵢ exactly, module by module, for the union of the inputs' modules.
+
+    The result's rank per module is the sum of the input ranks holding it; different ranks, alphas,
+    rsLoRA and patterns all mix.  Raises :class:`ShapeError` naming a module whose ΔW shapes
+    differ between inputs, :class:`ArgumentError` if ``weights`` does not give one number per input.
+    """
+    if not adapters:
+        raise ArgumentError("add needs at least one adapter")
+    weights = check_weights(weights, len(adapters))
+    cast = torch_dtype(dtype)
+    for i, adapter in enumerate(adapters, 1):
+        _refuse_dora(adapter, f"input {i}")
+    if len({a.fan_in_fan_out for a in adapters}) > 1:
+        raise SpecError("inputs disagree on fan_in_fan_out, so they were made for differently laid-out bases")
+    names = list(dict.fromkeys(name for a in adapters for name in a.modules))
+    modules = {}
+    for name in names:
+        terms = [(i, a.modules[name], w) for i, (a, w) in enumerate(zip(adapters, weights, strict=True), 1) if name in a.modules]
+        _check_shapes(name, [(i, m) for i, m, _ in terms])
+        parts = [_fold(m, w * m.scale) for _, m, w in terms]
+        biases = [bias for _, _, bias in parts if bias is not None]
+        like = terms[0][1]
+        modules[name] = _rebuild(
+            like,
+            torch.cat([B for B, _, _ in parts], 1),
+            torch.cat([A for _, A, _ in parts], 0),
+            torch.stack(biases).sum(0) if biases else None,
+            cast or like.dtype,
+        )
+    return _derive(adapters, modules)
+
+
+def scale(adapter: Adapter, factor: float, *, dtype: DtypeLike = None) -> Adapter:
+    """ΔW → factor·ΔW for every module (negative factors flip the adapter); ranks are unchanged."""
+    return add(adapter, weights=[factor], dtype=dtype)
+
+
+def subtract(a: Adapter, b: Adapter, *, dtype: DtypeLike = None) -> Adapter:
+    """ΔW = ΔW_a − ΔW_b exactly (rank r_a + r_b where both hold a module)."""
+    return add(a, b, weights=[1.0, -1.0], dtype=dtype)
+
+
+def resize(
+    adapter: Adapter,
+    rank: int | None = None,
+    *,
+    energy: float | None = None,
+    max_rel_error: float | None = None,
+    sv_ratio: float | None = None,
+    dtype: DtypeLike = None,
+) -> tuple[Adapter, list[ResizeRow]]:
+    """Truncate every module's ΔW = s·B·A to its best rank-k approximation; exactly one criterion.
+
+    ``rank``: k = min(rank, r) for every module.  Per-module dynamic k, the smallest that meets:
+    ``energy`` (kept fraction of ‖ΔW‖_F², in (0, 1]), ``max_rel_error`` (‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= bound,
+    in [0, 1)), ``sv_ratio`` (keep σᵢ >= σ₁/ratio, ratio >= 1).  New factors are B = U_k·√σ, A = √σ·V_kᵀ.
+    Returns the new adapter and one :class:`ResizeRow` per module.  Modules run in parallel, one
+    single-threaded worker per torch thread (:func:`loratools.compute.per_item`).
+    """
+    criterion, value = _criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
+    _refuse_dora(adapter, "the adapter")
+    cast = torch_dtype(dtype)
+
+    def one(item: tuple[str, LoraModule]) -> tuple[LoraModule, ResizeRow]:
+        name, m = item
+        svd = factored_svd(m.B, m.A, m.scale)
+        k = choose_rank(svd.S, criterion, value)
+        B, A = svd.factors(k)
+        bias = None if m.bias is None else m.bias.float() * m.scale
+        row = ResizeRow(name, m.rank, k, float(kept_energy(svd.S)[k - 1]), float(tail_errors(svd.S)[k - 1]))
+        return _rebuild(m, B, A, bias, cast or m.dtype), row
+
+    done = per_item(one, list(adapter.modules.items()))
+    modules = {row.module: module for module, row in done}
+    return _derive([adapter], modules), [row for _, row in done]
+
+
+def _criterion(**given: float | None) -> tuple[str, float]:
+    """The one resize criterion given, checked: (name, value)."""
+    chosen = [(name, value) for name, value in given.items() if value is not None]
+    if len(chosen) != 1:
+        names = ", ".join(CRITERIA)
+        raise ArgumentError(f"give exactly one of {names} (got {', '.join(n for n, _ in chosen) or 'none'})")
+    name, value = chosen[0]
+    if name == "rank":
+        try:
+            if isinstance(value, bool):
+                raise TypeError
+            value = operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            raise ArgumentError(f"rank must be an integer >= 1, got {value!r}") from None
+        ok = value >= 1
+    else:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and {"energy": 0 < value <= 1, "max_rel_error": 0 <= value < 1, "sv_ratio": value >= 1}[name]
+    if not ok:
+        need = {"rank": "an integer >= 1", "energy": "in (0, 1]", "max_rel_error": "in [0, 1)", "sv_ratio": "a number >= 1"}[name]
+        raise ArgumentError(f"{name} must be {need}, got {value!r}")
+    return name, float(value)
+
+
+def _refuse_dora(adapter: Adapter, which: str) -> None:
+    dora = [name for name, m in adapter.modules.items() if m.magnitude is not None]
+    if dora:
+        raise SpecError(
+            f"{which} is a DoRA adapter (lora_magnitude_vector on {dora[0]}); DoRA rescales W + ΔW row by row, "
+            "which is not linear in ΔW, so it cannot be added, scaled or resized in factored form",
+        )
+
+
+def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
+    """Every input holding ``name`` must have the same kind and ΔW shape."""
+    first_i, first = modules[0]
+    want = (first.kind, first.B.shape[0], first.A.shape[1:])
+    for i, m in modules[1:]:
+        got = (m.kind, m.B.shape[0], m.A.shape[1:])
+        if got != want:
+            raise ShapeError(
+                f"input {first_i} has a {want[0]} ΔW of shape {_shape(first)} but input {i} has a {got[0]} ΔW of shape {_shape(m)}; "
+                "adapters can only be combined module by module for the same base",
+                key=name,
+            )
+
+
+def _shape(m: LoraModule) -> str:
+    return " x ".join(str(d) for d in (m.B.shape[0], *m.A.shape[1:]))
+
+
+def _fold(m: LoraModule, c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Flat factors (B, A) with c = weight·scale split as sign(c)·√|c| into B and √|c| into A; bias·c."""
+    B, A = flat(m.B, m.A)
+    dtype = torch.float64 if B.dtype == torch.float64 else torch.float32
+    root = math.sqrt(abs(c))
+    bias = None if m.bias is None else m.bias.to(dtype) * c
+    return B.to(dtype) * math.copysign(root, c), A.to(dtype) * root, bias
+
+
+def _rebuild(like: LoraModule, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> LoraModule:
+    """A scale-1 module (alpha = r, no rsLoRA) from flat factors, reshaped back to ``like``'s layout."""
+    k = int(A.shape[0])
+    if like.kind == "conv":
+        A = A.reshape(k, *like.A.shape[1:])
+        B = B.reshape(B.shape[0], k, *like.B.shape[2:])
+    cast = None if bias is None else bias.to(dtype)
+    return LoraModule(A.to(dtype).contiguous(), B.to(dtype).contiguous(), float(k), False, like.kind, None, cast)
+
+
+def _derive(inputs: Sequence[Adapter], modules: dict[str, LoraModule]) -> Adapter:
+    """The output adapter: the first input's config and metadata, rank/alpha/targets refit to ``modules``."""
+    first = inputs[0]
+    config = {k: v for k, v in first.config.items() if k not in _REWRITTEN}
+    extras = _merged_extras(inputs)
+    saved = list(dict.fromkeys(s for a in inputs for s in a.config.get("modules_to_save") or []))
+    if saved:
+        config["modules_to_save"] = saved
+    draft = Adapter(modules, config, extras, dict(first.metadata))
+    return replace(draft, config=draft.peft_config())
+
+
+def _merged_extras(inputs: Sequence[Adapter]) -> dict[str, torch.Tensor]:
+    """Union of the inputs' non-LoRA tensors; the same key holding different values is an error."""
+    merged: dict[str, torch.Tensor] = {}
+    owner: dict[str, int] = {}
+    for i, adapter in enumerate(inputs, 1):
+        for key, tensor in adapter.extra_tensors.items():
+            if key in merged and not (merged[key].shape == tensor.shape and torch.equal(merged[key], tensor.to(merged[key].dtype))):
+                raise SpecError(
+                    f"inputs {owner[key]} and {i} hold different copies of this full tensor (modules_to_save); "
+                    "full weights replace the base rather than add to it, so they cannot be combined",
+                    key=key,
+                )
+            merged.setdefault(key, tensor)
+            owner.setdefault(key, i)
+    return merged

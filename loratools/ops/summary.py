@@ -1,0 +1,77 @@
+"""What is inside an adapter: per-module shapes, ranks, scales and ‖ΔW‖_F, and totals.
+
+‖ΔW‖_F comes from the factors (see :mod:`loratools.linalg`), so inspecting a 7B-scale adapter
+never forms a 4096 x 11008 matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .. import spec
+from ..adapter import Adapter
+from ..io.tensorfile import DTYPE_NAMES
+from ..linalg import frobenius_norm
+
+
+@dataclass(frozen=True)
+class ModuleSummary:
+    """One row of ``loratools inspect``; ``shape`` is ΔW's (out, in[, k...]) before any transpose."""
+
+    module: str
+    kind: str
+    shape: tuple[int, ...]
+    rank: int
+    alpha: float
+    scale: float
+    dtype: str
+    delta_norm: float
+    dora: bool
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Per-module rows and adapter totals."""
+
+    modules: list[ModuleSummary]
+    num_params: int
+    num_bytes: int
+    targets: Any
+    base_model: str | None
+    spec_version: str
+    peft_type: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def summarize(adapter: Adapter) -> Summary:
+    """Summarize ``adapter``: one :class:`ModuleSummary` per module plus totals."""
+    rows = []
+    for name, m in adapter.modules.items():
+        out, inp = int(m.B.shape[0]), int(m.A[0].numel())
+        rows.append(
+            ModuleSummary(
+                module=name,
+                kind=m.kind,
+                shape=(out, inp) if m.kind != "conv" else (out, *m.A.shape[1:]),
+                rank=m.rank,
+                alpha=m.alpha,
+                scale=m.scale,
+                dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
+                delta_norm=m.scale * frobenius_norm(m.B, m.A),
+                dora=m.magnitude is not None,
+            )
+        )
+    tensors = adapter.state_dict().values()
+    config = adapter.peft_config()
+    return Summary(
+        modules=rows,
+        num_params=sum(t.numel() for t in tensors),
+        num_bytes=sum(t.numel() * t.element_size() for t in tensors),
+        targets=config.get("target_modules"),
+        base_model=adapter.base_model,
+        spec_version=adapter.metadata.get(spec.META_VERSION, "1.0 (plain PEFT, no version recorded)"),
+        peft_type=config.get("peft_type", "LORA"),
+    )

@@ -1,0 +1,132 @@
+"""`loratools push` / `pull` and hf:// arguments through the CLI, against the loopback Hub server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from loratools import spec
+from loratools.cli import EXIT_HUB, EXIT_INPUT, main
+
+from ..hub.server import TOKEN
+
+pytest_plugins = ["tests.hub.fixtures"]  # the hub, hub_server and adapter_dir fixtures
+
+REPO = "me/tiny-lora"
+
+
+@pytest.fixture
+def run(hub, monkeypatch):
+    """Invoke the CLI with HF_ENDPOINT's place taken by the fixture (the CLI has no --endpoint)."""
+    monkeypatch.delenv("LORATOOLS_DEBUG", raising=False)
+    runner = CliRunner()
+
+    def invoke(*args: str, code: int = 0):
+        result = runner.invoke(main, list(args), catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result
+
+    return invoke
+
+
+def test_push_prints_url_and_commit(run, hub, adapter_dir):
+    result = run("push", str(adapter_dir), REPO, "-m", "first")
+    sha = hub.state.repos[REPO].refs["main"]
+    assert f"{hub.url}/{REPO}" in result.stdout and f"commit: {sha}" in result.stdout
+    assert hub.state.repos[REPO].commits[sha].message == "first"
+
+
+def test_push_and_pull_json(run, hub, adapter_dir, tmp_path):
+    pushed = json.loads(run("push", str(adapter_dir), REPO, "--revision", "dev", "--json").stdout)
+    assert pushed["revision"] == "dev" and pushed["commit_sha"] == hub.state.repos[REPO].refs["dev"]
+    pulled = json.loads(run("pull", f"{REPO}@dev", "-o", str(tmp_path / "copy"), "--json").stdout)
+    assert pulled["commit_sha"] == pushed["commit_sha"] and pulled["path"] == str(tmp_path / "copy")
+    assert (tmp_path / "copy" / spec.WEIGHTS_NAME).read_bytes() == (adapter_dir / spec.WEIGHTS_NAME).read_bytes()
+
+
+def test_pull_refuses_existing_dir_unless_force(run, adapter_dir, tmp_path):
+    run("push", str(adapter_dir), REPO)
+    (tmp_path / "copy").mkdir()
+    result = run("pull", REPO, "-o", str(tmp_path / "copy"), code=EXIT_INPUT)
+    assert "already exists; pass --force" in result.stderr
+    run("pull", REPO, "-o", str(tmp_path / "copy"), "--force")
+    assert (tmp_path / "copy" / spec.CONFIG_NAME).exists()
+
+
+def test_pull_offline_flag(run, hub, adapter_dir, tmp_path):
+    run("push", str(adapter_dir), REPO)
+    run("pull", REPO, "-o", str(tmp_path / "a"))
+    before = len(hub.state.requests)
+    result = run("pull", REPO, "-o", str(tmp_path / "b"), "--offline")
+    assert len(hub.state.requests) == before and "commit: " in result.stdout
+
+
+def test_push_of_invalid_adapter_exits_3_with_one_line(run, hub, adapter_dir):
+    (adapter_dir / spec.WEIGHTS_NAME).write_bytes(b"\x00" * 7)
+    result = run("push", str(adapter_dir), REPO, code=EXIT_INPUT)
+    assert result.stderr.count("\n") == 1 and "error:" in result.stderr
+    assert hub.state.requests == []
+
+
+def test_hub_errors_exit_4_with_one_line(run, tmp_path):
+    result = run("pull", "me/missing", "-o", str(tmp_path / "x"), code=EXIT_HUB)
+    assert (
+        result.stderr.strip() == "error: repository me/missing not found on the Hub (check the name; if it is private, "
+        "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token)"
+    )
+
+
+def test_token_never_appears_in_output_or_logs(run, hub, adapter_dir, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="huggingface_hub")
+    hub.state.token = TOKEN
+    ok = run("push", str(adapter_dir), REPO, "--token", TOKEN)
+    denied = run("pull", REPO, "-o", str(tmp_path / "x"), "--token", TOKEN + "x", code=EXIT_HUB)
+    assert "the token given with --token was rejected" in denied.stderr
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    missing = run("pull", "me/missing", "-o", str(tmp_path / "y"), code=EXIT_HUB)
+    pulled = run("pull", REPO, "-o", str(tmp_path / "z"), "--json")
+    assert f"Bearer {TOKEN}" in hub.state.auth_headers  # it was used ...
+    for result in (ok, denied, missing, pulled):
+        assert TOKEN not in result.output  # ... and never shown
+    assert any(r.name.startswith("huggingface_hub") and r.levelno == logging.DEBUG for r in caplog.records)  # requests were logged
+    assert TOKEN not in caplog.text
+
+
+def test_hf_uri_in_validate_and_inspect(run, adapter_dir):
+    run("push", str(adapter_dir), REPO)
+    assert "valid" in run("validate", f"hf://{REPO}").stdout
+    summary = json.loads(run("inspect", f"hf://{REPO}@main", "--json").stdout)
+    assert summary["num_params"] == 28 and summary["base_model"] == "org/tiny-base"
+
+
+@pytest.mark.parametrize("command", ["inspect", "validate"])
+def test_hf_uri_of_missing_repo_is_a_hub_error(run, command):
+    result = run(command, "hf://me/missing", code=EXIT_HUB)
+    assert "repository me/missing not found" in result.stderr
+
+
+@pytest.mark.slow  # three fresh interpreters importing torch
+def test_installed_command_reads_endpoint_and_offline_from_the_environment(hub, adapter_dir, tmp_path):
+    """A fresh process: huggingface_hub configured only by HF_ENDPOINT / HF_HOME / HF_HUB_OFFLINE, as users do."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGING_FACE"))}
+    env.update(HF_ENDPOINT=hub.url, HF_HOME=str(tmp_path / "home"), HF_HUB_DISABLE_XET="1", PYTHONPATH=str(Path(__file__).parents[1]))
+
+    def cli(*args: str, **extra: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "loratools", *args], env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    pushed = json.loads(cli("push", str(adapter_dir), REPO, "--json"))
+    assert pushed["commit_sha"] == hub.state.repos[REPO].refs["main"]
+    assert f"commit: {pushed['commit_sha']}" in cli("pull", REPO, "-o", str(tmp_path / "a"))
+    served = len(hub.state.requests)
+    assert f"commit: {pushed['commit_sha']}" in cli("pull", REPO, "-o", str(tmp_path / "b"), HF_HUB_OFFLINE="1")
+    assert len(hub.state.requests) == served

@@ -1,0 +1,123 @@
+"""`loratools merge` / `loratools unmerge` through click's CliRunner, on synthetic checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from loratools import Adapter, LoraModule, save
+from loratools.cli import main
+from loratools.io.tensorfile import write_file
+
+CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
+
+
+@pytest.fixture()
+def files(tmp_path: Path) -> tuple[Path, Path]:
+    """A two-shard base with one 4x3 weight ``layer.q.weight`` = 1 and an adapter with ΔW = 2·B·A = 2."""
+    base = tmp_path / "base"
+    base.mkdir()
+    write_file(base / "model-00001-of-00002.safetensors", {"layer.q.weight": torch.ones(4, 3)}, {"format": "pt"})
+    write_file(base / "model-00002-of-00002.safetensors", {"layer.norm.weight": torch.ones(3, dtype=torch.bfloat16)}, {"format": "pt"})
+    index = {
+        "metadata": {"total_size": 54},
+        "weight_map": {"layer.q.weight": "model-00001-of-00002.safetensors", "layer.norm.weight": "model-00002-of-00002.safetensors"},
+    }
+    (base / "model.safetensors.index.json").write_text(json.dumps(index))
+    (base / "config.json").write_text("{}")
+    module = LoraModule(torch.full((2, 3), 0.5), torch.ones(4, 2), alpha=4.0)  # s = 2, B·A = 1 everywhere
+    save(Adapter({"layer.q": module}, dict(CONFIG)), tmp_path / "adapter")
+    return base, tmp_path / "adapter"
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_merge_writes_merged_checkpoint_and_reports_json(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    code, stdout, _ = _run("merge", str(base), str(adapter), "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["out"] == str(tmp_path / "base-merged") and report["merged"] == 1 and report["shards"] == 2
+    merged = load_file(tmp_path / "base-merged" / "model-00001-of-00002.safetensors")["layer.q.weight"]
+    assert torch.equal(merged, torch.full((4, 3), 3.0))
+    assert (tmp_path / "base-merged" / "config.json").exists()
+
+
+def test_weights_dtype_and_human_summary(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    code, stdout, _ = _run(
+        "merge", str(base), str(adapter), str(adapter), "-w", "0.5", "-w", "0.25", "--dtype", "fp16", "-o", str(tmp_path / "o")
+    )
+    assert code == 0 and "merged 1 of 2 tensors" in stdout
+    tensors = load_file(tmp_path / "o" / "model-00001-of-00002.safetensors")
+    assert tensors["layer.q.weight"].dtype == torch.float16
+    assert torch.equal(tensors["layer.q.weight"], torch.full((4, 3), 2.5, dtype=torch.float16))  # 1 + 0.5·2 + 0.25·2
+
+
+def test_existing_output_needs_force(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    (tmp_path / "o").mkdir()
+    code, _, stderr = _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--quiet")
+    assert code == 3 and "already exists" in stderr and "--force" in stderr
+    assert _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--quiet", "--force")[:2] == (0, "")
+
+
+def test_output_inside_base_and_mismatches_are_one_line_errors(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    code, _, stderr = _run("merge", str(base), str(adapter), "-o", str(base / "inner"))
+    assert code == 3 and "inside it" in stderr and len(stderr.strip().splitlines()) == 1
+    save(
+        Adapter(
+            {
+                "layer.q": LoraModule(torch.ones(2, 5), torch.ones(4, 2), 4.0),
+                "layer.k": LoraModule(torch.ones(2, 3), torch.ones(4, 2), 4.0),
+            },
+            {**CONFIG, "target_modules": ["q", "k"]},
+        ),
+        tmp_path / "bad",
+    )
+    code, _, stderr = _run("merge", str(base), str(tmp_path / "bad"), "-o", str(tmp_path / "o"))
+    assert code == 3 and "layer.q" in stderr and "layer.k" in stderr and "[4, 5]" in stderr
+    assert len(stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_unmerge_restores_the_base(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    assert _run("merge", str(base), str(adapter), "-o", str(tmp_path / "m"), "--quiet")[0] == 0
+    code, stdout, _ = _run("unmerge", str(tmp_path / "m"), str(adapter), "-o", str(tmp_path / "back"))
+    assert code == 0 and "unmerged 1 of 2 tensors" in stdout
+    back = load_file(tmp_path / "back" / "model-00001-of-00002.safetensors")["layer.q.weight"]
+    assert torch.equal(back, torch.ones(4, 3))
+    assert _run("unmerge", str(tmp_path / "m"), str(adapter))[0] == 2  # -o is required
+
+
+def test_help_shows_examples() -> None:
+    code, stdout, _ = _run("merge", "--help")
+    assert code == 0 and "loratools merge ./base ./a ./b -w 0.7 -w 0.3" in stdout and "--device" in stdout
+
+
+def test_bad_weights_and_devices_are_usage_errors(files: tuple[Path, Path], tmp_path: Path) -> None:
+    base, adapter = files
+    for args in (["-w", "nan"], ["-w", "1", "-w", "2"]):
+        code, _, stderr = _run("merge", str(base), str(adapter), *args, "-o", str(tmp_path / "o"))
+        assert code == 2 and "weight" in stderr and "Traceback" not in stderr
+    if not torch.cuda.is_available():
+        code, _, stderr = _run("merge", str(base), str(adapter), "--device", "cuda", "-o", str(tmp_path / "o"))
+        assert code == 2 and "CUDA is not available" in stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_base_given_as_dot(files: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base, adapter = files
+    monkeypatch.chdir(base)
+    code, _, _ = _run("merge", ".", str(adapter), "--quiet")
+    assert code == 0 and (tmp_path / "base-merged" / "config.json").exists()

@@ -1,0 +1,92 @@
+"""Fixtures for Hub tests: our loopback server and a huggingface_hub with nothing of the user's.
+
+huggingface_hub reads ``HF_ENDPOINT``, ``HF_HOME``, ``HF_HUB_OFFLINE`` and ``HF_HUB_DISABLE_XET`` once,
+at import, so the ``hub_env`` fixture sets both the environment and the module constants: cache and
+token file under ``tmp_path``, no ``HF_TOKEN``, online, Xet off, the default endpoint on our server
+(model-card and ``hf://`` paths use it).  Test modules load this file with ``pytest_plugins``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from huggingface_hub import constants
+from huggingface_hub.utils import disable_progress_bars
+
+from loratools.adapter import Adapter, LoraModule
+from loratools.api import save
+
+from .server import HubServer
+
+
+@pytest.fixture(scope="module")
+def hub_server() -> Iterator[HubServer]:
+    with HubServer() as server:
+        yield server
+
+
+@pytest.fixture
+def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+    """The running server with fresh state, and huggingface_hub isolated and pointed at it."""
+    state = hub_server.state
+    with state.lock:
+        state.repos.clear()
+        state.served.clear()
+        state.truncate.clear()
+        state.drop.clear()
+        state.ranges.clear()
+        state.unsafe_names.clear()
+        state.requests.clear()
+        state.auth_headers.clear()
+        state.token = state.read_only_token = None
+        state.yaml_errors.clear()
+    home = tmp_path / "hf-home"
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+    monkeypatch.setattr(constants, "ENDPOINT", hub_server.url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub_server.url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 10)
+    monkeypatch.setattr(constants, "DEFAULT_ETAG_TIMEOUT", 10)
+    monkeypatch.chdir(tmp_path)
+    disable_progress_bars()
+    return hub_server
+
+
+def tiny_adapter(seed: int = 0) -> Adapter:
+    """Two 4x3 rank-2 modules with hand-sized values; base recorded as a Hub repo id."""
+    g = torch.Generator().manual_seed(seed)
+    modules = {
+        f"model.layers.{i}.self_attn.{p}": LoraModule(torch.randn(2, 3, generator=g), torch.randn(4, 2, generator=g), 4.0)
+        for i in range(1)
+        for p in ("q_proj", "v_proj")
+    }
+    config = {
+        "peft_type": "LORA",
+        "r": 2,
+        "lora_alpha": 4,
+        "target_modules": ["q_proj", "v_proj"],
+        "base_model_name_or_path": "org/tiny-base",
+    }
+    return Adapter(modules, config)
+
+
+@pytest.fixture
+def adapter_dir(tmp_path: Path) -> Path:
+    return save(tiny_adapter(), tmp_path / "my-adapter")
+
+
+@pytest.fixture
+def make_adapter(tmp_path: Path) -> Callable[..., Path]:
+    """``make_adapter(name, seed=0)`` saves :func:`tiny_adapter` under ``tmp_path``; ``*.safetensors`` gives one file."""
+    return lambda name, seed=0: save(tiny_adapter(seed), tmp_path / name)
