@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loratools
-from loratools.extract import resolve_device
+from loratools.compute import resolve_device
 
 SHAPES = {"self_attn.q_proj": (4096, 4096), "mlp.up_proj": (11008, 4096)}
 

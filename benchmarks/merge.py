@@ -74,7 +74,7 @@ def _shapes() -> dict[str, tuple[int, ...]]:
 
 def make_base(root: Path) -> int:
     """Write the sharded checkpoint; returns its size in bytes."""
-    from loratools.tensorfile import write_file
+    from loratools.io.tensorfile import write_file
 
     root.mkdir(parents=True)
     gen = torch.Generator().manual_seed(0)

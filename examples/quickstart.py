@@ -15,7 +15,7 @@ import torch
 
 import loratools
 from loratools.adapter import Adapter, LoraModule
-from loratools.tensorfile import write_file
+from loratools.io.tensorfile import write_file
 
 OUT = Path("demo-output")
 HIDDEN, MLP, LAYERS, VOCAB, RANK = 64, 128, 2, 100, 8
