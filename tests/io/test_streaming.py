@@ -1,0 +1,80 @@
+"""Streaming a checkpoint through per-tensor transforms: bytes, headers, index and side files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from loratools.errors import DiskSpaceError
+from loratools.io.checkpoint import open_checkpoint
+from loratools.io.streaming import FilePlan, WriteOptions, check_free_space, side_files, stream_files, write_checkpoint, write_index
+
+
+def _negate(src: torch.Tensor, dst: torch.Tensor) -> None:
+    dst.copy_(-src.float())
+
+
+@pytest.mark.parametrize("direct", [True, False])
+def test_transformed_and_untouched_tensors(tmp_path, direct):
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(4, dtype=torch.bfloat16), "c": torch.ones(3, 1)}
+    save_file(tensors, tmp_path / "in.safetensors", metadata={"k": "v"})
+    header = open_checkpoint(tmp_path / "in.safetensors").headers["in.safetensors"]
+    plan = FilePlan(header, {n: i.dtype for n, i in header.tensors.items()}, {"a": _negate})
+    done: list[int] = []
+    stream_files([(plan, tmp_path / "out.safetensors")], direct=direct, progress=done.append)
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        assert torch.equal(fh.get_tensor("a"), -tensors["a"]) and fh.metadata() == {"k": "v"}
+        assert torch.equal(fh.get_tensor("b"), tensors["b"]) and torch.equal(fh.get_tensor("c"), tensors["c"])
+    assert sum(done) == (tmp_path / "out.safetensors").stat().st_size == plan.size
+    assert (tmp_path / "out.safetensors").read_bytes()[: header.data_start] == (tmp_path / "in.safetensors").read_bytes()[
+        : header.data_start
+    ]
+
+
+def test_cast_rewrites_the_header_and_data_size(tmp_path):
+    save_file({"w": torch.full((4, 4), 1.5)}, tmp_path / "in.safetensors")
+    header = open_checkpoint(tmp_path / "in.safetensors").headers["in.safetensors"]
+    plan = FilePlan(header, {"w": "BF16"}, {})
+    assert plan.data_bytes == 32 and plan.computed(header.tensors["w"])
+    stream_files([(plan, tmp_path / "out.safetensors")])
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        assert fh.get_tensor("w").dtype == torch.bfloat16 and torch.equal(fh.get_tensor("w").float(), torch.full((4, 4), 1.5))
+
+
+def test_side_files_leave_out_weights_everywhere(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "tokenizer.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")
+    (tmp_path / ".loratools-tmp-x").mkdir()
+    (tmp_path / ".git").mkdir()
+    assert [p.name for p in side_files(tmp_path, {"model.safetensors"})] == ["config.json", "tokenizer.json"]
+
+
+def test_index_keeps_its_map_and_gets_the_new_total(tmp_path):
+    write_index({"metadata": {"total_size": 1, "format": "pt"}, "weight_map": {"w": "a.safetensors"}}, 96, tmp_path / "i.json")
+    assert json.loads((tmp_path / "i.json").read_text()) == {
+        "metadata": {"format": "pt", "total_size": 96},
+        "weight_map": {"w": "a.safetensors"},
+    }
+
+
+def test_free_space_is_checked_before_anything_is_written(tmp_path):
+    with pytest.raises(DiskSpaceError, match="free some space"):
+        check_free_space(tmp_path / "not" / "yet", 2**62)
+
+
+def test_write_checkpoint_mirrors_a_directory(tmp_path):
+    base = tmp_path / "base"
+    base.mkdir()
+    save_file({"w": torch.ones(2, 2)}, base / "model.safetensors")
+    (base / "config.json").write_text('{"a": 1}')
+    checkpoint = open_checkpoint(base)
+    plans = [FilePlan(checkpoint.headers["model.safetensors"], {"w": "F32"}, {"w": _negate})]
+    total = write_checkpoint(checkpoint, plans, tmp_path / "out", WriteOptions())
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
+    assert total == (tmp_path / "out" / "model.safetensors").stat().st_size
