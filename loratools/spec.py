@@ -23,11 +23,12 @@ PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 META_FORMAT = "format"
 META_VERSION = "loratools.spec_version"
 META_SHA256 = "loratools.sha256"
+META_LAYOUT = "loratools.sha256_layout"  # the tensor table META_SHA256 was computed over (io.tensorfile.layout_sha256)
 META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
 META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the layout an adapter was read from
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
-OWN_METADATA = (META_VERSION, META_SHA256, META_CONFIG, META_SOURCE, META_PREFIX)
+OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
 # A kohya module name that was never mapped onto a module path (no base given when it was read).
 KOHYA_NAME = re.compile(r"^lora_(unet|te\d?)_")
 

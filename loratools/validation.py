@@ -21,7 +21,7 @@ from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, L
 from .formats.registry import read_raw
 from .io.checkpoint import open_checkpoint
 from .io.remote import local_path
-from .io.tensorfile import DTYPE_NAMES, data_sha256
+from .io.tensorfile import DTYPE_NAMES, data_sha256, header_layout_sha256
 from .planner import plan
 
 
@@ -114,7 +114,18 @@ def _metadata_problems(raw: RawAdapter) -> list[Problem]:
     recorded = raw.metadata.get(spec.META_SHA256)
     if raw.header is not None and recorded is not None:
         actual = data_sha256(raw.header)
-        if actual != recorded:
+        layout = raw.metadata.get(spec.META_LAYOUT)
+        if actual != recorded and layout is not None and layout != header_layout_sha256(raw.header):
+            problems.append(
+                Problem(
+                    "checksum-not-applicable",
+                    where,
+                    f"rewritten since loratools wrote it (its tensor table changed, the metadata was copied): "
+                    f"{spec.META_SHA256} does not apply to this data, so it was not checked",
+                    "warning",
+                )
+            )
+        elif actual != recorded:
             problems.append(
                 Problem(
                     "checksum-mismatch",

@@ -5,10 +5,11 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from loratools import load, save, validate
+from loratools import load, save, spec, validate
 from loratools.errors import ChecksumError, FormatError, InvalidAdapterError
+from loratools.io.tensorfile import header_layout_sha256, read_header
 from loratools.spec import CONFIG_NAME, WEIGHTS_NAME
 
 from .factories import random_adapter
@@ -236,3 +237,21 @@ def test_bare_file_with_config_beside_it(tmp_path):
     lonely = tmp_path / "lonely.safetensors"
     shutil.copy(path / WEIGHTS_NAME, lonely)
     assert codes(validate(lonely)) == ["config-missing"]
+
+
+def test_rewritten_by_another_tool_is_a_warning_not_corruption(tmp_path):
+    path = save(random_adapter(2), tmp_path / "a.safetensors")
+    tensors, meta = load_file(path), read_header(path).metadata
+    assert meta[spec.META_LAYOUT] == header_layout_sha256(read_header(path))
+    save_file(tensors, tmp_path / "same.safetensors", metadata=meta)  # a plain round trip keeps the data: still verified
+    assert validate(tmp_path / "same.safetensors").problems == []
+    halved = {k: v.half() for k, v in tensors.items()}  # another tool rewrote the tensors, metadata copied verbatim
+    save_file(halved, tmp_path / "b.safetensors", metadata=meta)
+    report = validate(tmp_path / "b.safetensors")
+    assert report.ok and codes(report) == ["checksum-not-applicable"]
+    assert "rewritten since loratools wrote it" in report.problems[0].message
+    # same table, other bytes: that is corruption
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    (tmp_path / "c.safetensors").write_bytes(bytes(data))
+    assert codes(validate(tmp_path / "c.safetensors")) == ["checksum-mismatch"]

@@ -224,5 +224,5 @@ def write(adapter: Adapter, path: Path, *, force: bool) -> Path:
         raise ArgumentError("a kohya output is a single file; give it a .safetensors name", path=path)
     tensors, meta = kohya_state_dict(adapter)
     with atomic_output(path, force=force, directory=False) as tmp:
-        write_file(tmp, tensors, meta, checksum_key=spec.META_SHA256)
+        write_file(tmp, tensors, meta, checksum_key=spec.META_SHA256, layout_key=spec.META_LAYOUT)
     return path

@@ -78,8 +78,8 @@ def write(adapter: Adapter, path: Path, *, force: bool) -> Path:
     with atomic_output(path, force=force, directory=not single) as tmp:
         if single:
             meta[spec.META_CONFIG] = json.dumps(config, sort_keys=True)
-            write_file(tmp, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
+            write_file(tmp, adapter.state_dict(), meta, checksum_key=spec.META_SHA256, layout_key=spec.META_LAYOUT)
         else:
-            write_file(tmp / spec.WEIGHTS_NAME, adapter.state_dict(), meta, checksum_key=spec.META_SHA256)
+            write_file(tmp / spec.WEIGHTS_NAME, adapter.state_dict(), meta, checksum_key=spec.META_SHA256, layout_key=spec.META_LAYOUT)
             (tmp / spec.CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return path

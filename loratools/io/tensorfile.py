@@ -144,6 +144,22 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def layout_sha256(plan: Iterable[tuple[str, str, tuple[int, ...]]]) -> str:
+    """SHA-256 (hex) of a file's tensor table: each tensor's name, dtype and shape, in file order.
+
+    Stored beside the data checksum, it tells a corrupted file (same table, other bytes) from one
+    another tool rewrote with the metadata copied (a new order, new shapes or new names), where the
+    data checksum no longer applies.
+    """
+    table = [[name, dtype, list(shape)] for name, dtype, shape in plan]
+    return hashlib.sha256(json.dumps(table, separators=(",", ":")).encode()).hexdigest()
+
+
+def header_layout_sha256(header: Header) -> str:
+    """:func:`layout_sha256` of the tensor table ``header`` describes (its tensors in file order)."""
+    return layout_sha256((t.name, t.dtype, t.shape) for t in sorted(header.tensors.values(), key=lambda t: t.start))
+
+
 def data_sha256(header: Header) -> str:
     """SHA-256 (hex) of the data section: every byte after the header, in file order."""
     digest = hashlib.sha256()
@@ -222,19 +238,27 @@ class StreamWriter:
 
 
 def write_file(
-    path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None, *, checksum_key: str | None = None
+    path: str | Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str] | None = None,
+    *,
+    checksum_key: str | None = None,
+    layout_key: str | None = None,
 ) -> None:
     """Write ``tensors`` (in the given order) to ``path``.
 
-    With ``checksum_key``, the SHA-256 of the data section is stored under that metadata key.
+    With ``checksum_key``, the SHA-256 of the data section is stored under that metadata key; with
+    ``layout_key``, the :func:`layout_sha256` of the tensor table it was computed over.
     """
     metadata = dict(metadata or {})
+    plan = [(name, _dtype_name(name, t), tuple(t.shape)) for name, t in tensors.items()]
     if checksum_key is not None:
         digest = hashlib.sha256()
         for tensor in tensors.values():
             digest.update(tensor_bytes(tensor))
         metadata[checksum_key] = digest.hexdigest()
-    plan = [(name, _dtype_name(name, t), tuple(t.shape)) for name, t in tensors.items()]
+    if layout_key is not None:
+        metadata[layout_key] = layout_sha256(plan)
     with StreamWriter(path, plan, metadata) as writer:
         for name, tensor in tensors.items():
             writer.write(name, tensor)
