@@ -157,9 +157,15 @@ class Adapter:
         """This adapter as the files :func:`save` would write, for validation without a disk trip."""
         return RawAdapter(source, self.peft_config(), self.state_dict(), self.file_metadata())
 
+    def foreign_metadata(self) -> dict[str, str]:
+        """Metadata from the file this adapter was read from that stays true in any output: everything
+        but loratools' own keys (recomputed on every write) and foreign scaling descriptions
+        (:data:`loratools.spec.SCALING_METADATA`, which arithmetic would falsify)."""
+        return {k: v for k, v in self.metadata.items() if k not in spec.OWN_METADATA and k not in spec.SCALING_METADATA}
+
     def file_metadata(self) -> dict[str, str]:
-        """safetensors ``__metadata__`` to write: ours plus any foreign keys carried through."""
-        meta = {k: v for k, v in self.metadata.items() if k not in spec.OWN_METADATA}  # a PEFT write is no longer kohya
+        """safetensors ``__metadata__`` for a spec v1 file: ours plus :meth:`foreign_metadata`."""
+        meta = self.foreign_metadata()
         meta[spec.META_FORMAT] = "pt"
         meta[spec.META_VERSION] = spec.SPEC_VERSION
         return meta

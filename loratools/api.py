@@ -13,8 +13,10 @@ from pathlib import Path
 
 from . import spec
 from .adapter import Adapter, from_raw
-from .errors import SpecError
+from .errors import ArgumentError, SpecError
+from .formats import diffusers
 from .formats.registry import read_raw, source_format, writer
+from .io.atomic import atomic_output
 from .io.remote import local_path
 from .io.tensorfile import DtypeLike, torch_dtype
 from .validation import check_base, check_raw, raise_errors
@@ -53,7 +55,11 @@ def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None
     """Write ``adapter`` in format ``to`` (default: :func:`source_format`); atomic, refuses to overwrite without ``force``.
 
     ``peft`` writes spec v1 (a directory, or one file for a ``.safetensors`` path) and drops the kohya
-    source marks; ``kohya`` writes one ``.safetensors`` file in kohya naming.
+    source marks; ``kohya`` writes one ``.safetensors`` file in kohya naming; ``diffusers`` writes
+    diffusers' own layout (see :mod:`loratools.formats.diffusers`).  A PEFT output of an adapter read
+    from a diffusers file names modules relative to their component (``unet``, ``text_encoder``, ...),
+    as PEFT applies them to that model; several components become one PEFT adapter each, in
+    subdirectories of ``path`` named after them.
     """
     fmt = to or source_format(adapter)
     write = writer(fmt)
@@ -61,10 +67,29 @@ def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None
     if cast is not None:
         adapter = adapter.with_dtype(cast)
     path = Path(path)
+    if fmt == "peft" and adapter.metadata.get(spec.META_SOURCE) == "diffusers":
+        return _save_components(diffusers.components(adapter), path, force=force)
     if fmt == "peft":
         _refuse_kohya_names(adapter, path)
         raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
     return write(adapter, path, force=force)
+
+
+def _save_components(parts: dict[str, Adapter], path: Path, *, force: bool) -> Path:
+    """One PEFT adapter per diffusers component: ``path`` itself for one, ``path/<component>/`` for several."""
+    for part in parts.values():
+        raise_errors(check_raw(part.to_raw(str(path))), path=path)
+    if len(parts) == 1:
+        return writer("peft")(next(iter(parts.values())), path, force=force)
+    if path.suffix == ".safetensors":
+        raise ArgumentError(
+            f"the adapter holds LoRAs for {', '.join(sorted(parts))}; give a directory, which gets one PEFT adapter per component",
+            path=path,
+        )
+    with atomic_output(path, force=force) as tmp:
+        for name, part in parts.items():
+            writer("peft")(part, tmp / name, force=False)
+    return path
 
 
 def save_kohya(adapter: Adapter, path: str | Path, *, force: bool = False, dtype: DtypeLike = None) -> Path:

@@ -29,6 +29,11 @@ META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the layout an 
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
 OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
+# Foreign metadata that describes how the factors are scaled: every writer drops it (or, as the kohya
+# writer does with ss_network_dim/ss_network_alpha, rewrites it), since after arithmetic it would lie.
+# diffusers raises "Both network_alphas and metadata cannot be specified" on a kohya file that keeps it.
+META_DIFFUSERS_CONFIG = "lora_adapter_metadata"  # diffusers' per-component LoraConfig, as JSON
+SCALING_METADATA = (META_DIFFUSERS_CONFIG,)
 # A kohya module name that was never mapped onto a module path (no base given when it was read).
 KOHYA_NAME = re.compile(r"^lora_(unet|te\d?)_")
 
@@ -50,8 +55,8 @@ _ROLE_RE = re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) fo
 BIAS_VALUES = ("none", "all", "lora_only")
 
 # Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
-Format = Literal["peft", "kohya"]
-FORMATS: tuple[Format, ...] = ("peft", "kohya")  # what writers produce; kohya and diffusers are read
+Format = Literal["peft", "kohya", "diffusers"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers")  # what writers produce
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]

@@ -11,23 +11,30 @@ diffusers has written LoRAs in four layouts over time, all single files without 
 ``down`` is A (r x in), ``up`` is B (out x r).  An ``<module>.alpha`` tensor gives alpha; otherwise alpha = r
 (scale 1), which is what diffusers applies.  Module names keep the component prefix (``unet.``,
 ``text_encoder.``), which base lookup tolerates.
+
+Written files use the first layout with every module's scale folded into ``lora_B`` and no alphas
+or ``lora_adapter_metadata``: with neither, diffusers applies B·A as stored, per module, whatever
+the ranks (diffusers 0.42 ``utils/peft_utils.get_peft_kwargs`` mirrors each rank into its alpha),
+so the file means the same ΔW in every diffusers version that reads PEFT-keyed files.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from .. import spec
-from ..adapter import LoraModule, RawAdapter, raw_from_modules
-from ..errors import FormatError
-from ..io.tensorfile import Header
+from ..adapter import Adapter, LoraModule, RawAdapter, raw_from_modules
+from ..errors import ArgumentError, FormatError
+from ..io.atomic import atomic_output
+from ..io.tensorfile import Header, write_file
 
-META_ADAPTER = "lora_adapter_metadata"
+META_ADAPTER = spec.META_DIFFUSERS_CONFIG
 _COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.")
 
 _ROLE = {"down": "A", "up": "B", "A": "A", "B": "B"}
@@ -115,3 +122,61 @@ def _component_configs(header: Header) -> dict[str, dict[str, Any]]:
         component = next((c for c in _COMPONENTS if key.startswith(c)), "")
         configs.setdefault(component, {})[key[len(component) :]] = value
     return configs
+
+
+def component(module: str) -> str | None:
+    """The diffusers component a module path belongs to (``"unet"``, ``"text_encoder"``, ...), or None."""
+    prefix = next((c for c in _COMPONENTS if module.startswith(c)), None)
+    return prefix[:-1] if prefix else None
+
+
+def _owner(module: str) -> str:
+    """:func:`component`, or :class:`ArgumentError` naming a module that belongs to none."""
+    owner = component(module)
+    if owner is None:
+        raise ArgumentError(
+            f"module {module} belongs to no diffusers component (unet., transformer., text_encoder., ...), "
+            "so no diffusers model would apply it; write peft or kohya output instead"
+        )
+    return owner
+
+
+def components(adapter: Adapter) -> dict[str, Adapter]:
+    """``adapter`` split per component, module names relative to it (what PEFT applies to that model)."""
+    parts: dict[str, dict[str, LoraModule]] = {}
+    for name, module in adapter.modules.items():
+        owner = _owner(name)
+        parts.setdefault(owner, {})[name[len(owner) + 1 :]] = module
+    config = {k: v for k, v in adapter.config.items() if k not in ("target_modules", "rank_pattern", "alpha_pattern")}
+    return {owner: Adapter(modules, dict(config), {}, dict(adapter.metadata)) for owner, modules in parts.items()}
+
+
+def state_dict(adapter: Adapter) -> dict[str, torch.Tensor]:
+    """The tensors of ``adapter`` in diffusers' PEFT-keyed layout, each module's scale folded into ``lora_B``."""
+    if adapter.extra_tensors:
+        names = ", ".join(list(adapter.extra_tensors)[:3])
+        raise FormatError(f"diffusers LoRA files cannot hold full tensors (modules_to_save: {names}); convert to peft instead")
+    tensors: dict[str, torch.Tensor] = {}
+    for name, m in adapter.modules.items():
+        _owner(name)
+        a, b = ("lora_embedding_A", "lora_embedding_B") if m.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{name}.{a}"] = m.A.contiguous()
+        tensors[f"{name}.{b}"] = (m.B.float() * m.scale).to(m.B.dtype).contiguous()
+        if m.bias is not None:
+            tensors[f"{name}.lora_B.bias"] = (m.bias.float() * m.scale).to(m.bias.dtype).contiguous()
+        if m.magnitude is not None:
+            tensors[f"{name}.lora_magnitude_vector"] = m.magnitude.contiguous()
+    return tensors
+
+
+def write(adapter: Adapter, path: Path, *, force: bool) -> Path:
+    """Write ``adapter`` as a diffusers LoRA: ``path`` itself if it ends in ``.safetensors``, else a
+    directory holding ``pytorch_lora_weights.safetensors``; atomic, with a data checksum."""
+    tensors = state_dict(adapter)
+    meta = adapter.foreign_metadata()
+    meta[spec.META_FORMAT] = "pt"
+    single = path.suffix == ".safetensors"
+    with atomic_output(path, force=force, directory=not single) as tmp:
+        target = tmp if single else tmp / spec.DIFFUSERS_WEIGHTS_NAME
+        write_file(target, tensors, meta, checksum_key=spec.META_SHA256, layout_key=spec.META_LAYOUT)
+    return path

@@ -201,7 +201,7 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
 
 def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
     """Foreign metadata kept, ``ss_network_dim``/``ss_network_alpha`` rewritten to tell the truth."""
-    meta = {k: v for k, v in adapter.metadata.items() if k not in spec.OWN_METADATA}
+    meta = adapter.foreign_metadata()
     ranks = {m.rank for m in adapter.modules.values()}
     alphas = {m.scale * m.rank for m in adapter.modules.values()}
     meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"

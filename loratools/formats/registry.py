@@ -19,7 +19,7 @@ from . import diffusers, kohya, lycoris, peft
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
-WRITERS: dict[spec.Format, Callable[..., Path]] = {"peft": peft.write, "kohya": kohya.write}
+WRITERS: dict[spec.Format, Callable[..., Path]] = {"peft": peft.write, "kohya": kohya.write, "diffusers": diffusers.write}
 
 
 def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
@@ -43,11 +43,9 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
 
 
 def source_format(adapter: Adapter) -> spec.Format:
-    """The format to write ``adapter`` back in: ``kohya`` for adapters read from kohya files, else ``peft``.
-
-    diffusers files are read but not written, so they come back as ``peft``.
-    """
-    return "kohya" if adapter.metadata.get(spec.META_SOURCE) == "kohya" else "peft"
+    """The format to write ``adapter`` back in: the one it was read from (kohya, diffusers), else ``peft``."""
+    source = adapter.metadata.get(spec.META_SOURCE)
+    return source if source in ("kohya", "diffusers") else "peft"  # type: ignore[return-value]
 
 
 def writer(to: str) -> Callable[..., Path]:

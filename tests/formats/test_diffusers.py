@@ -50,7 +50,7 @@ def test_layouts_map_to_module_paths_with_scale_one(tmp_path, down_key, up_key, 
     assert adapter.modules[module].scale == 1.0  # no alpha: diffusers applies B·A as is
     assert torch.equal(adapter.modules[module].delta(), DENSE)
     assert adapter.metadata["loratools.source_format"] == "diffusers"
-    assert loratools.source_format(adapter) == "peft"  # diffusers is read, not written
+    assert loratools.source_format(adapter) == "diffusers"  # written back in its own layout
 
 
 def test_alpha_tensor_and_adapter_metadata(tmp_path):
