@@ -23,7 +23,7 @@ def _output_options(f: Any) -> Any:
     f = click.option("--json", "as_json", is_flag=True, help="Print the result (and any resize report) as JSON.")(f)
     f = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(f)
     f = click.option(
-        "--to", type=click.Choice(FORMATS), help="Output format (default: the first input's: kohya files stay kohya, else PEFT)."
+        "--to", type=click.Choice(FORMATS), help="Output format (default: the first input's: kohya and diffusers files stay so, else PEFT)."
     )(f)
     f = click.option(
         "--dtype",

@@ -13,7 +13,7 @@ from .console import emit_json, out, safe, say
 
 @click.command()
 @click.argument("src")
-@click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Output format: peft (spec v1) or kohya (sd-scripts file).")
+@click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Output format: peft (spec v1; per component for diffusers files), kohya (sd-scripts file) or diffusers.")
 @click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
 @click.option(
     "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
@@ -26,6 +26,7 @@ def convert(src: str, to: Format, base: str | None, output: str, force: bool) ->
     Examples:
       loratools convert my_lora.safetensors --to peft --base ./unet.safetensors -o ./my-lora
       loratools convert ./my-lora --to kohya -o my_lora.safetensors
+      loratools convert pytorch_lora_weights.safetensors --to peft -o ./peft-lora   (unet/, text_encoder/ if both)
     """
     adapter = loratools.convert(src, output, to=to, base=base, force=force)
     say(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)")
