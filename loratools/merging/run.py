@@ -30,7 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..planner import CONFLICTS, FLOAT_DTYPES, TensorEdit, plan
+from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, TensorEdit, plan
 from .kernels import Kernel, kernel
 
 _LISTED = 8  # problems named in one error line; validate --base lists every one
@@ -209,10 +209,13 @@ def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     result = plan(checkpoint, adapters, weights=weights, labels=labels)
     if result.ok:
         return result.edits
-    problems = [f"{p.where}: {p.message}" for p in result.problems]
+    errors = result.errors
+    problems = [f"{p.where}: {p.message}" for p in errors]
     listed = "; ".join(problems[:_LISTED])
     if len(problems) > _LISTED:
         listed += f"; ... and {len(problems) - _LISTED} more (`loratools validate ADAPTER --base BASE` lists all)"
-    if all(p.code in CONFLICTS for p in result.problems):
+    if all(p.code in VARIANTS for p in errors):
+        raise MergeError(f"no exact merge exists; nothing was written: {listed}", path=checkpoint.root)
+    if all(p.code in CONFLICTS for p in errors):
         raise MergeError(f"{len(problems)} conflict(s) between the adapters' terms; nothing was written: {listed}", path=checkpoint.root)
     raise ShapeError(f"{len(problems)} adapter module(s) do not fit the base; nothing was written: {listed}", path=checkpoint.root)
