@@ -200,8 +200,9 @@ def orientations(
     peft/tuners/lora/layer.py ``dispatch_default``).  Without the model class the layer is known from
     the base's config.json (:func:`loratools.spec.layer_type`: built-in model types), else from the
     base tensor's shape when out != in ((out, in) is a Linear, (in, out) a Conv1D).  A square
-    layer that neither tells follows the flag, unless another layer of this base shows the flag
-    is wrong: then the layer is refused (``fan-in-fan-out-undecidable``) rather than guessed.
+    layer that neither tells is taken as an nn.Linear only when the flag is false, its name is
+    not one transformers gives Conv1D layers (``c_attn``, ``c_proj``, ...) and no other layer
+    shows the flag wrong; otherwise it is refused (``fan-in-fan-out-undecidable``) rather than guessed.
     An overridden flag is one warning (``fan-in-fan-out-overridden``) per adapter.
 
     ``found``: the base tensor of every module that has one.  Modules missing from the returned
@@ -243,13 +244,17 @@ def orientations(
         )
         problems.append(Problem("fan-in-fan-out-overridden", f"{label}fan_in_fan_out", message, "warning"))
     for name in square:
-        if not overridden:
-            layouts[name] = flag
+        leaf = name.rsplit(".", 1)[-1]
+        if not flag and not overridden and leaf not in spec.CONV1D_NAMES:
+            layouts[name] = False  # the default flag on a layer no built-in model makes a Conv1D
             continue
+        if overridden:
+            why = f"fan_in_fan_out={str(flag).lower()} is contradicted by {overridden[0][0]}, so it cannot be trusted here"
+        else:
+            why = f"fan_in_fan_out={str(flag).lower()} cannot be checked against it (PEFT would follow the layer's class, not the flag)"
         message = (
-            f"square layer: nothing tells whether it is a Conv1D or an nn.Linear (no config.json naming a built-in "
-            f"model type), and fan_in_fan_out={str(flag).lower()} is contradicted by {overridden[0][0]}, so it cannot be "
-            "trusted here; merge from the model directory (with its config.json) or fix fan_in_fan_out"
+            "square layer: nothing tells whether it is a Conv1D or an nn.Linear (no config.json naming a built-in "
+            f"model type), and {why}; merge from the model directory with its config.json"
         )
         problems.append(Problem("fan-in-fan-out-undecidable", f"{label}{spec.PREFIX}{name}", message))
     return layouts, problems

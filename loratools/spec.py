@@ -319,6 +319,8 @@ CONV1D_MODULES: dict[str, frozenset[str]] = {
     "clvp": frozenset({"c_fc", "c_proj"}),
 }
 
+CONV1D_NAMES = frozenset().union(*CONV1D_MODULES.values())
+
 LayerType = Literal["linear", "conv1d"]
 
 
