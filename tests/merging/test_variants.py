@@ -25,7 +25,8 @@ TARGETS = ["q_proj", "v_proj", "o_proj", "down_proj"]
 
 def _llama(dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    config = tiny_llama_config(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    sizes = {"hidden_size": 32, "intermediate_size": 48, "num_attention_heads": 4, "num_key_value_heads": 2}
+    config = tiny_llama_config(**sizes, tie_word_embeddings=False)
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
@@ -131,7 +132,8 @@ def _fan_in_fan_out_case(tmp_path: Path, model_fn, targets: list[str], *, traine
     model_fn().to(dtype).save_pretrained(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        pm = get_peft_model(model_fn(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, fan_in_fan_out=trained))
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=False, fan_in_fan_out=trained)
+        pm = get_peft_model(model_fn(), config)
         pm.save_pretrained(tmp_path / "adapter")
     return base, _edit_config(tmp_path / "adapter", fan_in_fan_out=written)
 
@@ -143,6 +145,7 @@ def test_gpt2_conv1d_with_fan_in_fan_out_false_follows_peft(tmp_path: Path) -> N
     assert report.ok and [p.code for p in report.warnings] == ["fan-in-fan-out-overridden"]
     result = merge(base, [adapter], out=tmp_path / "merged")
     assert (_logits(GPT2LMHeadModel, result.out) - reference).abs().max() < 1e-4
+    assert len(result.warnings) == 1 and "PEFT overrides the flag" in result.to_dict()["warnings"][0]
     # a bare weights file names no model type: the square attn.c_proj is refused, not guessed
     with pytest.raises(InvalidAdapterError, match="square layer"):
         merge(base / "model.safetensors", [adapter], out=tmp_path / "bare.safetensors")
