@@ -97,8 +97,8 @@ def plan(
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         label = f"{labels[i]}: " if labels is not None and len(adapters) > 1 else ""
         variants = variant_problems(adapter, label)
-        if variants:  # the modules do not mean W + ΔW on this base: nothing of this adapter can be planned
-            problems += variants
+        problems += variants
+        if any(p.severity == "error" for p in variants):  # the modules do not mean W + ΔW on this base: plan nothing of it
             continue
         found = {name: key for name in adapter.modules if (key := find_weight(name, index)) is not None}
         layouts, layout_problems = orientations(adapter, {n: tensors[k] for n, k in found.items()}, model_config, label)
@@ -185,9 +185,11 @@ def variant_problems(adapter: Adapter, label: str = "") -> list[Problem]:
     """Errors for config features (:func:`loratools.spec.variant_problems`) under which no exact merge exists.
 
     PiSSA/OLoRA/CorDA/LoftQ saved without weight conversion, aLoRA and ``layer_replication``: the
-    merge is refused in one line that says why and what would work.
+    merge is refused in one line that says why and what would work.  Otherwise the warnings of
+    :func:`loratools.spec.variant_warnings` (an unconverted LoRA-GA adapter).
     """
-    return [Problem(code, f"{label}{field}", why) for code, field, why in spec.variant_problems(adapter.config)]
+    errors = [Problem(code, f"{label}{field}", why) for code, field, why in spec.variant_problems(adapter.config)]
+    return errors or [Problem(code, f"{label}{field}", why, "warning") for code, field, why in spec.variant_warnings(adapter.config)]
 
 
 def orientations(

@@ -334,3 +334,21 @@ def layer_type(model_config: Mapping[str, Any] | None, module: str) -> LayerType
         return None
     leaf = module.rsplit(".", 1)[-1]
     return "conv1d" if leaf in CONV1D_MODULES.get(model_config["model_type"], frozenset()) else "linear"
+
+
+def variant_warnings(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
+    """Config features under which a merge reproduces PEFT's inference but perhaps not the trained model, as ``(code, field, why)``.
+
+    LoRA-GA trains against the residual base W - s·B0·A0 (peft 0.21.2, peft/tuners/lora/layer.py
+    ``lora_ga_init``), but on load PEFT keeps the original W (no gradients to rebuild it from), so
+    PEFT's own inference, and a merge, use W + ΔW.
+    """
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower() == "lora_ga":
+        why = (
+            "init_lora_weights is 'lora_ga': it was trained against a residual base, but PEFT loads it on the original "
+            "base, as this merge does; for the trained model convert it with PEFT's "
+            "save_pretrained(out, path_initial_model_for_weight_conversion=...) first"
+        )
+        return [("lora-ga-unconverted", "init_lora_weights", why)]
+    return []

@@ -78,7 +78,8 @@ def variant_warnings(raw: RawAdapter) -> list[Problem]:
     """
     if not isinstance(raw.config, dict):
         return []
-    return [Problem(code, field, why, "warning") for code, field, why in spec.variant_problems(raw.config)]
+    found = spec.variant_problems(raw.config) + spec.variant_warnings(raw.config)
+    return [Problem(code, field, why, "warning") for code, field, why in found]
 
 
 def _read_problem(err: LoratoolsError) -> Problem:

@@ -171,3 +171,11 @@ def test_kohya_output_refuses_what_it_cannot_carry(tmp_path, code):
     with pytest.raises(SpecError, match="kohya file cannot carry"):
         save_as(_adapter({Q: (8, 8)}, **VARIANT_CONFIGS[code]), tmp_path / "k.safetensors", to="kohya")
     assert not (tmp_path / "k.safetensors").exists()
+
+
+def test_unconverted_lora_ga_merges_as_peft_loads_it_with_a_warning(tmp_path):
+    # PEFT keeps the original base when it loads a LoRA-GA adapter, so W + ΔW is its inference
+    base = _checkpoint(tmp_path / "base", {f"{Q}.weight": (8, 8)})
+    result = plan(open_checkpoint(base), [_adapter({Q: (8, 8)}, init_lora_weights="lora_ga")])
+    assert result.ok and _codes(result.problems) == [("lora-ga-unconverted", "warning")] and list(result.edits) == [f"{Q}.weight"]
+    assert _codes(validate(_adapter({Q: (8, 8)}, init_lora_weights="lora_ga")).problems) == [("lora-ga-unconverted", "warning")]

@@ -165,3 +165,18 @@ def test_llama_linear_with_fan_in_fan_out_true_follows_peft(tmp_path: Path, dtyp
         peft_merged = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=dtype), adapter).merge_and_unload()
         peft_merged.save_pretrained(tmp_path / "peft-merged")
     assert torch.equal(got, _logits(LlamaForCausalLM, tmp_path / "peft-merged", dtype))
+
+
+def test_unconverted_lora_ga_merges_as_peft_loads_it(tmp_path: Path) -> None:
+    # PEFT's lora_ga_init finds no gradients when loading, keeps the original base, and the saved factors replace its init
+    base = tmp_path / "base"
+    _llama().save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
+        get_peft_model(_llama(), config).save_pretrained(tmp_path / "adapter")
+    adapter = _edit_config(tmp_path / "adapter", init_lora_weights="lora_ga")
+    reference = _peft_logits(LlamaForCausalLM, base, adapter)
+    result = merge(base, [adapter], out=tmp_path / "merged")
+    assert (_logits(LlamaForCausalLM, result.out) - reference).abs().max() < 1e-4
+    assert [w.split(":")[0] for w in result.warnings] == ["init_lora_weights"]
