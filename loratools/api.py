@@ -72,6 +72,8 @@ def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None
     if fmt == "peft":
         _refuse_kohya_names(adapter, path)
         raise_errors(check_raw(adapter.to_raw(str(path))), path=path)
+    else:
+        _refuse_variants(adapter, fmt, path)
     return write(adapter, path, force=force)
 
 
@@ -116,3 +118,11 @@ def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
             "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
             path=path,
         )
+
+
+def _refuse_variants(adapter: Adapter, fmt: str, path: Path) -> None:
+    """Formats without a PEFT config cannot carry aLoRA, layer_replication or a residual init: refuse, never drop them."""
+    variants = spec.variant_problems(adapter.config)
+    if variants:
+        code, field, why = variants[0]
+        raise SpecError(f"a {fmt} file cannot carry {field}, so it would be applied as a plain LoRA: {why}", path=path, code=code)

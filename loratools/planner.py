@@ -32,6 +32,8 @@ from .io.tensorfile import TensorInfo
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Problems that are conflicts between inputs rather than misfits with the base.
 CONFLICTS = frozenset({"dora-shared-tensor"})
+# Problems that say no exact merge exists for the adapter at all (see variant_problems).
+VARIANTS = frozenset({"residual-init", "alora-unmergeable", "layer-replication", "fan-in-fan-out-undecidable"})
 
 
 @dataclass(frozen=True)
@@ -68,8 +70,13 @@ class Plan:
     problems: list[Problem]
 
     @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+    @property
     def ok(self) -> bool:
-        return not self.problems
+        """True when no problem is an error (warnings, e.g. an overridden fan_in_fan_out, do not stop a merge)."""
+        return not self.errors
 
 
 def plan(
@@ -86,21 +93,31 @@ def plan(
     magnitudes: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
     problems: list[Problem] = []
+    model_config = checkpoint.model_config()
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         label = f"{labels[i]}: " if labels is not None and len(adapters) > 1 else ""
+        variants = variant_problems(adapter, label)
+        problems += variants
+        if any(p.severity == "error" for p in variants):  # the modules do not mean W + ΔW on this base: plan nothing of it
+            continue
+        found = {name: key for name in adapter.modules if (key := find_weight(name, index)) is not None}
+        layouts, layout_problems = orientations(adapter, {n: tensors[k] for n, k in found.items()}, model_config, label)
+        problems += layout_problems
         for name, module in adapter.modules.items():
             where = f"{label}{spec.PREFIX}{name}"
-            key = find_weight(name, index)
+            key = found.get(name)
             if key is None:
                 problems.append(
                     Problem("base-unmatched", where, f"no base tensor matches (looked for {name}.weight, with and without prefixes)")
                 )
                 continue
-            problem = _fit(module, adapter.fan_in_fan_out, tensors[key], where)
+            if name not in layouts:
+                continue  # orientations() reported why
+            transposed = layouts[name]
+            problem = _fit(module, transposed, tensors[key], where)
             if problem is not None:
                 problems.append(problem)
                 continue
-            transposed = module.transposed(fan_in_fan_out=adapter.fan_in_fan_out)
             terms.setdefault(key, []).append(Term(i, name, module, weight, transposed))
             if module.magnitude is not None:
                 magnitudes[key] = module.magnitude.reshape(-1).float()
@@ -136,9 +153,9 @@ def plan(
     return Plan(edits, problems)
 
 
-def _fit(module: LoraModule, fan_in_fan_out: bool, info: TensorInfo, where: str) -> Problem | None:
-    """Why ``module``'s ΔW cannot be added to base tensor ``info``, or None."""
-    want = module.delta_shape(fan_in_fan_out=fan_in_fan_out)
+def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str) -> Problem | None:
+    """Why ``module``'s ΔW (stored transposed when ``transposed``) cannot be added to base tensor ``info``, or None."""
+    want = module.delta_shape(fan_in_fan_out=transposed and module.kind == "linear")
     if info.shape != want:
         return Problem("base-shape-mismatch", where, f"ΔW has shape {list(want)} but base tensor {info.name} is {list(info.shape)}")
     if info.dtype not in FLOAT_DTYPES:
@@ -159,3 +176,87 @@ def replaced_key(key: str, tensors: dict[str, TensorInfo], index: dict[str, str]
     weight = find_weight(module, index)
     candidate = weight.removesuffix("weight") + param if weight is not None else None
     return candidate if candidate in tensors else None
+
+
+# --- PEFT variants: adapters whose meaning is not a plain ΔW on the same weight (issue 13) -------
+
+
+def variant_problems(adapter: Adapter, label: str = "") -> list[Problem]:
+    """Errors for config features (:func:`loratools.spec.variant_problems`) under which no exact merge exists.
+
+    PiSSA/OLoRA/CorDA/LoftQ saved without weight conversion, aLoRA and ``layer_replication``: the
+    merge is refused in one line that says why and what would work.  Otherwise the warnings of
+    :func:`loratools.spec.variant_warnings` (an unconverted LoRA-GA adapter).
+    """
+    errors = [Problem(code, f"{label}{field}", why) for code, field, why in spec.variant_problems(adapter.config)]
+    return errors or [Problem(code, f"{label}{field}", why, "warning") for code, field, why in spec.variant_warnings(adapter.config)]
+
+
+def orientations(
+    adapter: Adapter, found: dict[str, TensorInfo], model_config: dict | None, label: str = ""
+) -> tuple[dict[str, bool], list[Problem]]:
+    """Whether the base stores each module's ΔW transposed, decided the way PEFT decides it; and the problems.
+
+    PEFT ignores ``fan_in_fan_out`` where it contradicts the layer: it forces the flag to false on
+    an ``nn.Linear`` and to true on a ``Conv1D``, with a warning (peft 0.21.2,
+    peft/tuners/lora/layer.py ``dispatch_default``).  Without the model class the layer is known from
+    the base's config.json (:func:`loratools.spec.layer_type`: built-in model types), else from the
+    base tensor's shape when out != in ((out, in) is a Linear, (in, out) a Conv1D).  A square
+    layer that neither tells is taken as an nn.Linear only when the flag is false, its name is
+    not one transformers gives Conv1D layers (``c_attn``, ``c_proj``, ...) and no other layer
+    shows the flag wrong; otherwise it is refused (``fan-in-fan-out-undecidable``) rather than guessed.
+    An overridden flag is one warning (``fan-in-fan-out-overridden``) per adapter.
+
+    ``found``: the base tensor of every module that has one.  Modules missing from the returned
+    dict were refused; embeddings and convs keep their fixed layout.
+    """
+    flag = adapter.fan_in_fan_out
+    layouts: dict[str, bool] = {}
+    overridden: list[tuple[str, str]] = []  # (module, why the layer is the other kind)
+    square: list[str] = []
+    for name, module in adapter.modules.items():
+        info = found.get(name)
+        if module.kind != "linear" or info is None:
+            layouts[name] = module.transposed(fan_in_fan_out=flag)
+            continue
+        out, inp = int(module.B.shape[0]), int(module.A.shape[1])
+        kind = spec.layer_type(model_config, name)
+        if kind is not None:
+            conv1d = kind == "conv1d"
+            why = f"{model_config['model_type'] if model_config else ''} builds it as {'a Conv1D' if conv1d else 'an nn.Linear'}"
+        elif out != inp and info.shape in ((out, inp), (inp, out)):
+            conv1d = info.shape == (inp, out)
+            why = f"base tensor {info.name} is stored {'in x out (Conv1D)' if conv1d else 'out x in (nn.Linear)'}"
+        elif out != inp:
+            conv1d, why = flag, ""  # fits neither way: _fit reports the shapes
+        else:
+            square.append(name)
+            continue
+        layouts[name] = conv1d
+        if conv1d != flag:
+            overridden.append((name, why))
+    problems = []
+    if overridden:
+        first, why = overridden[0]
+        cls = "Conv1D" if not flag else "nn.Linear"
+        layers = f"{first} and {len(overridden) - 1} more are {cls} layers" if len(overridden) > 1 else f"{first} is a {cls} layer"
+        message = (
+            f"fan_in_fan_out is {str(flag).lower()} but {layers} ({why}); PEFT overrides the flag on such layers "
+            "with a warning, and this plan does the same"
+        )
+        problems.append(Problem("fan-in-fan-out-overridden", f"{label}fan_in_fan_out", message, "warning"))
+    for name in square:
+        leaf = name.rsplit(".", 1)[-1]
+        if not flag and not overridden and leaf not in spec.CONV1D_NAMES:
+            layouts[name] = False  # the default flag on a layer no built-in model makes a Conv1D
+            continue
+        if overridden:
+            why = f"fan_in_fan_out={str(flag).lower()} is contradicted by {overridden[0][0]}, so it cannot be trusted here"
+        else:
+            why = f"fan_in_fan_out={str(flag).lower()} cannot be checked against it (PEFT would follow the layer's class, not the flag)"
+        message = (
+            "square layer: nothing tells whether it is a Conv1D or an nn.Linear (no config.json naming a built-in "
+            f"model type), and {why}; merge from the model directory with its config.json"
+        )
+        problems.append(Problem("fan-in-fan-out-undecidable", f"{label}{spec.PREFIX}{name}", message))
+    return layouts, problems

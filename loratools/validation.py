@@ -64,7 +64,22 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
     problems = check_raw(raw)
     if base is not None and not any(p.severity == "error" for p in problems):
         problems += check_base(from_raw(raw), base)
+    elif base is None:
+        problems += variant_warnings(raw)
     return Report(source, problems)
+
+
+def variant_warnings(raw: RawAdapter) -> list[Problem]:
+    """Warnings, without a base, for config features under which merging is refused (:func:`loratools.spec.variant_problems`).
+
+    The adapter is valid (PEFT loads it) but is not W + ΔW on its base, so a merge, a kohya
+    conversion or arithmetic that cannot carry the feature will refuse it; with ``--base`` the
+    planner reports the same codes as errors.
+    """
+    if not isinstance(raw.config, dict):
+        return []
+    found = spec.variant_problems(raw.config) + spec.variant_warnings(raw.config)
+    return [Problem(code, field, why, "warning") for code, field, why in found]
 
 
 def _read_problem(err: LoratoolsError) -> Problem:

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 import loratools
 
 from ..spec import DEVICES, DTYPE_CHOICES, Device, DtypeChoice
-from .console import emit_json, err, say
+from .console import emit_json, err, safe, say
 
 if TYPE_CHECKING:
     from ..merging import MergeResult
@@ -87,7 +87,10 @@ def _run(
         result = call(device=device, dtype=dtype, force=force, direct=not buffered, fsync=fsync, progress=progress)
     if as_json:
         emit_json(result.to_dict())
-    elif not quiet:
+        return
+    for warning in result.warnings:
+        err.print(f"warning: {safe(warning)}")
+    if not quiet:
         rate = result.bytes_written / 2**30 / max(result.seconds, 1e-9)
         replaced = f", {len(result.replaced)} replaced" if result.replaced else ""
         say(

@@ -17,6 +17,8 @@ from .tensorfile import Header, TensorInfo, read_header
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+_CONFIG_LIMIT = 4 * 2**20  # bytes; real model configs are a few KB
 _PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "model.pt")
 
 
@@ -48,6 +50,23 @@ class Checkpoint:
     @property
     def total_bytes(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
+
+    def model_config(self) -> dict[str, Any] | None:
+        """The model directory's ``config.json`` as a dict (it names the model type), or None.
+
+        None for a single-file checkpoint (a config.json beside it may belong to anything) and for a
+        missing, oversized or unreadable file: the file comes from the same untrusted place as the weights.
+        """
+        if self.is_file:
+            return None
+        path = self.root / CONFIG_NAME
+        try:
+            if path.stat().st_size > _CONFIG_LIMIT:
+                return None
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        return config if isinstance(config, dict) else None
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

@@ -30,7 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..planner import CONFLICTS, FLOAT_DTYPES, TensorEdit, plan
+from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, TensorEdit, plan
 from .kernels import Kernel, kernel
 
 _LISTED = 8  # problems named in one error line; validate --base lists every one
@@ -53,6 +53,7 @@ class MergeResult:
     replaced: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)  # the planner's warnings ("where: message"), e.g. an overridden fan_in_fan_out
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +69,7 @@ class MergeResult:
             "replaced": len(self.replaced),
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "warnings": self.warnings,
         }
 
 
@@ -163,7 +165,8 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
     out = Path(out) if out is not None else default_out(base)
     _check_out(base, out, options.force)
     target = resolve_device(device)
-    edits = {key: kernel(edit) for key, edit in _planned(checkpoint, adapters, weights, labels).items()}
+    planned, warned = _planned(checkpoint, adapters, weights, labels)
+    edits = {key: kernel(edit) for key, edit in planned.items()}
     plans = [_file_plan(checkpoint.headers[s.name], edits, code, target, pool) for s in checkpoint.shards]
     total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda")
     return MergeResult(
@@ -179,6 +182,7 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
         sorted(k for k, e in edits.items() if e.replacement is not None),
         total,
         time.perf_counter() - start,
+        warned,
     )
 
 
@@ -200,19 +204,24 @@ def _check_out(base: Path, out: Path, force: bool) -> None:
     check_output(out, force=force)
 
 
-def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]) -> dict[str, TensorEdit]:
-    """The planner's edits; raises before anything is written if it found any problem.
+def _planned(
+    checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]
+) -> tuple[dict[str, TensorEdit], list[str]]:
+    """The planner's edits and warnings; raises before anything is written if it found any error.
 
     :class:`ShapeError` lists every module (of every adapter) that does not fit the base;
     :class:`MergeError` conflicts between terms (DoRA sharing a tensor).
     """
     result = plan(checkpoint, adapters, weights=weights, labels=labels)
     if result.ok:
-        return result.edits
-    problems = [f"{p.where}: {p.message}" for p in result.problems]
+        return result.edits, [f"{p.where}: {p.message}" for p in result.problems if p.severity == "warning"]
+    errors = result.errors
+    problems = [f"{p.where}: {p.message}" for p in errors]
     listed = "; ".join(problems[:_LISTED])
     if len(problems) > _LISTED:
         listed += f"; ... and {len(problems) - _LISTED} more (`loratools validate ADAPTER --base BASE` lists all)"
-    if all(p.code in CONFLICTS for p in result.problems):
+    if all(p.code in VARIANTS for p in errors):
+        raise MergeError(f"no exact merge exists; nothing was written: {listed}", path=checkpoint.root)
+    if all(p.code in CONFLICTS for p in errors):
         raise MergeError(f"{len(problems)} conflict(s) between the adapters' terms; nothing was written: {listed}", path=checkpoint.root)
     raise ShapeError(f"{len(problems)} adapter module(s) do not fit the base; nothing was written: {listed}", path=checkpoint.root)

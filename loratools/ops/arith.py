@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from .. import spec
 from ..adapter import Adapter, LoraModule, check_weights
 from ..compute import per_item
 from ..errors import ArgumentError, ShapeError, SpecError
@@ -47,6 +48,10 @@ _REWRITTEN = (
     "use_rslora",
     "use_dora",
 )
+
+
+# Config fields that change what ΔW means at inference and pass through to the output unchanged.
+_CARRIED = ("alora_invocation_tokens", "layer_replication")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: Dtype
     cast = torch_dtype(dtype)
     for i, adapter in enumerate(adapters, 1):
         _refuse_dora(adapter, f"input {i}")
+        _refuse_residual(adapter, f"input {i}")
+    _check_variants_agree(adapters)
     if len({a.fan_in_fan_out for a in adapters}) > 1:
         raise SpecError("inputs disagree on fan_in_fan_out, so they were made for differently laid-out bases")
     names = list(dict.fromkeys(name for a in adapters for name in a.modules))
@@ -125,6 +132,7 @@ def resize(
     """
     criterion, value = _criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
     _refuse_dora(adapter, "the adapter")
+    _refuse_residual(adapter, "the adapter")
     cast = torch_dtype(dtype)
 
     def one(item: tuple[str, LoraModule]) -> tuple[LoraModule, ResizeRow]:
@@ -172,6 +180,26 @@ def _refuse_dora(adapter: Adapter, which: str) -> None:
             f"{which} is a DoRA adapter (lora_magnitude_vector on {dora[0]}); DoRA rescales W + ΔW row by row, "
             "which is not linear in ΔW, so it cannot be added, scaled or resized in factored form",
         )
+
+
+def _refuse_residual(adapter: Adapter, which: str) -> None:
+    """PiSSA/OLoRA/CorDA/LoftQ saved unconverted: PEFT rebuilds the base from r and alpha on load, so new factors mean another model."""
+    for code, _, why in spec.variant_problems(adapter.config):
+        if code == "residual-init":
+            raise SpecError(f"{which} cannot be combined or resized in factored form: {why}", code=code)
+
+
+def _check_variants_agree(adapters: Sequence[Adapter]) -> None:
+    """aLoRA's invocation tokens and layer_replication pass through to the output, so every input must hold the same ones.
+
+    ΔW sums and scales are exact under both (aLoRA gates all of ΔW by the same token positions;
+    replicated layers keep their indices); mixing values would apply one input's ΔW under another's rule.
+    """
+    for field in _CARRIED:
+        values = [a.config.get(field) or None for a in adapters]
+        if any(v != values[0] for v in values[1:]):
+            shown = ", ".join(f"input {i}: {v!r}" for i, v in enumerate(values, 1))
+            raise SpecError(f"inputs disagree on {field} ({shown}); the output can carry only one, so the sum would mean another model")
 
 
 def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
