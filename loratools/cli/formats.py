@@ -13,7 +13,13 @@ from .console import emit_json, out, safe, say
 
 @click.command()
 @click.argument("src")
-@click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Output format: peft (spec v1; per component for diffusers files), kohya (sd-scripts file) or diffusers.")
+@click.option(
+    "--to",
+    "to",
+    type=click.Choice(FORMATS),
+    required=True,
+    help="Output format: peft (spec v1; per component for diffusers files), kohya (sd-scripts file) or diffusers.",
+)
 @click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
 @click.option(
     "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
