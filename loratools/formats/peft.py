@@ -64,6 +64,10 @@ def _parse_json(text: str, where: str) -> tuple[Any, str | None]:
         return json.loads(text), None
     except json.JSONDecodeError as err:
         return None, f"{where}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except RecursionError:
+        return None, f"{where}: not valid JSON (nested too deep)"
+    except ValueError as err:  # an integer of more than 4300 digits
+        return None, f"{where}: not valid JSON ({err})"
 
 
 def write(adapter: Adapter, path: Path, *, force: bool) -> Path:

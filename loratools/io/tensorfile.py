@@ -212,7 +212,7 @@ def _metadata(path: Path, metadata: object) -> dict[str, str]:
     if metadata is None:
         return {}
     if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise FormatError(f"corrupt safetensors header: __metadata__ must be an object of strings, got {_clip(metadata)}", path=path)
+        raise FormatError(f"corrupt safetensors header: __metadata__ must be an object of strings, got {spec.clip(metadata)}", path=path)
     return metadata
 
 
@@ -224,11 +224,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, duplicat
         raise FormatError(f"corrupt safetensors header entry: {sorted(duplicated & set(fields))[0]} appears twice", path=path, key=name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise FormatError(f"corrupt safetensors header entry: shape {_clip(shape)} is not a list of sizes", path=path, key=name)
+        raise FormatError(f"corrupt safetensors header entry: shape {spec.clip(shape)} is not a list of sizes", path=path, key=name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise FormatError(f"corrupt safetensors header entry: data_offsets {_clip(offsets)} is not [begin, end]", path=path, key=name)
+        raise FormatError(f"corrupt safetensors header entry: data_offsets {spec.clip(offsets)} is not [begin, end]", path=path, key=name)
     if not isinstance(dtype, str) or dtype not in _BITS:
-        raise FormatError(f"unknown safetensors dtype {_clip(dtype)}", path=path, key=name)
+        raise FormatError(f"unknown safetensors dtype {spec.clip(dtype)}", path=path, key=name)
     begin, end = offsets
     if end < begin:
         raise FormatError(f"data_offsets [{begin}, {end}] end before they begin", path=path, key=name)
@@ -236,9 +236,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, duplicat
     for dim in (*shape, _BITS[dtype]):  # as the Rust reader: every partial product must fit 64 bits
         bits *= dim
         if bits > _MAX_COUNT:
-            raise FormatError(f"shape {_clip(shape)} of {dtype} is too large to address (its size overflows 64 bits)", path=path, key=name)
+            raise FormatError(f"shape {spec.clip(shape)} of {dtype} is too large to address (size overflows 64 bits)", path=path, key=name)
     if bits % 8 or end - begin != bits // 8:
-        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {_clip(shape)}", path=path, key=name)
+        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {spec.clip(shape)}", path=path, key=name)
     if dtype not in DTYPES:
         raise FormatError(f"safetensors dtype {dtype} (sub-byte) is not one loratools reads", path=path, key=name)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
@@ -247,11 +247,6 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, duplicat
 def _is_count(value: object) -> bool:
     """A usize to the Rust reader: a JSON integer from 0 to 2**64 - 1 (never 4.0, -0 or true)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
-
-
-def _clip(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def data_sha256(header: Header) -> str:
