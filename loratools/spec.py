@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import re
 import sys
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .errors import ArgumentError
@@ -90,6 +90,32 @@ def missing_factor(roles: Collection[str]) -> tuple[str, str] | None:
     missing = "lora_B" if "A" in roles else "lora_A"
     other = "lora_up/up" if missing == "lora_B" else "lora_down/down"
     return f"{missing.lower().replace('_', '-')}-missing", f"has no {missing} ({other}) tensor; every module needs both factors"
+
+
+def factor_shape_problem(a_shape: Sequence[int], b_shape: Sequence[int]) -> str | None:
+    """Why shapes ``a_shape``/``b_shape`` cannot be a factor pair at all (rank and fit are checked later), or None."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return "LoRA factors need at least 2 dimensions (A: r x in[ x k...], B: out x r[ x 1...])"
+    return None
+
+
+def alpha_problem(shape: Sequence[int], value: float) -> str | None:
+    """Why a stored alpha tensor of ``shape`` whose first value is ``value`` is no alpha, or None.
+
+    kohya and diffusers store alpha as one number (sd-scripts reads it with ``.item()``); a
+    non-finite one would scale ΔW to Inf/NaN, which a merge would write out as the model.
+    """
+    if math.prod(shape) != 1:
+        return f"alpha must be one number, but the tensor has shape {list(shape)}"
+    if not math.isfinite(value):
+        return f"alpha is {value}; a non-finite alpha makes ΔW non-finite"
+    return None
+
+
+def scaling_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:func:`config_problems` for the fields that set the scale only (partial configs, e.g. diffusers metadata)."""
+    fields = ("lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
+    return [(f, m) for f, m in config_problems({"r": 1, "lora_alpha": 1, **config}) if f.split(".")[0] in fields]
 
 
 def split_key(key: str) -> tuple[str, str] | None:

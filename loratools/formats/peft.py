@@ -11,13 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
 from .. import spec
 from ..adapter import Adapter, RawAdapter
 from ..io.atomic import atomic_output
-from ..io.tensorfile import Header, write_file
+from ..io.tensorfile import Header, load_tensors, write_file
 
 
 def read(source: str, header: Header, config_path: Path, *, directory: bool) -> RawAdapter:
@@ -44,11 +41,7 @@ def has_config(header: Header, config_path: Path) -> bool:
 
 
 def _finish(source: str, header: Header, config: Any, config_error: str | None, code: str) -> RawAdapter:
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(header.path), framework="pt") as fh:
-        for name in header.tensors:
-            tensors[name] = fh.get_tensor(name)
-    return RawAdapter(source, config, tensors, dict(header.metadata), header, config_error, code)
+    return RawAdapter(source, config, load_tensors(header), dict(header.metadata), header, config_error, code)
 
 
 def _read_config(path: Path) -> tuple[Any, str | None]:

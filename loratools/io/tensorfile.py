@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .. import spec
 from ..errors import FormatError
@@ -247,6 +248,35 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, duplicat
 def _is_count(value: object) -> bool:
     """A usize to the Rust reader: a JSON integer from 0 to 2**64 - 1 (never 4.0, -0 or true)."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def load_tensors(header: Header) -> dict[str, torch.Tensor]:
+    """Every tensor of ``header``'s file, in memory, read through safetensors (never unpickled).
+
+    The header's sizes already match the file's, but a sparse file can claim terabytes in a few
+    kilobytes of disk; such a claim is refused against the machine's memory before anything is
+    allocated, and a failure of the reader itself (an mmap refused) is one line naming the file.
+    """
+    need, limit = sum(t.nbytes for t in header.tensors.values()), _memory_bytes()
+    if limit is not None and need > limit:
+        raise FormatError(
+            f"its tensors claim {need / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB of memory; refusing to load them",
+            path=header.path,
+        )
+    try:
+        with safe_open(str(header.path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in header.tensors}
+    except (SafetensorError, OSError, RuntimeError, MemoryError) as err:  # RuntimeError: torch's allocator
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FormatError(f"cannot read the tensor data ({spec.clip(reason)[1:-1]})", path=header.path) from None
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory in bytes, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def data_sha256(header: Header) -> str:
