@@ -45,7 +45,10 @@ def test_kohya_alpha_of_shape_1_is_a_number(tmp_path):
     assert loratools.load(path).modules[K].scale == 0.5
 
 
-@pytest.mark.parametrize("down,up", [(torch.tensor(1.0), torch.ones(4, 2)), (torch.ones(2, 4), torch.ones(4)), (torch.ones(2), torch.ones(4, 2))])
+FLAT = [(torch.tensor(1.0), torch.ones(4, 2)), (torch.ones(2, 4), torch.ones(4)), (torch.ones(2), torch.ones(4, 2))]
+
+
+@pytest.mark.parametrize("down,up", FLAT)
 def test_kohya_factors_of_fewer_than_two_dims(tmp_path, down, up):
     path = tmp_path / "k.safetensors"
     save_file({f"{K}.lora_down.weight": down, f"{K}.lora_up.weight": up}, path)
