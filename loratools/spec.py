@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Collection, Iterable, Mapping
+import sys
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .errors import ArgumentError
@@ -50,7 +51,8 @@ TENSOR_ROLES: dict[str, str] = {
     "lora_magnitude_vector": "magnitude",
     "lora_magnitude_vector.weight": "magnitude",
 }
-_ROLE_RE = re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for s in TENSOR_ROLES) + r")$")
+# fullmatch, never "$": "$" also matches before a trailing newline, and "x.lora_A.weight\n" is no lora_A to PEFT.
+_ROLE_RE = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for s in TENSOR_ROLES) + r")")
 
 BIAS_VALUES = ("none", "all", "lora_only")
 
@@ -96,13 +98,39 @@ def missing_factor(roles: Collection[str]) -> tuple[str, str] | None:
     return f"{missing.lower().replace('_', '-')}-missing", f"has no {missing} ({other}) tensor; every module needs both factors"
 
 
+def factor_shape_problem(a_shape: Sequence[int], b_shape: Sequence[int]) -> str | None:
+    """Why shapes ``a_shape``/``b_shape`` cannot be a factor pair at all (rank and fit are checked later), or None."""
+    if len(a_shape) < 2 or len(b_shape) < 2:
+        return "LoRA factors need at least 2 dimensions (A: r x in[ x k...], B: out x r[ x 1...])"
+    return None
+
+
+def alpha_problem(shape: Sequence[int], value: float) -> str | None:
+    """Why a stored alpha tensor of ``shape`` whose first value is ``value`` is no alpha, or None.
+
+    kohya and diffusers store alpha as one number (sd-scripts reads it with ``.item()``); a
+    non-finite one would scale ΔW to Inf/NaN, which a merge would write out as the model.
+    """
+    if math.prod(shape) != 1:
+        return f"alpha must be one number, but the tensor has shape {list(shape)}"
+    if not math.isfinite(value):
+        return f"alpha is {value}; a non-finite alpha makes ΔW non-finite"
+    return None
+
+
+def scaling_problems(config: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """:func:`config_problems` for the fields that set the scale only (partial configs, e.g. diffusers metadata)."""
+    fields = ("lora_alpha", "alpha_pattern", "rank_pattern", "use_rslora")
+    return [(f, m) for f, m in config_problems({"r": 1, "lora_alpha": 1, **config}) if f.split(".")[0] in fields]
+
+
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a LoRA tensor key into ``(module, suffix)``; ``None`` for a non-LoRA tensor.
 
     ``base_model.model.model.layers.0.q_proj.lora_A.weight`` -> ``("model.layers.0.q_proj", "lora_A.weight")``.
     Module names are relative to the base model, as PEFT's ``rank_pattern`` keys are.
     """
-    match = _ROLE_RE.match(key)
+    match = _ROLE_RE.fullmatch(key)
     if match is None:
         return None
     module = match["module"]
@@ -174,7 +202,10 @@ def version_problem(text: str | None) -> str | None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number a double can hold: not true/false, NaN, Infinity (Python's json reads them) or 1e400-sized ints."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return abs(value) <= sys.float_info.max if isinstance(value, int) else math.isfinite(value)
 
 
 def _is_int(value: Any) -> bool:
@@ -191,13 +222,31 @@ def _check_pattern(name: str, value: Any, *, integer: bool) -> list[tuple[str, s
     for key, number in value.items():
         ok = (_is_int(number) and number >= 1) if integer else (_is_number(number) and number > 0)
         if not ok:
-            need = "an integer >= 1" if integer else "a number > 0"
-            problems.append((f"{name}.{key}", f"must be {need}, got {number!r}"))
-        try:
-            re.compile(key)
-        except re.error as err:
-            problems.append((f"{name}.{key}", f"is not a valid regular expression ({err})"))
+            need = "an integer >= 1" if integer else "a finite number > 0"
+            problems.append((f"{name}.{key}", f"must be {need}, got {clip(number)}"))
+        why = regex_problem(rf"(.*\.)?({key})$")
+        if why:
+            problems.append((f"{name}.{key}", f"is not a valid regular expression as PEFT embeds it in (.*\\.)?(KEY)$ ({why})"))
     return problems
+
+
+def regex_problem(pattern: str) -> str | None:
+    r"""Why ``pattern`` does not compile, or None.
+
+    PEFT embeds pattern keys in ``(.*\.)?(KEY)$`` (``get_pattern_key`` in peft/utils/other.py,
+    0.21.2), so an inline global flag such as ``(?i)`` that compiles alone fails there.
+    """
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:  # deep nesting overflows the parser
+        return str(err) or type(err).__name__
+    return None
+
+
+def clip(value: Any) -> str:
+    """``repr`` of a config value, at most 60 characters (an int of 4000 digits is not a message)."""
+    text = repr(value) if not isinstance(value, int) or abs(value) < 10**60 else f"an integer of {len(str(abs(value)))} digits"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def config_problems(config: Any) -> list[tuple[str, str]]:
@@ -215,16 +264,15 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     if "peft_type" in config and not isinstance(config["peft_type"], str):
         problems.append(("peft_type", f"must be a string, got {config['peft_type']!r}"))
     if "r" in config and not (_is_int(config["r"]) and config["r"] >= 1):
-        problems.append(("r", f"must be an integer >= 1, got {config['r']!r}"))
+        problems.append(("r", f"must be an integer >= 1, got {clip(config['r'])}"))
     if "lora_alpha" in config and not (_is_number(config["lora_alpha"]) and config["lora_alpha"] > 0):
-        problems.append(("lora_alpha", f"must be a number > 0, got {config['lora_alpha']!r}"))
+        problems.append(("lora_alpha", f"must be a finite number > 0, got {clip(config['lora_alpha'])}"))
     target = config.get("target_modules")
     if "target_modules" in config:
         if isinstance(target, str):
-            try:
-                re.compile(target)
-            except re.error as err:
-                problems.append(("target_modules", f"is not a valid regular expression ({err})"))
+            why = regex_problem(target)
+            if why:
+                problems.append(("target_modules", f"is not a valid regular expression ({why})"))
         elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
             problems.append(("target_modules", f"must be a non-empty list of module names or a regex string, got {target!r}"))
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
@@ -240,6 +288,30 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
     for field in ("base_model_name_or_path", "revision", "task_type"):
         if config.get(field) is not None and not isinstance(config[field], str):
             problems.append((field, f"must be a string or null, got {config[field]!r}"))
+    problems += _text_problems(config)
+    return problems
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _text_problems(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """Strings holding a lone surrogate (``"\\ud800"`` is legal JSON to Python, not Unicode).
+
+    No tool can print or UTF-8-encode them, and a safetensors header carrying one (say a kohya
+    ``ss_sd_model_name`` copied from ``base_model_name_or_path``) is refused by the Rust reader.
+    """
+    problems = []
+    stack: list[tuple[str, Any]] = [("", config)]
+    while stack:
+        where, node = stack.pop()
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            field = f"{where}.{key}" if where else str(key)
+            if any(isinstance(t, str) and _SURROGATE.search(t) for t in (key, value)):
+                problems.append((_SURROGATE.sub("?", field), "holds a lone surrogate escape (\\ud800-\\udfff): not Unicode text"))
+            elif isinstance(value, (dict, list)):
+                stack.append((field, value))
     return problems
 
 

@@ -84,3 +84,48 @@ def test_version_policy():
 def test_config_problems_name_the_field():
     problems = dict(spec.config_problems({"peft_type": "LORA", "r": 0, "lora_alpha": 8, "target_modules": ["q"]}))
     assert list(problems) == ["r"] and "0" in problems["r"]
+
+
+def test_role_keys_match_whole_keys_only():
+    key = "base_model.model.model.layers.0.q_proj.lora_A.weight"
+    assert spec.split_key(key + "\n") is None  # "$" would match before the newline; PEFT sees no lora_A
+    assert spec.split_key(key + "\nx") is None
+    assert spec.split_key(key) == ("model.layers.0.q_proj", "lora_A.weight")
+
+
+BASE_CONFIG = {"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("lora_alpha", math.inf, "finite number > 0, got inf"),
+        ("lora_alpha", -math.inf, "finite number > 0"),
+        ("lora_alpha", math.nan, "finite number > 0, got nan"),
+        ("lora_alpha", 10**400, "an integer of 401 digits"),
+        ("r", 10**400, "integer >= 1, got an integer of 401 digits"),
+        ("r", math.inf, "integer >= 1, got inf"),
+        ("alpha_pattern", {"q_proj": math.inf}, "alpha_pattern.q_proj: "),
+        ("rank_pattern", {"q_proj": 10**400}, "rank_pattern.q_proj: "),
+        ("rank_pattern", {"(?i)q_proj": 4}, "as PEFT embeds it"),
+        ("alpha_pattern", {"(" * 5000 + ")" * 5000: 4}, "not a valid regular expression"),
+        ("target_modules", "(" * 5000 + ")" * 5000, "not a valid regular expression"),
+    ],
+)
+def test_numbers_and_patterns_are_checked_for_range_and_peft_form(field, value, needle):
+    problems = spec.config_problems({**BASE_CONFIG, field: value})
+    assert any(needle in f"{where}: {message}" for where, message in problems), problems
+    assert all(len(message) < 200 for _, message in problems)
+
+
+def test_inline_flag_at_the_start_of_a_target_regex_is_fine():
+    assert spec.config_problems({**BASE_CONFIG, "target_modules": "(?i).*Q_PROJ"}) == []
+    assert spec.targets({"target_modules": "(?i).*Q_PROJ"}, "model.layers.0.q_proj")
+
+
+def test_lone_surrogates_in_any_config_string_are_named():
+    config = {**BASE_CONFIG, "base_model_name_or_path": "m\udc00", "extra": {"k": ["ok", "\ud800"]}, "emoji": "\U0001f600"}
+    assert sorted(spec.config_problems(config)) == [
+        ("base_model_name_or_path", "holds a lone surrogate escape (\\ud800-\\udfff): not Unicode text"),
+        ("extra.k.1", "holds a lone surrogate escape (\\ud800-\\udfff): not Unicode text"),
+    ]

@@ -19,7 +19,7 @@ from rich.markup import escape
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes get full module names
 err = Console(stderr=True, soft_wrap=True, highlight=False)
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\ud800-\udfff]")  # lone surrogates cannot be encoded
 
 
 def plain(text: object) -> str:

@@ -26,25 +26,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .. import spec
 from ..adapter import Adapter, LoraModule, RawAdapter, raw_from_modules
 from ..errors import ArgumentError, FormatError
 from ..io.atomic import atomic_output
-from ..io.tensorfile import Header, write_file
+from ..io.tensorfile import Header, load_tensors, write_file
+from .kohya import alpha_value
 
 META_ADAPTER = spec.META_DIFFUSERS_CONFIG
 _COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.")
 
 _ROLE = {"down": "A", "up": "B", "A": "A", "B": "B"}
 _PATTERNS = (
-    re.compile(r"^(?P<head>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight$"),
-    re.compile(r"^(?P<module>.+?)\.(?:lora_linear_layer|lora_layer|lora)\.(?P<role>down|up)\.weight$"),
-    re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)\.weight$"),
-    re.compile(r"^(?P<module>.+)\.(?P<role>lora_magnitude_vector)(?:\.weight)?$"),
-    re.compile(r"^(?P<module>.+)\.lora_B\.(?P<role>bias)$"),
-    re.compile(r"^(?P<module>.+?)(?:\.lora_linear_layer|\.lora_layer|\.lora)?\.(?P<role>alpha)$"),
+    re.compile(r"^(?P<head>.+)\.processor\.(?P<proj>to_q|to_k|to_v|to_out)_lora\.(?P<role>down|up)\.weight\Z"),
+    re.compile(r"^(?P<module>.+?)\.(?:lora_linear_layer|lora_layer|lora)\.(?P<role>down|up)\.weight\Z"),
+    re.compile(r"^(?P<module>.+)\.lora_(?P<role>A|B)\.weight\Z"),
+    re.compile(r"^(?P<module>.+)\.(?P<role>lora_magnitude_vector)(?:\.weight)?\Z"),
+    re.compile(r"^(?P<module>.+)\.lora_B\.(?P<role>bias)\Z"),
+    re.compile(r"^(?P<module>.+?)(?:\.lora_linear_layer|\.lora_layer|\.lora)?\.(?P<role>alpha)\Z"),  # \Z, not $: no key ending in a newline
 )
 
 
@@ -75,13 +75,13 @@ def read(header: Header) -> RawAdapter:
     """Read the diffusers LoRA file behind ``header`` as a spec v1 :class:`RawAdapter` (config synthesized)."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     unknown = []
-    with safe_open(str(header.path), framework="pt") as fh:
-        for key in header.tensors:
-            parsed = _parse(key)
-            if parsed is None:
-                unknown.append(key)
-                continue
-            parts.setdefault(parsed[0], {})[parsed[1]] = fh.get_tensor(key)
+    tensors = load_tensors(header)
+    for key, tensor in tensors.items():
+        parsed = _parse(key)
+        if parsed is None:
+            unknown.append(key)
+            continue
+        parts.setdefault(parsed[0], {})[parsed[1]] = tensor
     if unknown:
         raise FormatError(f"diffusers LoRA file holds tensors that are not LoRA factors: {', '.join(unknown[:5])}", path=header.path)
     configs = _component_configs(header)
@@ -90,17 +90,20 @@ def read(header: Header) -> RawAdapter:
         missing = spec.missing_factor(p)
         if missing is not None:
             raise FormatError(missing[1], path=header.path, key=name, code=missing[0])
-        modules[name] = _module(name, p, configs)
+        modules[name] = _module(header, name, p, configs)
     return raw_from_modules(modules, header, {**header.metadata, spec.META_SOURCE: "diffusers"})
 
 
-def _module(name: str, p: dict[str, torch.Tensor], configs: dict[str, dict[str, Any]]) -> LoraModule:
+def _module(header: Header, name: str, p: dict[str, torch.Tensor], configs: dict[str, dict[str, Any]]) -> LoraModule:
     A, B = p["A"], p["B"]
+    why = spec.factor_shape_problem(A.shape, B.shape)
+    if why:
+        raise FormatError(f"down {list(A.shape)} and up {list(B.shape)}: {why}", path=header.path, key=name, code="bad-shape")
     component = next((c for c in _COMPONENTS if name.startswith(c)), "")
     config = configs.get(component) or configs.get("") or {}
     rslora = bool(config.get("use_rslora", False))
     if "alpha" in p:
-        alpha = float(p["alpha"].float().item())
+        alpha = alpha_value(p["alpha"], path=header.path, key=f"{name}.alpha")
     elif "lora_alpha" in config:
         alpha = spec.module_alpha(config, name[len(component) :])
     else:
@@ -115,12 +118,17 @@ def _component_configs(header: Header) -> dict[str, dict[str, Any]]:
         return {}
     try:
         blob = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise FormatError(f"{META_ADAPTER} metadata is not valid JSON ({err.msg})", path=header.path) from None
+    except (json.JSONDecodeError, RecursionError, ValueError) as err:  # ValueError: ints of over 4300 digits
+        raise FormatError(
+            f"{META_ADAPTER} metadata is not valid JSON ({getattr(err, 'msg', 'too deep or too long')})", path=header.path
+        ) from None
     configs: dict[str, dict[str, Any]] = {}
     for key, value in (blob if isinstance(blob, dict) else {}).items():
         component = next((c for c in _COMPONENTS if key.startswith(c)), "")
         configs.setdefault(component, {})[key[len(component) :]] = value
+    for component, config in configs.items():
+        for field, message in spec.scaling_problems(config):
+            raise FormatError(f"{META_ADAPTER} {component}{field} {message}", path=header.path, code="config-schema")
     return configs
 
 

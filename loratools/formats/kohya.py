@@ -15,19 +15,18 @@ records where the adapter came from, so :func:`save_kohya` writes it back unchan
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from .. import spec
 from ..adapter import Adapter, LoraModule, RawAdapter, raw_from_modules
 from ..errors import ArgumentError, FormatError, LoratoolsError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import module_index, open_checkpoint
-from ..io.tensorfile import Header, write_file
+from ..io.tensorfile import Header, load_tensors, write_file
 
 META_SOURCE, META_PREFIX = spec.META_SOURCE, spec.META_PREFIX
 
@@ -107,12 +106,12 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     if base is not None:
         mapped, _ = map_names(parts, base)
     modules: dict[str, LoraModule] = {}
-    with safe_open(str(header.path), framework="pt") as fh:
-        for name, p in parts.items():
-            target = mapped.get(name, name)
-            if target in modules:
-                raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
-            modules[target] = _module(fh, header.path, p)
+    tensors = load_tensors(header)
+    for name, p in parts.items():
+        target = mapped.get(name, name)
+        if target in modules:
+            raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
+        modules[target] = _module(tensors, header.path, name, p)
     metadata = dict(header.metadata)
     metadata[META_SOURCE] = "kohya"
     bare = {kp for name, path in mapped.items() for kp in _BARE_PREFIXES if name == kp + flatten(path)}
@@ -141,11 +140,14 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
     return parts
 
 
-def _module(fh: Any, path: Path, parts: Mapping[str, str]) -> LoraModule:
-    """One module from its tensors in the open file ``fh``; a missing alpha means alpha = r (scale 1)."""
-    A, B = fh.get_tensor(parts[DOWN]), fh.get_tensor(parts[UP])
-    alpha = float(fh.get_tensor(parts[ALPHA]).float().item()) if ALPHA in parts else float(A.shape[0])
-    dora = fh.get_tensor(parts[DORA]) if DORA in parts else None
+def _module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str]) -> LoraModule:
+    """One module from its ``tensors``; a missing alpha means alpha = r (scale 1)."""
+    A, B = tensors[parts[DOWN]], tensors[parts[UP]]
+    why = spec.factor_shape_problem(A.shape, B.shape)
+    if why:
+        raise FormatError(f"lora_down {list(A.shape)} and lora_up {list(B.shape)}: {why}", path=path, key=name, code="bad-shape")
+    alpha = alpha_value(tensors[parts[ALPHA]], path=path, key=parts[ALPHA]) if ALPHA in parts else float(A.shape[0])
+    dora = tensors[parts[DORA]] if DORA in parts else None
     magnitude = None
     if dora is not None:
         if dora.numel() != B.shape[0] or dora.shape[0] != B.shape[0]:
@@ -157,6 +159,15 @@ def _module(fh: Any, path: Path, parts: Mapping[str, str]) -> LoraModule:
             )
         magnitude = dora.reshape(-1)
     return LoraModule(A, B, alpha, False, "conv" if A.dim() > 2 else "linear", magnitude)
+
+
+def alpha_value(tensor: torch.Tensor, *, path: Path, key: str) -> float:
+    """The number a stored ``.alpha`` tensor holds; :class:`FormatError` unless it is one finite number."""
+    value = float(tensor.reshape(-1)[0].double()) if tensor.numel() else math.nan
+    why = spec.alpha_problem(tuple(tensor.shape), value)
+    if why:
+        raise FormatError(why, path=path, key=key, code="bad-alpha")
+    return value
 
 
 def kohya_name(module: str, *, te_prefix: str = "lora_te_", bare_prefix: str | None = None) -> str:

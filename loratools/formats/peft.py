@@ -11,13 +11,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors import safe_open
-
 from .. import spec
 from ..adapter import Adapter, RawAdapter
 from ..io.atomic import atomic_output
-from ..io.tensorfile import Header, write_file
+from ..io.tensorfile import Header, load_tensors, write_file
 
 
 def read(source: str, header: Header, config_path: Path, *, directory: bool) -> RawAdapter:
@@ -44,11 +41,7 @@ def has_config(header: Header, config_path: Path) -> bool:
 
 
 def _finish(source: str, header: Header, config: Any, config_error: str | None, code: str) -> RawAdapter:
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(header.path), framework="pt") as fh:
-        for name in header.tensors:
-            tensors[name] = fh.get_tensor(name)
-    return RawAdapter(source, config, tensors, dict(header.metadata), header, config_error, code)
+    return RawAdapter(source, config, load_tensors(header), dict(header.metadata), header, config_error, code)
 
 
 def _read_config(path: Path) -> tuple[Any, str | None]:
@@ -64,6 +57,10 @@ def _parse_json(text: str, where: str) -> tuple[Any, str | None]:
         return json.loads(text), None
     except json.JSONDecodeError as err:
         return None, f"{where}: not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+    except RecursionError:
+        return None, f"{where}: not valid JSON (nested too deep)"
+    except ValueError as err:  # an integer of more than 4300 digits
+        return None, f"{where}: not valid JSON ({err})"
 
 
 def write(adapter: Adapter, path: Path, *, force: bool) -> Path:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .. import spec
 from ..errors import FormatError
 from .tensorfile import Header, TensorInfo, read_header
 
@@ -82,13 +83,9 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if index_path.exists():
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
-            weight_map: dict[str, str] = index["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise FormatError(f"corrupt index ({err})", path=index_path) from None
-        names = list(dict.fromkeys(weight_map.values()))
-        for name in names:
-            if Path(name).name != name:
-                raise FormatError(f"index names a shard outside the checkpoint directory: {name!r}", path=index_path)
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, 5000-digit ints
+            raise FormatError(f"corrupt index: not UTF-8 JSON ({spec.clip(str(err))[1:-1]})", path=index_path) from None
+        names = shard_names(index, index_path)
         shards = [path / n for n in sorted(names)]
         return Checkpoint(path, shards, {s.name: read_header(s) for s in shards}, index)
     single = path / SINGLE_NAME
@@ -100,6 +97,26 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             f"only pickle weights ({pickles[0]}) found; convert the base to safetensors first (pickles are refused)", path=path
         )
     raise FormatError(f"no {SINGLE_NAME} or {INDEX_NAME} in the directory", path=path)
+
+
+def shard_names(index: object, path: Path) -> list[str]:
+    """The shard file names a parsed ``model.safetensors.index.json`` lists, in first-seen order.
+
+    As transformers reads it: an object whose ``weight_map`` maps tensor names to file names.
+    Every name must be a plain file name in the checkpoint directory (no separator, no ``..``,
+    no NUL), so a hostile index cannot point outside it.
+    """
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        got = type(index).__name__ if not isinstance(index, dict) else f"weight_map {spec.clip(weight_map)}"
+        raise FormatError(f"corrupt index: needs an object with a weight_map object (tensor -> shard file), got {got}", path=path)
+    names = list(dict.fromkeys(weight_map.values()))
+    for name in names:
+        if not isinstance(name, str):
+            raise FormatError(f"corrupt index: shard file names must be strings, got {spec.clip(name)}", path=path)
+        if name in ("", ".", "..") or "\0" in name or Path(name).name != name or "\\" in name:
+            raise FormatError(f"index names a shard outside the checkpoint directory: {spec.clip(name)}", path=path)
+    return names
 
 
 def module_index(keys: list[str]) -> dict[str, str]:

@@ -12,13 +12,17 @@ import hashlib
 import json
 import math
 import os
+import re
 import struct
+import sys
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from .. import spec
 from ..errors import FormatError
@@ -36,9 +40,19 @@ DTYPES: dict[str, torch.dtype] = {
     "BOOL": torch.bool,
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+    "F8_E4M3FNUZ": torch.float8_e4m3fnuz,
+    "F8_E5M2FNUZ": torch.float8_e5m2fnuz,
+    "U16": torch.uint16,
+    "U32": torch.uint32,
+    "U64": torch.uint64,
+    "C64": torch.complex64,
 }
 DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 ITEMSIZE: dict[str, int] = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES.items()}
+# Bits per element of every dtype the safetensors Rust reader knows (Dtype::bitsize, safetensors 0.8);
+# the sub-byte ones (F4, F6_*) are valid in a header, but loratools reads no tensor of them.
+_BITS: dict[str, int] = {**{name: 8 * size for name, size in ITEMSIZE.items()}, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6}
 
 DtypeLike = spec.DtypeChoice | torch.dtype | None
 """What every writing call accepts as ``dtype``: a name from :data:`loratools.spec.DTYPE_CHOICES` or a torch dtype."""
@@ -50,7 +64,10 @@ def torch_dtype(choice: object) -> torch.dtype | None:
     return DTYPES[code] if code is not None else None
 
 
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+_MAX_HEADER = 100_000_000  # safetensors' own limit (MAX_HEADER_SIZE in safetensors/src/tensor.rs, 0.8)
+_MAX_DEPTH = 127  # serde_json's recursion limit (128) as the Rust reader applies it, measured with safetensors 0.8
+_MAX_COUNT = 2**64 - 1  # usize
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _CHUNK = 8 * 1024 * 1024
 
 
@@ -87,8 +104,11 @@ class Header:
 def read_header(path: str | Path) -> Header:
     """Parse and check the header of ``path`` without reading tensor data.
 
-    Raises :class:`FormatError` naming the file for a truncated file, bad JSON, an unknown dtype,
-    offsets that overlap, leave holes or run past the end of the file.
+    Accepts exactly the headers the safetensors Rust reader (0.8, ``safetensors/src/tensor.rs``
+    ``read_metadata`` / ``Metadata::validate``) accepts, so what we inspect is what PEFT loads.
+    Raises :class:`FormatError` naming the file (and tensor) otherwise: a truncated file, a header
+    that is not strict UTF-8 JSON, ``__metadata__`` that is not an object of strings, an unknown
+    dtype, a shape whose size overflows, offsets that overlap, leave holes or run past the end.
     """
     path = Path(path)
     size = path.stat().st_size
@@ -103,45 +123,160 @@ def read_header(path: str | Path) -> Header:
                 path=path,
             )
         raw = fh.read(length)
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise FormatError(f"corrupt safetensors header ({err})", path=path) from None
-    if not isinstance(parsed, dict):
-        raise FormatError("corrupt safetensors header (not a JSON object)", path=path)
-    metadata = parsed.pop("__metadata__", None) or {}
+    parsed, duplicated = _parse_json(path, raw)
+    if "__metadata__" in duplicated.get(id(parsed), ()):
+        raise FormatError("corrupt safetensors header: __metadata__ appears twice", path=path)
+    metadata = _metadata(path, parsed.pop("__metadata__", None))
     data_start = 8 + length
-    tensors = [_tensor_info(path, name, entry, data_start) for name, entry in parsed.items()]
-    tensors.sort(key=lambda t: t.start)
+    tensors = [_tensor_info(path, name, entry, data_start, duplicated.get(id(entry), set())) for name, entry in parsed.items()]
+    tensors.sort(key=lambda t: (t.start, t.end))  # the Rust reader sorts by (begin, end) too
     expected = data_start
     for info in tensors:
         if info.start != expected:
             raise FormatError(f"tensor data offsets overlap or leave a gap at byte {info.start}", path=path, key=info.name)
         expected = info.end
     if expected != size:
-        what = "truncated" if expected > size else "has trailing bytes"
-        raise FormatError(f"file is {what}: tensor data ends at byte {expected}, file has {size}", path=path)
-    return Header(path, {t.name: t for t in tensors}, {str(k): str(v) for k, v in metadata.items()}, data_start, size)
+        what = "is truncated" if expected > size else "has trailing bytes"
+        raise FormatError(f"file {what}: tensor data ends at byte {expected}, file has {size}", path=path)
+    return Header(path, {t.name: t for t in tensors}, metadata, data_start, size)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_start: int) -> TensorInfo:
-    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= entry.keys():
+class _Refused(ValueError):
+    """A JSON value the Rust reader's serde_json refuses although Python's json takes it."""
+
+
+def _parse_json(path: Path, raw: bytes) -> tuple[dict[str, Any], dict[int, set[str]]]:
+    """The header object, and the keys each object (by ``id``) holds more than once.
+
+    serde_json's rules, not Python's: strict UTF-8 (no BOM, no UTF-16/32 guessing), no NaN or
+    Infinity, no number beyond a double's range, no lone surrogate escape, at most 127 levels of
+    nesting.  Duplicate keys are resolved as the Rust reader does (the last one wins) by the caller.
+    """
+    duplicated: dict[int, set[str]] = {}
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(items)
+        if len(obj) != len(items):
+            duplicated[id(obj)] = {k for k, n in Counter(k for k, _ in items).items() if n > 1}
+        return obj
+
+    try:
+        text = raw.decode("utf-8")
+        parsed = json.loads(text, object_pairs_hook=pairs, parse_constant=_constant, parse_float=_float, parse_int=_int)
+    except UnicodeDecodeError as err:
+        raise FormatError(f"corrupt safetensors header: not UTF-8 at byte {err.start} (headers are UTF-8, no BOM)", path=path) from None
+    except RecursionError:
+        raise FormatError(f"corrupt safetensors header: JSON nested deeper than {_MAX_DEPTH} levels", path=path) from None
+    except ValueError as err:  # JSONDecodeError, _Refused, an integer of more than 4300 digits
+        raise FormatError(f"corrupt safetensors header ({err})", path=path) from None
+    if not isinstance(parsed, dict):
+        raise FormatError("corrupt safetensors header (not a JSON object)", path=path)
+    _check_tree(path, parsed)
+    return parsed, duplicated
+
+
+def _constant(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _Refused(f"number {text[:20]} is out of range")
+    return value
+
+
+def _int(text: str) -> int | float:
+    value = int(text)
+    if abs(value) > sys.float_info.max:
+        raise _Refused(f"number {text[:20]}... is out of range")
+    return -0.0 if text == "-0" else value  # serde_json reads -0 as a float, never a count
+
+
+def _check_tree(path: Path, root: dict[str, Any]) -> None:
+    """Refuse lone surrogates in any string and nesting deeper than serde_json's limit (127)."""
+    stack: list[tuple[Any, int]] = [(root, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > _MAX_DEPTH:
+            raise FormatError(f"corrupt safetensors header: JSON nested deeper than {_MAX_DEPTH} levels", path=path)
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, value in items:
+            for text in (key, value):
+                if isinstance(text, str) and _SURROGATE.search(text):
+                    raise FormatError(f"corrupt safetensors header: lone surrogate escape in {_SURROGATE.sub('?', text)[:60]!r}", path=path)
+            if isinstance(value, (dict, list)):
+                stack.append((value, depth + 1))
+
+
+def _metadata(path: Path, metadata: object) -> dict[str, str]:
+    if metadata is None:
+        return {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise FormatError(f"corrupt safetensors header: __metadata__ must be an object of strings, got {spec.clip(metadata)}", path=path)
+    return metadata
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, duplicated: set[str]) -> TensorInfo:
+    fields = ("dtype", "shape", "data_offsets")
+    if not isinstance(entry, dict) or not set(fields) <= entry.keys():
         raise FormatError("corrupt safetensors header entry (needs dtype, shape, data_offsets)", path=path, key=name)
+    if duplicated & set(fields):
+        raise FormatError(f"corrupt safetensors header entry: {sorted(duplicated & set(fields))[0]} appears twice", path=path, key=name)
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise FormatError(f"corrupt safetensors header entry: shape {shape!r} is not a list of sizes", path=path, key=name)
+        raise FormatError(f"corrupt safetensors header entry: shape {spec.clip(shape)} is not a list of sizes", path=path, key=name)
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
-        raise FormatError(f"corrupt safetensors header entry: data_offsets {offsets!r} is not [begin, end]", path=path, key=name)
-    if dtype not in DTYPES:
-        raise FormatError(f"unknown safetensors dtype {dtype!r}", path=path, key=name)
+        raise FormatError(f"corrupt safetensors header entry: data_offsets {spec.clip(offsets)} is not [begin, end]", path=path, key=name)
+    if not isinstance(dtype, str) or dtype not in _BITS:
+        raise FormatError(f"unknown safetensors dtype {spec.clip(dtype)}", path=path, key=name)
     begin, end = offsets
-    if end - begin != math.prod(shape) * ITEMSIZE[dtype]:
-        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {shape}", path=path, key=name)
+    if end < begin:
+        raise FormatError(f"data_offsets [{begin}, {end}] end before they begin", path=path, key=name)
+    bits = 1
+    for dim in (*shape, _BITS[dtype]):  # as the Rust reader: every partial product must fit 64 bits
+        bits *= dim
+        if bits > _MAX_COUNT:
+            raise FormatError(f"shape {spec.clip(shape)} of {dtype} is too large to address (size overflows 64 bits)", path=path, key=name)
+    if bits % 8 or end - begin != bits // 8:
+        raise FormatError(f"{end - begin} data bytes do not hold a {dtype} tensor of shape {spec.clip(shape)}", path=path, key=name)
+    if dtype not in DTYPES:
+        raise FormatError(f"safetensors dtype {dtype} (sub-byte) is not one loratools reads", path=path, key=name)
     return TensorInfo(name, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
 def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """A usize to the Rust reader: a JSON integer from 0 to 2**64 - 1 (never 4.0, -0 or true)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
+
+
+def load_tensors(header: Header) -> dict[str, torch.Tensor]:
+    """Every tensor of ``header``'s file, in memory, read through safetensors (never unpickled).
+
+    The header's sizes already match the file's, but a sparse file can claim terabytes in a few
+    kilobytes of disk; such a claim is refused against the machine's memory before anything is
+    allocated, and a failure of the reader itself (an mmap refused) is one line naming the file.
+    """
+    need, limit = sum(t.nbytes for t in header.tensors.values()), _memory_bytes()
+    if limit is not None and need > limit:
+        raise FormatError(
+            f"its tensors claim {need / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB of memory; refusing to load them",
+            path=header.path,
+        )
+    try:
+        with safe_open(str(header.path), framework="pt") as fh:
+            return {name: fh.get_tensor(name) for name in header.tensors}
+    except (SafetensorError, OSError, RuntimeError, MemoryError) as err:  # RuntimeError: torch's allocator
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise FormatError(f"cannot read the tensor data ({spec.clip(reason)[1:-1]})", path=header.path) from None
+
+
+def _memory_bytes() -> int | None:
+    """Physical memory in bytes, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 def layout_sha256(plan: Iterable[tuple[str, str, tuple[int, ...]]]) -> str:
