@@ -31,7 +31,7 @@ MAX_ATTEMPTS = 3  # requests per file, the first included
 MAX_REDIRECTS = 5  # the Hub needs one (resolve -> CDN); more is a loop or a trap
 CHUNK = 1 << 20
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-_ETAG = re.compile(r'^(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?$')
+_ETAG = re.compile(r'(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?\Z')
 _ERROR_BODY_LIMIT = 64 << 10
 
 
@@ -185,7 +185,7 @@ class _open:
         """Refuse an ETag that is not a bare hash or contradicts the listing, and a commit other than the one asked for."""
         etag = response.headers.get("X-Linked-Etag") or response.headers.get("ETag")
         if etag is not None:
-            match = _ETAG.match(etag)
+            match = _ETAG.fullmatch(etag)
             if match is None:
                 response.close()
                 raise HubError(f"{self.label}: the Hub sent a malformed ETag {etag!r} (not a git sha1 or sha256); refused")

@@ -11,7 +11,6 @@ from ``token=``, ``HF_TOKEN`` or the huggingface_hub login and are only ever han
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import tempfile
@@ -27,15 +26,15 @@ from .atomic import TEMP_PREFIX
 SCHEME = "hf://"
 ADAPTER_FILES = (spec.CONFIG_NAME, spec.WEIGHTS_NAME)
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+\Z")
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")  # \Z, not $: "$" accepts a trailing newline
 
 
 def parse_ref(text: str) -> tuple[str, str | None]:
     """Split ``[hf://]owner/name[@revision]`` into repo id and revision (``None``: the default branch)."""
     body = text.removeprefix(SCHEME)
     repo_id, at, revision = body.partition("@")
-    if not _REPO_ID.match(repo_id) or (at and not revision):
+    if not _REPO_ID.fullmatch(repo_id) or (at and not revision):
         raise HubError(f"{text!r} is not a Hub adapter reference; write owner/name or owner/name@revision", repo_id=repo_id)
     return repo_id, revision or None
 
@@ -67,11 +66,11 @@ def fetch(
             info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hubget.stall_seconds())
             siblings = {s.rfilename: s for s in info.siblings or []}
             sha = info.sha
-        except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as err:
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: not JSON, not UTF-8
             raise HubError(
                 f"{label}: the Hub sent a malformed file listing ({type(err).__name__}); refusing to download", repo_id=repo_id
             ) from err
-        if not isinstance(sha, str) or not _COMMIT.match(sha):
+        if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
             raise HubError(f"{label}: the Hub named the commit {sha!r}, not a 40-digit hex sha; refusing to download", repo_id=repo_id)
         names = list(siblings)
         if not all(isinstance(n, str) for n in names):
@@ -176,7 +175,7 @@ def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, st
     """The cached snapshot of ``revision``, checked: a commit-sha name, files inside the cache, blobs that hash to their names."""
     label = f"{repo_id}@{revision or 'main'}"
     ref = storage / "refs" / (revision or "main")
-    if revision is not None and _COMMIT.match(revision):
+    if revision is not None and _COMMIT.fullmatch(revision):
         sha = revision
     elif ref.is_file():
         sha = ref.read_text(encoding="ascii", errors="replace").strip()
@@ -184,7 +183,7 @@ def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, st
         raise HubError(
             f"{label} is not in the local cache and offline mode is on (--offline / HF_HUB_OFFLINE); pull it once online", repo_id=repo_id
         )
-    if not _COMMIT.match(sha):
+    if not _COMMIT.fullmatch(sha):
         raise HubError(f"{label}: the cache names the commit {sha!r}, not a 40-digit hex sha; pull it again online", repo_id=repo_id)
     snapshot = storage / "snapshots" / sha
     root = Path(os.path.realpath(storage))
