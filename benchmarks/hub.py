@@ -18,12 +18,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import disable_progress_bars
-from tests.hub.server import HubServer
 
 import loratools
 from loratools.adapter import Adapter, LoraModule
 from loratools.api import save
 from loratools.io.remote import ADAPTER_FILES
+from tests.hub.server import HubServer
 
 REPO = "bench/adapter"
 ROUNDS = 5
