@@ -79,7 +79,7 @@ def download(url: str, dest: Path, expected: Expected, *, token: str | None, lab
     failure = ""
     with open(dest, "xb") as out:
         for _ in range(MAX_ATTEMPTS):
-            headers = {"Range": f"bytes={written}-"} if written else {}
+            headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={written}-"} if written else {})}  # hash the bytes as stored
             try:
                 with _open(url, token=token, headers=headers, label=label, expected=expected) as response:
                     if response.status_code in _RETRY_STATUS:

@@ -97,18 +97,20 @@ def fetch(
 def evict(snapshot: Path) -> None:
     """Drop the cached adapter files of ``snapshot`` (links and their blobs), never a path outside the cache.
 
-    A link that resolves outside the huggingface_hub cache (planted by a hostile server's ETag in an
-    older client, or by hand) is unlinked itself; its target is left alone.
+    A link that resolves anywhere but this repo's ``blobs/`` inside the huggingface_hub cache (planted
+    by a hostile server's ETag in an older client, or by hand) is unlinked itself; its target is left
+    alone.  A snapshot outside the cache is not touched at all.
     """
     from huggingface_hub import constants
 
     root = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    blobs = Path(os.path.realpath(snapshot.parent.parent / "blobs"))  # storage/snapshots/<sha> -> storage/blobs
     for name in ADAPTER_FILES:
         link = snapshot / name
         if not Path(os.path.realpath(link.parent)).is_relative_to(root):
             continue
         blob = Path(os.path.realpath(link))
-        if blob.is_relative_to(root) and blob.is_file():
+        if blob.is_relative_to(root) and blob.parent == blobs and blob.is_file():
             blob.unlink()
         if link.is_symlink() or link.is_file():
             link.unlink()
