@@ -40,13 +40,19 @@ class Expected:
     """What the Hub's listing promised for one file: its size and the hash that names it.
 
     ``algorithm`` is ``"sha256"`` for LFS files (the ``lfs.sha256`` of the listing) or ``"git"`` for
-    regular files (the git blob sha1, the listing's ``blobId``).
+    regular files (the git blob sha1, the listing's ``blobId``).  An ETag must name one of
+    :attr:`etags`.
     """
 
     size: int
     algorithm: str
     digest: str
     commit: str
+    blob_id: str | None = None  # an LFS file's git id (of its pointer): an ETag the Hub may also send for it
+
+    @property
+    def etags(self) -> tuple[str, ...]:
+        return (self.digest,) if self.blob_id is None else (self.digest, self.blob_id)
 
 
 def stall_seconds() -> float:
@@ -189,7 +195,7 @@ class _open:
             if match is None:
                 response.close()
                 raise HubError(f"{self.label}: the Hub sent a malformed ETag {etag!r} (not a git sha1 or sha256); refused")
-            if self.expected is not None and match.group(1) != self.expected.digest:
+            if self.expected is not None and match.group(1) not in self.expected.etags:
                 response.close()
                 raise HubError(f"{self.label}: the Hub's ETag {etag!r} contradicts its listing ({self.expected.digest}); refused")
         commit = response.headers.get("X-Repo-Commit")

@@ -129,7 +129,8 @@ def _expected(sibling: object, sha: str, label: str) -> hubget.Expected:
         raise HubError(f"{label}: the Hub's listing states no size and hash for this file; refusing to download it unverified")
     if not re.fullmatch(r"[0-9a-f]{64}" if algorithm == "sha256" else r"[0-9a-f]{40}", digest):
         raise HubError(f"{label}: the Hub's listing gives the hash {digest!r}, not a {algorithm} hex digest; refused")
-    return hubget.Expected(size, algorithm, digest, sha)
+    pointer = blob_id if algorithm == "sha256" and isinstance(blob_id, str) and re.fullmatch(r"[0-9a-f]{40}", blob_id) else None
+    return hubget.Expected(size, algorithm, digest, sha, pointer)
 
 
 def _matches(path: Path, expected: hubget.Expected) -> bool:

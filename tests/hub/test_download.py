@@ -25,6 +25,8 @@ from loratools.io.hubget import MAX_ATTEMPTS, MAX_REDIRECTS
 from loratools.io.remote import evict
 from loratools.io.tensorfile import read_header
 
+from .server import git_blob_sha
+
 pytest_plugins = ["tests.hub.fixtures"]  # the hub, hub_server and adapter_dir fixtures
 
 REPO = "me/tiny-lora"
@@ -104,6 +106,15 @@ def test_etag_that_contradicts_the_listing_is_refused(hub, tmp_path, guard):
 
 
 BAD_SHAS = ["../../x", "../../../../sentinel/x", "/{sentinel}/x", "g" * 40, "A" * 40, "a" * 39, "a" * 40 + "\n", "a" * 64, 7]
+
+
+def test_lfs_etag_may_be_the_listed_blob_id(hub, tmp_path, guard, pushed):
+    """The Hub may send an LFS file's git id (of its pointer) as ETag: it is in the listing, so it is accepted."""
+    data = hub.state.repos[REPO].commits[pushed].files[spec.WEIGHTS_NAME]
+    hub.state.etags[spec.WEIGHTS_NAME] = f'"{git_blob_sha(data)}"'
+    pulled = loratools.pull(REPO, out=tmp_path / "out", endpoint=hub.url)
+    assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == data
+    guard.before = guard._outside()
 
 
 @pytest.mark.parametrize("sha", BAD_SHAS)
