@@ -44,7 +44,7 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         state.token = state.read_only_token = None
         state.yaml_errors.clear()
         state.etags.clear()
-        state.commit_sha = state.info_raw = state.fail = None
+        state.commit_sha = state.repo_commit = state.info_raw = state.fail = None
         state.redirect_loop.clear()
         state.stall.clear()
         state.release.clear()

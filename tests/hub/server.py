@@ -78,6 +78,7 @@ class HubState:
         # hostile modes (issue 12)
         self.etags: dict[str, str] = {}  # path -> ETag sent instead of the file's hash (e.g. '"../../victim"')
         self.commit_sha: str | None = None  # the commit sha revision info reports instead of the real one
+        self.repo_commit: str | None = None  # the X-Repo-Commit downloads report instead of the real one
         self.redirect_loop: set[str] = set()  # "api" / "resolve": answer 302 back to the same URL
         self.info_raw: bytes | None = None  # revision info answers this body instead (a malformed listing)
         self.fail: tuple[int, str] | None = None  # every request answered with this status and reason phrase
@@ -331,7 +332,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in commit.files:
             return self._error(404, "EntryNotFound", f"{path} does not exist", **{"X-Repo-Commit": commit.sha})
         data = self.state.served.get((repo_id, path), commit.files[path])
-        headers = {"X-Repo-Commit": commit.sha, "ETag": self._etag(path, commit.files[path]), "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": self.state.repo_commit or commit.sha,
+            "ETag": self._etag(path, commit.files[path]),
+            "Accept-Ranges": "bytes",
+        }
         start = _range_start(self.headers.get("Range"))
         if self.headers.get("Range"):
             self.state.ranges.append(self.headers["Range"])

@@ -125,6 +125,11 @@ def test_commit_sha_that_is_not_40_hex_is_refused_before_the_cache(hub, tmp_path
     assert not (tmp_path / "x.json").exists() and not (tmp_path / "hf-home" / "x").exists()
 
 
+def test_download_answered_for_another_commit_is_refused(hub, tmp_path, guard):
+    hub.state.repo_commit = "../../../../sentinel"
+    refused(hub, tmp_path, "the Hub answered for commit '../../../../sentinel', not [0-9a-f]{40}; refused")
+
+
 def test_poisoned_cache_link_is_refused_offline_and_never_followed(hub, tmp_path, guard, pushed):
     """A snapshot link an older client made from a hostile ETag points at the victim: refused, victim kept."""
     loratools.pull(REPO, out=tmp_path / "good", endpoint=hub.url)
