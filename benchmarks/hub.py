@@ -1,8 +1,9 @@
 """What verified pulls cost: ``loratools.pull`` against a bare ``snapshot_download`` of the same files.
 
 Both fetch a ~64 MiB adapter (32 modules of rank 64 on 4096-wide layers) from the loopback test
-Hub server into an empty cache; ``pull`` also copies the files into their own directory, checks the
-spec and the ``loratools.sha256`` checksum, and renames the directory into place.  Run from the
+Hub server into an empty cache; ``pull`` also hashes every byte against the Hub's LFS sha256 as it
+arrives, copies the files into their own directory, checks the spec and the ``loratools.sha256``
+checksum, and renames the directory into place.  Run from the
 repository root:  ``python -m benchmarks.hub``
 """
 
@@ -17,12 +18,12 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants, snapshot_download
 from huggingface_hub.utils import disable_progress_bars
-from tests.hubserver import HubServer
 
 import loratools
 from loratools.adapter import Adapter, LoraModule
 from loratools.api import save
 from loratools.io.remote import ADAPTER_FILES
+from tests.hub.server import HubServer
 
 REPO = "bench/adapter"
 ROUNDS = 5

@@ -1,9 +1,10 @@
 """Fetch an adapter from the Hub into a directory of its own, verified before it appears.
 
 :func:`pull` downloads only the adapter files into the huggingface_hub cache
-(:func:`loratools.io.remote.fetch`), copies them into a temporary sibling of the output, verifies
-them (spec checks and the ``loratools.sha256`` checksum) and only then renames the directory into
-place, so a failed or tampered download never leaves a partial adapter behind.
+(:func:`loratools.io.remote.fetch`, which checks every byte against the size and hash the Hub lists:
+the LFS sha256 of the weights), copies them into a temporary sibling of the output, verifies them
+again (spec checks and the ``loratools.sha256`` checksum where the file has one) and only then renames
+the directory into place, so a failed or tampered download never leaves a partial adapter behind.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.atomic import atomic_output, check_output
-from ..io.remote import ADAPTER_FILES, SCHEME, fetch, offline_env, parse_ref
+from ..io.remote import ADAPTER_FILES, SCHEME, evict, fetch, offline_env, parse_ref
 from ..validation import raise_errors, validate
 
 
@@ -61,16 +62,6 @@ def pull(
             shutil.copyfile(snapshot / name, tmp / name)
         problems = [replace(p, where=p.where.replace(str(tmp), label)) for p in validate(tmp).problems]
         if any(p.severity == "error" for p in problems):
-            _evict(snapshot)
+            evict(snapshot)
             raise_errors(problems, path=label)
     return PullResult(repo_id, revision or "main", sha, target, ADAPTER_FILES, offline)
-
-
-def _evict(snapshot: Path) -> None:
-    """Drop the cached adapter files of a snapshot that failed verification (links and their blobs)."""
-    for name in ADAPTER_FILES:
-        link = snapshot / name
-        blob = link.resolve()
-        for p in (link, blob):
-            if p.is_file() or p.is_symlink():
-                p.unlink()

@@ -6,20 +6,23 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import EntryNotFoundError
 
 from .. import spec
 from ..api import load, save
 from ..errors import InvalidAdapterError
 from ..io.atomic import TEMP_PREFIX
+from ..io.hubget import get_small
 from ..io.remote import ADAPTER_FILES, hub_errors, parse_ref
 from ..ops.summary import summarize
 from ..validation import validate
 from .card import build_card
 
 DEFAULT_MESSAGE = "Upload LoRA adapter with loratools"
+CARD_LIMIT = 1 << 20  # bytes of an existing model card read back; a bigger one is refused, not buffered
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def push(
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         if branch != "main":
             api.create_branch(repo_id, branch=branch, exist_ok=True)
-        existing = _local_card(folder) or _remote_card(api, repo_id, branch, scratch)
+        existing = _local_card(folder) or _remote_card(api, repo_id, branch)
         card = build_card(summarize(adapter), repo_id=repo_id, existing=existing, checksum=adapter.metadata.get(spec.META_SHA256))
         operations = [CommitOperationAdd(name, str(folder / name)) for name in ADAPTER_FILES]
         operations.append(CommitOperationAdd(spec.CARD_NAME, card.encode("utf-8")))
@@ -84,9 +87,12 @@ def _local_card(folder: Path) -> str | None:
     return card.read_text(encoding="utf-8") if card.is_file() else None
 
 
-def _remote_card(api: HfApi, repo_id: str, revision: str, scratch: str) -> str | None:
+def _remote_card(api: HfApi, repo_id: str, revision: str) -> str | None:
+    """The repo's model card, read into memory with the bounded GET (never into a cache named by the server)."""
+    url = f"{api.endpoint}/{repo_id}/resolve/{quote(revision, safe='')}/{spec.CARD_NAME}"
+    token = api.token if isinstance(api.token, str) else None
     try:
-        path = hf_hub_download(repo_id, spec.CARD_NAME, revision=revision, endpoint=api.endpoint, token=api.token, cache_dir=scratch)
+        data = get_small(url, token=token, limit=CARD_LIMIT, label=f"{repo_id}@{revision}: {spec.CARD_NAME}")
     except EntryNotFoundError:
         return None
-    return Path(path).read_text(encoding="utf-8")
+    return data.decode("utf-8", errors="replace")

@@ -13,24 +13,28 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from .. import spec
 from ..errors import HubError
+from . import hubget
+from .atomic import TEMP_PREFIX
 
 SCHEME = "hf://"
 ADAPTER_FILES = (spec.CONFIG_NAME, spec.WEIGHTS_NAME)
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+\Z")
+_COMMIT = re.compile(r"[0-9a-f]{40}\Z")  # \Z, not $: "$" accepts a trailing newline
 
 
 def parse_ref(text: str) -> tuple[str, str | None]:
     """Split ``[hf://]owner/name[@revision]`` into repo id and revision (``None``: the default branch)."""
     body = text.removeprefix(SCHEME)
     repo_id, at, revision = body.partition("@")
-    if not _REPO_ID.match(repo_id) or (at and not revision):
+    if not _REPO_ID.fullmatch(repo_id) or (at and not revision):
         raise HubError(f"{text!r} is not a Hub adapter reference; write owner/name or owner/name@revision", repo_id=repo_id)
     return repo_id, revision or None
 
@@ -40,30 +44,165 @@ def fetch(
 ) -> tuple[Path, str]:
     """The adapter files of ``repo_id`` at ``revision`` in the huggingface_hub cache: (snapshot dir, commit sha).
 
-    Online, the file listing is checked first: a name that is absolute or climbs out of the repo
-    (``../``) is refused before anything is downloaded, and a repo without both adapter files is not
-    an adapter.  Only those two files are downloaded.
+    Online, the listing (``model_info`` with file metadata) is checked before anything touches the
+    cache: the commit must be 40 hex digits, no name may be absolute or climb out of the repo, both
+    adapter files must be listed with a size and a hash (LFS sha256, else git blob id).  Each file is
+    then downloaded to a temporary name in the cache, checked against that size and hash, and only
+    then named after the hash; loratools picks every name, the server none.  Offline, the cached
+    snapshot must be named by a commit sha, its files must resolve inside the cache, and each blob
+    must hash to its name.
     """
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import HfApi, constants
 
+    label = f"{repo_id}@{revision or 'main'}"
+    if revision is not None and is_unsafe(revision.removeprefix("refs/")):
+        raise HubError(f"{label}: the revision {revision!r} is not a branch, tag or commit name", repo_id=repo_id)
+    storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     with hub_errors(repo_id, revision or "main", token):
         if offline:
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(ADAPTER_FILES), local_files_only=True, token=token)
-        else:
-            info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
-            names = [s.rfilename for s in info.siblings or []]
-            _refuse_unsafe(names, repo_id)
-            missing = [n for n in ADAPTER_FILES if n not in names]
-            if missing:
-                raise HubError(
-                    f"{repo_id}@{revision or 'main'} has no {' or '.join(missing)}; it is not a PEFT adapter repo", repo_id=repo_id
-                )
-            folder = snapshot_download(repo_id, revision=revision, allow_patterns=list(ADAPTER_FILES), token=token, endpoint=endpoint)
-    snapshot = Path(folder)
-    absent = [n for n in ADAPTER_FILES if not (snapshot / n).is_file()]
-    if absent:
-        raise HubError(f"{repo_id}@{revision or 'main'}: the cached copy lacks {', '.join(absent)}; pull it again online", repo_id=repo_id)
-    return snapshot, snapshot.name
+            return _cached(storage, repo_id, revision)
+        api = HfApi(endpoint=endpoint, token=token)
+        try:
+            info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hubget.stall_seconds())
+            siblings = {s.rfilename: s for s in info.siblings or []}
+            sha = info.sha
+        except (KeyError, TypeError, AttributeError, ValueError) as err:  # ValueError: not JSON, not UTF-8
+            raise HubError(
+                f"{label}: the Hub sent a malformed file listing ({type(err).__name__}); refusing to download", repo_id=repo_id
+            ) from err
+        if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
+            raise HubError(f"{label}: the Hub named the commit {sha!r}, not a 40-digit hex sha; refusing to download", repo_id=repo_id)
+        names = list(siblings)
+        if not all(isinstance(n, str) for n in names):
+            raise HubError(
+                f"{label}: the Hub sent a malformed file listing (a name that is not text); refusing to download", repo_id=repo_id
+            )
+        _refuse_unsafe(names, repo_id)
+        missing = [n for n in ADAPTER_FILES if n not in names]
+        if missing:
+            raise HubError(f"{label} has no {' or '.join(missing)}; it is not a PEFT adapter repo", repo_id=repo_id)
+        expected = {name: _expected(siblings[name], sha, f"{label}: {name}") for name in ADAPTER_FILES}
+        snapshot = storage / "snapshots" / sha
+        for name, want in expected.items():
+            blob = storage / "blobs" / want.digest
+            if not (blob.is_file() and not blob.is_symlink() and _matches(blob, want)):
+                url = f"{api.endpoint}/{repo_id}/resolve/{sha}/{name}"
+                _download_blob(url, blob, want, token=token, label=f"{label}: {name}")
+            _link(snapshot / name, blob)
+        if revision != sha:
+            _write_ref(storage / "refs" / (revision or "main"), sha)
+    return snapshot, sha
+
+
+def evict(snapshot: Path) -> None:
+    """Drop the cached adapter files of ``snapshot`` (links and their blobs), never a path outside the cache.
+
+    A link that resolves anywhere but this repo's ``blobs/`` inside the huggingface_hub cache (planted
+    by a hostile server's ETag in an older client, or by hand) is unlinked itself; its target is left
+    alone.  A snapshot outside the cache is not touched at all.
+    """
+    from huggingface_hub import constants
+
+    root = Path(os.path.realpath(constants.HF_HUB_CACHE))
+    blobs = Path(os.path.realpath(snapshot.parent.parent / "blobs"))  # storage/snapshots/<sha> -> storage/blobs
+    for name in ADAPTER_FILES:
+        link = snapshot / name
+        if not Path(os.path.realpath(link.parent)).is_relative_to(root):
+            continue
+        blob = Path(os.path.realpath(link))
+        if blob.is_relative_to(root) and blob.parent == blobs and blob.is_file():
+            blob.unlink()
+        if link.is_symlink() or link.is_file():
+            link.unlink()
+
+
+def _expected(sibling: object, sha: str, label: str) -> hubget.Expected:
+    """The size and hash the listing states for one file, or a refusal if it states none (or nonsense)."""
+    size = getattr(sibling, "size", None)
+    lfs = getattr(sibling, "lfs", None)
+    blob_id = getattr(sibling, "blob_id", None)
+    if lfs is not None:
+        size, algorithm, digest = lfs.size, "sha256", lfs.sha256
+    else:
+        algorithm, digest = "git", blob_id
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or not isinstance(digest, str):
+        raise HubError(f"{label}: the Hub's listing states no size and hash for this file; refusing to download it unverified")
+    if not re.fullmatch(r"[0-9a-f]{64}" if algorithm == "sha256" else r"[0-9a-f]{40}", digest):
+        raise HubError(f"{label}: the Hub's listing gives the hash {digest!r}, not a {algorithm} hex digest; refused")
+    pointer = blob_id if algorithm == "sha256" and isinstance(blob_id, str) and re.fullmatch(r"[0-9a-f]{40}", blob_id) else None
+    return hubget.Expected(size, algorithm, digest, sha, pointer)
+
+
+def _matches(path: Path, expected: hubget.Expected) -> bool:
+    """Whether the file at ``path`` has the expected size and hash."""
+    if path.stat().st_size != expected.size:
+        return False
+    digest = hubget.hasher(expected)
+    with open(path, "rb") as f:
+        while chunk := f.read(hubget.CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest() == expected.digest
+
+
+def _download_blob(url: str, blob: Path, expected: hubget.Expected, *, token: str | None, label: str) -> None:
+    """Download into a temporary sibling of ``blob``, verify, rename into place; nothing is left on failure."""
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=TEMP_PREFIX, suffix=".incomplete", dir=blob.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        tmp.unlink()
+        hubget.download(url, tmp, expected, token=token, label=label)
+        os.replace(tmp, blob)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _link(link: Path, blob: Path) -> None:
+    """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f"{TEMP_PREFIX}{link.name}.{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(os.path.relpath(blob, link.parent))
+    os.replace(tmp, link)
+
+
+def _write_ref(ref: Path, sha: str) -> None:
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(f"{TEMP_PREFIX}{ref.name}.{os.getpid()}")
+    tmp.write_text(sha, encoding="ascii")
+    os.replace(tmp, ref)
+
+
+def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, str]:
+    """The cached snapshot of ``revision``, checked: a commit-sha name, files inside the cache, blobs that hash to their names."""
+    label = f"{repo_id}@{revision or 'main'}"
+    ref = storage / "refs" / (revision or "main")
+    if revision is not None and _COMMIT.fullmatch(revision):
+        sha = revision
+    elif ref.is_file():
+        sha = ref.read_text(encoding="ascii", errors="replace").strip()
+    else:
+        raise HubError(
+            f"{label} is not in the local cache and offline mode is on (--offline / HF_HUB_OFFLINE); pull it once online", repo_id=repo_id
+        )
+    if not _COMMIT.fullmatch(sha):
+        raise HubError(f"{label}: the cache names the commit {sha!r}, not a 40-digit hex sha; pull it again online", repo_id=repo_id)
+    snapshot = storage / "snapshots" / sha
+    root = Path(os.path.realpath(storage))
+    for name in ADAPTER_FILES:
+        path = snapshot / name
+        if not path.exists():
+            raise HubError(f"{label}: the cached copy lacks {name}; pull it again online", repo_id=repo_id)
+        blob = Path(os.path.realpath(path))
+        if not blob.is_relative_to(root / "blobs"):
+            raise HubError(f"{label}: the cached {name} points outside the cache ({blob}); refused, pull it again online", repo_id=repo_id)
+        digest = blob.name
+        algorithm = "sha256" if len(digest) == 64 else "git"
+        size = blob.stat().st_size
+        if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", digest) or not _matches(blob, hubget.Expected(size, algorithm, digest, sha)):
+            raise HubError(f"{label}: the cached {name} does not hash to its blob name; refused, pull it again online", repo_id=repo_id)
+    return snapshot, sha
 
 
 def local_path(path: str | Path) -> Path:
@@ -161,6 +300,8 @@ def _describe(err: BaseException, repo_id: str, revision: str, token: str | None
         return f"repository {repo_id} not found on the Hub (check the name; if it is private, {LOGIN_HINT})"
     if isinstance(err, EntryNotFoundError):
         return f"{repo_id}@{revision} is missing a file its listing announced; the repo changed during the pull, try again"
+    if isinstance(err, httpx2.TooManyRedirects):
+        return f"{repo_id}: the Hub redirected too many times (a redirect loop); refused, try again later"
     if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)):
         return f"{repo_id}: cannot reach the Hub ({type(err).__name__}); check the network, or use --offline to read the cache"
     if isinstance(err, httpx2.TransportError) or (isinstance(err, OSError) and "Consistency check failed" in str(err)):
@@ -170,4 +311,6 @@ def _describe(err: BaseException, repo_id: str, revision: str, token: str | None
         return f"{repo_id}: the Hub rejected the model card's front matter ({reasons or 'no reason given'}); fix README.md"
     if response is not None:
         return f"{repo_id}: the Hub answered HTTP {status} {response.reason_phrase}; try again later"
+    if isinstance(err, httpx2.HTTPError):  # any other failure of the HTTP exchange (a malformed status line, ...)
+        return f"{repo_id}: the Hub's answer could not be read ({type(err).__name__}); try again later"
     return None

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from huggingface_hub import constants
 
 from loratools import spec
 from loratools.cli import EXIT_HUB, EXIT_INPUT, main
@@ -130,3 +131,36 @@ def test_installed_command_reads_endpoint_and_offline_from_the_environment(hub, 
     served = len(hub.state.requests)
     assert f"commit: {pushed['commit_sha']}" in cli("pull", REPO, "-o", str(tmp_path / "b"), HF_HUB_OFFLINE="1")
     assert len(hub.state.requests) == served
+
+
+# ----------------------------------------------------------------------------- a hostile Hub (issue 12)
+
+
+def test_hostile_etag_exits_4_with_one_line_and_the_victim_survives(run, hub, adapter_dir, tmp_path):
+    run("push", str(adapter_dir), REPO)
+    victim = tmp_path / "victim.txt"
+    victim.write_bytes(b"precious")
+    hub.state.etags[spec.WEIGHTS_NAME] = '"../../../../victim.txt"'
+    result = run("pull", REPO, "-o", str(tmp_path / "out"), code=EXIT_HUB)
+    assert result.stderr.count("\n") == 1 and "malformed ETag" in result.stderr
+    assert victim.read_bytes() == b"precious" and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("reason", ["Bad\tGateway", "Bad\x1b[2J\x1b]0;pwned\x07Gateway", "Bad\x9b31mGateway"])
+def test_hostile_reason_phrase_never_reaches_the_terminal_raw(run, hub, tmp_path, reason):
+    hub.state.fail = (502, reason)
+    result = run("pull", REPO, "-o", str(tmp_path / "out"), code=EXIT_HUB)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert not any(c in result.stderr[:-1] for c in "\t\x1b\x07\x9b")
+    shown = {"Bad\tGateway": "Bad\\tGateway", "Bad\x1b[2J\x1b]0;pwned\x07Gateway": "Bad\\x1b[2J\\x1b]0;pwned\\x07Gateway"}
+    assert f"HTTP 502 {shown.get(reason, 'Bad31mGateway')}; try again later" in result.stderr  # escaped (C1 bytes dropped by the client)
+
+
+def test_slow_hub_is_one_line(run, hub, adapter_dir, tmp_path, monkeypatch, caplog):
+    run("push", str(adapter_dir), REPO)
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.2)
+    hub.state.stall.add(spec.WEIGHTS_NAME)
+    caplog.clear()
+    result = run("pull", REPO, "-o", str(tmp_path / "out"), code=EXIT_HUB)
+    assert result.stderr.count("\n") == 1 and "no data for 0.2 s, 3 attempts" in result.stderr
+    assert result.stdout == "" and not [r for r in caplog.records if r.levelno >= logging.WARNING]

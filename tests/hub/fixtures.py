@@ -29,7 +29,7 @@ def hub_server() -> Iterator[HubServer]:
 
 
 @pytest.fixture
-def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> HubServer:
+def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[HubServer]:
     """The running server with fresh state, and huggingface_hub isolated and pointed at it."""
     state = hub_server.state
     with state.lock:
@@ -43,6 +43,11 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         state.auth_headers.clear()
         state.token = state.read_only_token = None
         state.yaml_errors.clear()
+        state.etags.clear()
+        state.commit_sha = state.repo_commit = state.info_raw = state.fail = None
+        state.redirect_loop.clear()
+        state.stall.clear()
+        state.release.clear()
     home = tmp_path / "hf-home"
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
@@ -60,7 +65,8 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(constants, "DEFAULT_ETAG_TIMEOUT", 10)
     monkeypatch.chdir(tmp_path)
     disable_progress_bars()
-    return hub_server
+    yield hub_server
+    state.release.set()  # let any stalled handler finish
 
 
 def tiny_adapter(seed: int = 0) -> Adapter:

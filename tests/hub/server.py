@@ -7,7 +7,9 @@ base64 content, YAML validation and ``resolve`` with ``Range``.  State lives in 
 repos -> refs (branch name -> commit sha) -> commits -> files.
 
 Fault switches let a test play a hostile or broken server: a required token, a gated repo, a
-file corrupted after its commit, a download cut off part-way, unsafe names in listings.
+file corrupted after its commit, a download cut off part-way, unsafe names in listings, and the
+attacks of issue 12: ETags and commit shas that are paths, redirect loops, malformed listings,
+terminal escapes in the reason phrase, a stalled body.
 """
 
 from __future__ import annotations
@@ -21,6 +23,15 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
 TOKEN = "hf_loopbackSECRETtoken0123456789"  # the secret tests configure; it must never show up in output
+
+
+def is_lfs(path: str) -> bool:
+    """Files the Hub stores with LFS (the repos' ``.gitattributes`` rule): their listing states a sha256."""
+    return path.endswith(".safetensors")
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 def git_blob_sha(data: bytes) -> str:
@@ -64,6 +75,15 @@ class HubState:
         self.yaml_errors: list[str] = []  # validate-yaml answers 400 with these
         self.requests: list[str] = []  # "METHOD path" of every request, for assertions
         self.auth_headers: list[str] = []  # every Authorization header seen
+        # hostile modes (issue 12)
+        self.etags: dict[str, str] = {}  # path -> ETag sent instead of the file's hash (e.g. '"../../victim"')
+        self.commit_sha: str | None = None  # the commit sha revision info reports instead of the real one
+        self.repo_commit: str | None = None  # the X-Repo-Commit downloads report instead of the real one
+        self.redirect_loop: set[str] = set()  # "api" / "resolve": answer 302 back to the same URL
+        self.info_raw: bytes | None = None  # revision info answers this body instead (a malformed listing)
+        self.fail: tuple[int, str] | None = None  # every request answered with this status and reason phrase
+        self.stall: set[str] = set()  # paths whose GET sends headers, then no byte until ``release`` is set
+        self.release = threading.Event()
 
     def commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str) -> Commit:
         repo = self.repos[repo_id]
@@ -148,6 +168,19 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return repo, commit
 
+    def _etag(self, path: str, data: bytes) -> str:
+        if path in self.state.etags:
+            return self.state.etags[path]
+        return f'"{sha256(data) if is_lfs(path) else git_blob_sha(data)}"'
+
+    def _sibling(self, commit: Commit, name: str) -> dict:
+        """A listing entry with the metadata ``files_metadata=True`` asks for (``blobs=True``): size, blobId, lfs."""
+        data = commit.files.get(name, b"")
+        entry: dict = {"rfilename": name, "size": len(data), "blobId": git_blob_sha(data)}
+        if is_lfs(name):
+            entry["lfs"] = {"size": len(data), "sha256": sha256(data), "pointerSize": 134}
+        return entry
+
     def _listing(self, commit: Commit) -> list[str]:
         return sorted(commit.files) + self.state.unsafe_names
 
@@ -167,6 +200,15 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         with self.state.lock:
             self.state.requests.append(f"{self.command} {url.path}")
+            if self.state.fail is not None:
+                return self._fail(*self.state.fail)
+            kind = "api" if parts[:1] == ["api"] else "resolve"
+            if kind in self.state.redirect_loop:
+                self.send_response(302)
+                self.send_header("Location", self.path)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if not self._authorized():
                 return
             body = self._body() if self.command == "POST" else b""
@@ -183,13 +225,14 @@ class _Handler(BaseHTTPRequestHandler):
         if parts == ["validate-yaml"]:
             status = 400 if self.state.yaml_errors else 200
             return self._reply(status, {"errors": [{"message": m} for m in self.state.yaml_errors], "warnings": []})
+        blobs = query.get("blobs") in ("1", "True", "true")
         if len(parts) == 3 and parts[0] == "models":
-            return self._revision_info("/".join(parts[1:3]), "main")
+            return self._revision_info("/".join(parts[1:3]), "main", blobs=blobs)
         if len(parts) < 5 or parts[0] != "models":
             return self._error(404, None, "unknown API route")
         repo_id, action, rest = "/".join(parts[1:3]), parts[3], "/".join(parts[4:])
         if action == "revision":
-            return self._revision_info(repo_id, rest)
+            return self._revision_info(repo_id, rest, blobs=blobs)
         if action == "tree":
             return self._tree(repo_id, parts[4])
         if action == "preupload":
@@ -210,12 +253,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.state.commit(repo_id, "main", {".gitattributes": b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"}, "initial commit")
         self._reply(200, {"url": url, "name": repo_id})
 
-    def _revision_info(self, repo_id: str, revision: str) -> None:
+    def _fail(self, status: int, reason: str) -> None:
+        self.send_response(status, reason)  # the reason phrase goes out raw, control characters and all
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _revision_info(self, repo_id: str, revision: str, *, blobs: bool = False) -> None:
         found = self._commit(repo_id, revision)
-        if found:
+        if found and self.state.info_raw is not None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(self.state.info_raw)))
+            self.end_headers()
+            self.wfile.write(self.state.info_raw)
+        elif found:
             repo, commit = found
-            siblings = [{"rfilename": name} for name in self._listing(commit)]
-            self._reply(200, {"id": repo_id, "modelId": repo_id, "sha": commit.sha, "private": repo.private, "siblings": siblings})
+            listing = self._listing(commit)
+            siblings = [self._sibling(commit, name) if blobs else {"rfilename": name} for name in listing]
+            sha = self.state.commit_sha or commit.sha
+            self._reply(200, {"id": repo_id, "modelId": repo_id, "sha": sha, "private": repo.private, "siblings": siblings})
 
     def _tree(self, repo_id: str, revision: str) -> None:
         found = self._commit(repo_id, revision)
@@ -276,13 +332,19 @@ class _Handler(BaseHTTPRequestHandler):
         if path not in commit.files:
             return self._error(404, "EntryNotFound", f"{path} does not exist", **{"X-Repo-Commit": commit.sha})
         data = self.state.served.get((repo_id, path), commit.files[path])
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(commit.files[path])}"', "Accept-Ranges": "bytes"}
+        headers = {
+            "X-Repo-Commit": self.state.repo_commit or commit.sha,
+            "ETag": self._etag(path, commit.files[path]),
+            "Accept-Ranges": "bytes",
+        }
         start = _range_start(self.headers.get("Range"))
         if self.headers.get("Range"):
             self.state.ranges.append(self.headers["Range"])
         if self.command == "GET" and self.state.truncate.get(path, 0) > 0:
             self.state.truncate[path] -= 1
             return self._send_cut(data, headers, declare_length=False)
+        if self.command == "GET" and path in self.state.stall:
+            return self._send_stalled(data, headers)
         if self.command == "GET" and self.state.drop.get(path, 0) > 0:
             self.state.drop[path] -= 1
             return self._send_cut(data, headers, declare_length=True)
@@ -297,6 +359,25 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "GET":
             self.wfile.write(data[start:])
+
+    def _send_stalled(self, data: bytes, headers: dict[str, str]) -> None:
+        """Headers and a few bytes, then silence until the test releases it (never longer than 5 s).
+
+        The lock is let go while waiting, so other requests (the client's retries) are answered.
+        """
+        self.send_response(200)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data[:16])
+        self.wfile.flush()
+        self.state.lock.release()
+        try:
+            self.state.release.wait(5)
+        finally:
+            self.state.lock.acquire()
+        self.close_connection = True
 
     def _send_cut(self, data: bytes, headers: dict[str, str], *, declare_length: bool) -> None:
         """Send half the file, then close.

@@ -14,6 +14,7 @@ from loratools import spec
 from loratools.errors import ChecksumError, HubError, InvalidAdapterError
 from loratools.hub.card import BEGIN, END
 from loratools.io.atomic import TEMP_PREFIX
+from loratools.io.hubget import MAX_ATTEMPTS
 from loratools.io.remote import is_unsafe, parse_ref
 
 from .server import TOKEN
@@ -174,20 +175,37 @@ def test_push_refuses_invalid_adapter_before_any_request(hub, adapter_dir):
 # ----------------------------------------------------------------------------- pull: integrity
 
 
-def test_pull_of_tampered_file_fails_checksum_and_leaves_nothing(hub, adapter_dir, tmp_path):
+def test_pull_of_file_tampered_after_listing_fails_the_lfs_sha256_and_leaves_nothing(hub, adapter_dir, tmp_path):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
     good = head_files(hub)[spec.WEIGHTS_NAME]
     bad = bytearray(good)
     bad[-1] ^= 0x01  # one flipped bit in the last tensor value
     hub.state.served[(REPO, spec.WEIGHTS_NAME)] = bytes(bad)
     target = tmp_path / "copy"
-    with pytest.raises(ChecksumError, match="corrupt or was changed"):
+    with pytest.raises(HubError, match="do not match the LFS sha256 [0-9a-f]{64} the Hub listed"):
         loratools.pull(REPO, out=target, endpoint=hub.url)
     assert not target.exists() and leftovers(tmp_path) == []
 
-    hub.state.served.clear()  # the server heals: the bad copy was evicted from the cache, so it is fetched again
+    hub.state.served.clear()  # the server heals: the bad bytes never entered the cache, so they are fetched again
     pulled = loratools.pull(REPO, out=target, endpoint=hub.url)
     assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == good
+
+
+def test_pull_of_committed_file_with_wrong_checksum_fails_and_is_evicted(hub, adapter_dir, tmp_path):
+    loratools.push(adapter_dir, REPO, endpoint=hub.url)
+    good = head_files(hub)[spec.WEIGHTS_NAME]
+    bad = bytearray(good)
+    bad[-1] ^= 0x01  # the Hub's own hash covers the bad bytes: only loratools.sha256 catches them
+    hub.state.commit(REPO, "main", {spec.WEIGHTS_NAME: bytes(bad)}, "rot")
+    target = tmp_path / "copy"
+    with pytest.raises(ChecksumError, match="corrupt or was changed"):
+        loratools.pull(REPO, out=target, endpoint=hub.url)
+    assert not target.exists() and leftovers(tmp_path) == []
+    blobs = tmp_path / "hf-home" / "hub" / "models--me--tiny-lora" / "blobs"
+    assert list(blobs.iterdir()) == []  # both files evicted, so the next pull fetches them again
+
+    hub.state.commit(REPO, "main", {spec.WEIGHTS_NAME: good}, "heal")
+    assert (loratools.pull(REPO, out=target, endpoint=hub.url).path / spec.WEIGHTS_NAME).read_bytes() == good
 
 
 @pytest.mark.parametrize("name", ["../escape.safetensors", "/tmp/absolute.json", "sub/../../up.json"])
@@ -204,12 +222,13 @@ def test_unsafe_listing_is_refused_and_nothing_written(hub, adapter_dir, tmp_pat
 
 def test_interrupted_download_leaves_nothing_and_retry_succeeds(hub, adapter_dir, tmp_path):
     loratools.push(adapter_dir, REPO, endpoint=hub.url)
-    hub.state.truncate[spec.WEIGHTS_NAME] = 1  # the next GET sends half the file, then closes
+    hub.state.truncate[spec.WEIGHTS_NAME] = MAX_ATTEMPTS  # every GET sends half the file, then closes
     target = tmp_path / "copy"
-    with pytest.raises(HubError, match="download was interrupted; nothing was written"):
+    with pytest.raises(HubError, match=r"download was interrupted \(.* bytes, 3 attempts\); nothing was written"):
         loratools.pull(REPO, out=target, endpoint=hub.url)
     assert not target.exists() and leftovers(tmp_path) == []
     assert hub.state.truncate[spec.WEIGHTS_NAME] == 0
+    assert hub.state.ranges == [f"bytes={len(head_files(hub)[spec.WEIGHTS_NAME]) // 2}-"] * 2  # resumed, then resumed again
 
     pulled = loratools.pull(REPO, out=target, endpoint=hub.url)
     assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == (adapter_dir / spec.WEIGHTS_NAME).read_bytes()
@@ -240,7 +259,7 @@ def test_pull_refuses_existing_output_without_force(hub, adapter_dir, tmp_path):
     target.mkdir()
     with pytest.raises(loratools.OutputExistsError):
         loratools.pull(REPO, out=target, endpoint=hub.url)
-    assert downloads(hub) == [f"HEAD /{REPO}/resolve/main/README.md"]  # from the push only
+    assert downloads(hub) == [f"GET /{REPO}/resolve/main/README.md"]  # from the push only
     assert loratools.pull(REPO, out=target, force=True, endpoint=hub.url).path == target
     assert (target / spec.WEIGHTS_NAME).exists()
 

@@ -1,0 +1,271 @@
+"""pull against a hostile loopback Hub (issue 12): every attack refused with one HubError, nothing touched.
+
+Each test plants a victim file and a sentinel directory beside the cache (the ``guard`` fixture) and
+checks after the attack that the victim still holds its bytes and the sentinel its listing, and that
+nothing but the cache and the (absent) output changed.  The real huggingface_hub client, our real
+server on 127.0.0.1 and the real file system; no mocks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from huggingface_hub import constants
+
+import loratools
+from loratools import spec
+from loratools.errors import HubError
+from loratools.io.atomic import TEMP_PREFIX
+from loratools.io.hubget import MAX_ATTEMPTS, MAX_REDIRECTS
+from loratools.io.remote import evict
+from loratools.io.tensorfile import read_header
+
+from .server import git_blob_sha
+
+pytest_plugins = ["tests.hub.fixtures"]  # the hub, hub_server and adapter_dir fixtures
+
+REPO = "me/tiny-lora"
+VICTIM = b"the user's precious file\n"
+
+
+class Guard:
+    """A victim file and a sentinel directory outside the cache and the output, and a check that both are untouched."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.victim = root / "victim.txt"
+        self.victim.write_bytes(VICTIM)
+        self.sentinel = root / "sentinel"
+        self.sentinel.mkdir()
+        (self.sentinel / "keep.txt").write_text("keep", encoding="utf-8")
+        self.blobs = root / "hf-home" / "hub" / "models--me--tiny-lora" / "blobs"
+        self.before = self._outside()
+
+    def _outside(self) -> dict[str, bytes]:
+        """Every file under the test's root except the cache: path -> bytes."""
+        found = {}
+        for dirpath, _, files in os.walk(self.root):
+            if Path(dirpath).is_relative_to(self.root / "hf-home"):
+                continue
+            for name in files:
+                path = Path(dirpath) / name
+                found[str(path.relative_to(self.root))] = path.read_bytes()
+        return found
+
+    def check(self) -> None:
+        assert self.victim.read_bytes() == VICTIM and not self.victim.is_symlink()
+        assert sorted(p.name for p in self.sentinel.iterdir()) == ["keep.txt"]
+        assert self._outside() == self.before
+        cached = [p for p in (self.blobs.iterdir() if self.blobs.exists() else []) if not p.name.startswith(TEMP_PREFIX)]
+        assert all(len(p.name) in (40, 64) for p in cached)  # only our hash-named blobs, no leftovers
+        assert not [p for p in (self.blobs.iterdir() if self.blobs.exists() else []) if p.name.startswith(TEMP_PREFIX)]
+
+
+@pytest.fixture
+def pushed(hub, adapter_dir) -> str:
+    return loratools.push(adapter_dir, REPO, endpoint=hub.url).commit_sha
+
+
+@pytest.fixture
+def guard(tmp_path: Path, pushed: str) -> Iterator[Guard]:
+    g = Guard(tmp_path)
+    yield g
+    g.check()
+
+
+def refused(hub, tmp_path: Path, match: str) -> HubError:
+    """Pull into ``tmp_path/out`` expecting one HubError line matching ``match`` and no output."""
+    with pytest.raises(HubError, match=match) as info:
+        loratools.pull(REPO, out=tmp_path / "out", endpoint=hub.url)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    return info.value
+
+
+# ----------------------------------------------------------------------------- item 1: names from the server
+
+
+@pytest.mark.parametrize(
+    "etag",
+    ['"../../../../victim.txt"', "../../../../victim.txt", '"{sentinel}/planted"', '"../../../../sentinel/planted"', '"abc"', 'W/"../x"'],
+)
+@pytest.mark.parametrize("name", [spec.WEIGHTS_NAME, spec.CONFIG_NAME])
+def test_etag_that_is_a_path_is_refused(hub, tmp_path, guard, etag, name):
+    hub.state.etags[name] = etag.format(sentinel=guard.sentinel)
+    refused(hub, tmp_path, "the Hub sent a malformed ETag .* refused")
+
+
+def test_etag_that_contradicts_the_listing_is_refused(hub, tmp_path, guard):
+    hub.state.etags[spec.WEIGHTS_NAME] = '"' + "0" * 64 + '"'
+    refused(hub, tmp_path, "ETag .* contradicts its listing")
+
+
+BAD_SHAS = ["../../x", "../../../../sentinel/x", "/{sentinel}/x", "g" * 40, "A" * 40, "a" * 39, "a" * 40 + "\n", "a" * 64, 7]
+
+
+def test_lfs_etag_may_be_the_listed_blob_id(hub, tmp_path, guard, pushed):
+    """The Hub may send an LFS file's git id (of its pointer) as ETag: it is in the listing, so it is accepted."""
+    data = hub.state.repos[REPO].commits[pushed].files[spec.WEIGHTS_NAME]
+    hub.state.etags[spec.WEIGHTS_NAME] = f'"{git_blob_sha(data)}"'
+    pulled = loratools.pull(REPO, out=tmp_path / "out", endpoint=hub.url)
+    assert (pulled.path / spec.WEIGHTS_NAME).read_bytes() == data
+    guard.before = guard._outside()
+
+
+@pytest.mark.parametrize("sha", BAD_SHAS)
+def test_commit_sha_that_is_not_40_hex_is_refused_before_the_cache(hub, tmp_path, guard, sha):
+    hub.state.commit_sha = sha.format(sentinel=guard.sentinel) if isinstance(sha, str) else sha
+    refused(hub, tmp_path, "the Hub named the commit .*, not a 40-digit hex sha; refusing to download")
+    assert not (tmp_path / "hf-home" / "hub").exists()  # nothing touched the cache
+    assert not (tmp_path / "x.json").exists() and not (tmp_path / "hf-home" / "x").exists()
+
+
+def test_download_answered_for_another_commit_is_refused(hub, tmp_path, guard):
+    hub.state.repo_commit = "../../../../sentinel"
+    refused(hub, tmp_path, "the Hub answered for commit '../../../../sentinel', not [0-9a-f]{40}; refused")
+
+
+def test_poisoned_cache_link_is_refused_offline_and_never_followed(hub, tmp_path, guard, pushed):
+    """A snapshot link an older client made from a hostile ETag points at the victim: refused, victim kept."""
+    loratools.pull(REPO, out=tmp_path / "good", endpoint=hub.url)
+    guard.before = guard._outside()
+    link = tmp_path / "hf-home" / "hub" / "models--me--tiny-lora" / "snapshots" / pushed / spec.WEIGHTS_NAME
+    link.unlink()
+    link.symlink_to(os.path.relpath(guard.victim, link.parent))
+    with pytest.raises(HubError, match="the cached adapter_model.safetensors points outside the cache"):
+        loratools.pull(REPO, out=tmp_path / "out", offline=True, endpoint=hub.url)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eviction_unlinks_only_inside_the_cache(hub, tmp_path, guard, pushed):
+    loratools.pull(REPO, out=tmp_path / "good", endpoint=hub.url)
+    guard.before = guard._outside()
+    snapshot = tmp_path / "hf-home" / "hub" / "models--me--tiny-lora" / "snapshots" / pushed
+    (snapshot / spec.WEIGHTS_NAME).unlink()
+    (snapshot / spec.WEIGHTS_NAME).symlink_to(guard.victim)  # absolute link out of the cache
+    evict(snapshot)
+    assert not (snapshot / spec.WEIGHTS_NAME).is_symlink() and not (snapshot / spec.CONFIG_NAME).exists()
+    assert len(list(guard.blobs.iterdir())) == 1  # the config's blob went; the weights' own blob is a stray now, not followed
+
+
+def test_evicting_a_snapshot_outside_the_cache_does_nothing(hub, tmp_path, guard):
+    (guard.sentinel / spec.CONFIG_NAME).symlink_to(guard.victim)
+    evict(guard.sentinel)
+    (guard.sentinel / spec.CONFIG_NAME).unlink()
+
+
+def test_a_revision_that_climbs_is_refused(hub, tmp_path, guard):
+    with pytest.raises(HubError, match="is not a branch, tag or commit name"):
+        loratools.pull(f"{REPO}@../../../../sentinel/x", out=tmp_path / "out", endpoint=hub.url)
+
+
+# ----------------------------------------------------------------------------- item 6: redirects, listings
+
+
+def test_redirect_loop_on_the_listing(hub, tmp_path, guard):
+    hub.state.redirect_loop.add("api")
+    refused(hub, tmp_path, "the Hub redirected too many times")
+
+
+def test_redirect_loop_on_a_download(hub, tmp_path, guard):
+    hub.state.redirect_loop.add("resolve")
+    refused(hub, tmp_path, "the Hub redirects in a loop")
+    assert sum("/resolve/" in r for r in hub.state.requests) <= 2 * (MAX_REDIRECTS + 1)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"<html>not json</html>",
+        b"[]",
+        b'{"sha": "%(sha)s", "siblings": {"adapter_config.json": 1}}',
+        b'{"sha": "%(sha)s", "siblings": [{"name": "adapter_config.json"}]}',
+        b'{"sha": "%(sha)s", "siblings": [{"rfilename": ["a"]}]}',
+        b'{"sha": "%(sha)s", "siblings": [{"rfilename": 5}]}',
+        b'{"sha": "%(sha)s", "siblings": [{"rfilename": "adapter_model.safetensors", "lfs": {"sha256": "00"}}]}',
+        b'{"sha": "%(sha)s", "siblings": "everything"}',
+        b'{"sha": "%(sha)s", "siblings": null}',
+        b"\xff\xfe",
+    ],
+)
+def test_malformed_listing_is_refused(hub, tmp_path, guard, pushed, body):
+    hub.state.info_raw = body % {b"sha": pushed.encode()} if b"%(sha)s" in body else body
+    refused(hub, tmp_path, r"malformed file listing|has no adapter_config.json|could not be read")
+
+
+def _sibling(pushed_files: dict[str, bytes], name: str, **changes: object) -> dict:
+    data = pushed_files[name]
+    entry: dict = {"rfilename": name, "size": len(data), "blobId": hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()}
+    if name.endswith(".safetensors"):
+        entry["lfs"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "pointerSize": 134}
+    entry.update(changes)
+    return entry
+
+
+@pytest.mark.parametrize(
+    ("changes", "match"),
+    [
+        ({"lfs": None, "blobId": None}, "states no size and hash"),
+        ({"lfs": {"size": 10, "sha256": "../../../../victim.txt", "pointerSize": 1}}, "not a sha256 hex digest"),
+        ({"lfs": {"size": -1, "sha256": "0" * 64, "pointerSize": 1}}, "states no size and hash"),
+        ({"lfs": {"size": "10", "sha256": "0" * 64, "pointerSize": 1}}, "states no size and hash"),
+        ({"lfs": None, "blobId": "/" + "a" * 39}, "not a git hex digest"),
+        ({"lfs": {"size": 10, "sha256": "0" * 64, "pointerSize": 1}}, "ETag .* contradicts its listing"),
+    ],
+)
+def test_listing_without_a_usable_hash_is_refused(hub, tmp_path, guard, pushed, changes, match):
+    files = hub.state.repos[REPO].commits[pushed].files
+    siblings = [_sibling(files, spec.CONFIG_NAME), _sibling(files, spec.WEIGHTS_NAME, **changes)]
+    hub.state.info_raw = json.dumps({"id": REPO, "sha": pushed, "siblings": siblings}).encode()
+    refused(hub, tmp_path, match)
+
+
+# ----------------------------------------------------------------------------- item 9: every file verified
+
+
+def test_file_without_loratools_checksum_is_verified_against_the_lfs_sha256(hub, tmp_path, guard, pushed):
+    files = hub.state.repos[REPO].commits[pushed].files
+    weights = files[spec.WEIGHTS_NAME]
+    header_len = int.from_bytes(weights[:8], "little")
+    header = json.loads(weights[8 : 8 + header_len])
+    header["__metadata__"].pop(spec.META_SHA256)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    plain = len(raw).to_bytes(8, "little") + raw + weights[8 + header_len :]
+    hub.state.commit(REPO, "main", {spec.WEIGHTS_NAME: plain}, "no checksum")
+    bad = bytearray(plain)
+    bad[-1] ^= 0x01  # a valid file still: only the Hub's sha256 can tell
+    hub.state.served[(REPO, spec.WEIGHTS_NAME)] = bytes(bad)
+    refused(hub, tmp_path, "do not match the LFS sha256")
+
+    hub.state.served.clear()
+    loratools.pull(REPO, out=tmp_path / "plain", endpoint=hub.url)  # the honest file pulls fine
+    assert spec.META_SHA256 not in read_header(tmp_path / "plain" / spec.WEIGHTS_NAME).metadata
+    assert (tmp_path / "plain" / spec.WEIGHTS_NAME).read_bytes() == plain
+    guard.before = guard._outside()
+
+
+def test_more_bytes_than_listed_are_refused(hub, tmp_path, guard, pushed):
+    files = hub.state.repos[REPO].commits[pushed].files
+    hub.state.served[(REPO, spec.WEIGHTS_NAME)] = files[spec.WEIGHTS_NAME] + b"\0" * 4096
+    refused(hub, tmp_path, "sent more than the .* bytes it listed")
+
+
+# ----------------------------------------------------------------------------- item 8: stalls and errors
+
+
+def test_stalled_download_gives_up_after_bounded_attempts(hub, tmp_path, guard, monkeypatch):
+    monkeypatch.setattr(constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.2)
+    hub.state.stall.add(spec.WEIGHTS_NAME)
+    refused(hub, tmp_path, rf"download was interrupted \(no data for 0.2 s, {MAX_ATTEMPTS} attempts\); nothing was written")
+    assert sum(r.endswith(spec.WEIGHTS_NAME) for r in hub.state.requests if r.startswith("GET")) == MAX_ATTEMPTS
+
+
+def test_server_error_is_one_line(hub, tmp_path, guard, pushed):
+    hub.state.fail = (503, "Service Unavailable")
+    refused(hub, tmp_path, r"the Hub answered HTTP 503 Service Unavailable; try again later")
