@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import FormatError
+from .files import read_text, require_file_or_dir
 from .tensorfile import Header, TensorInfo, read_header
 
 SINGLE_NAME = "model.safetensors"
@@ -55,6 +56,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise FormatError("no such file or directory", path=path)
+    require_file_or_dir(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise FormatError("base checkpoints must be safetensors (pickles are refused: loading one can run code)", path=path)
@@ -62,7 +64,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     index_path = path / INDEX_NAME
     if index_path.exists():
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = json.loads(read_text(index_path))
             weight_map: dict[str, str] = index["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise FormatError(f"corrupt index ({err})", path=index_path) from None

@@ -22,6 +22,7 @@ import torch
 
 from .. import spec
 from ..errors import FormatError
+from .files import require_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -91,6 +92,7 @@ def read_header(path: str | Path) -> Header:
     offsets that overlap, leave holes or run past the end of the file.
     """
     path = Path(path)
+    require_regular(path)  # a FIFO or device is refused before it is opened (opening a FIFO blocks)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)
