@@ -47,6 +47,7 @@ _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2  # linux/fs.h
 _UNSUPPORTED = {errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP}
 _EXISTS = {errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR, errno.EISDIR}
+_NO_LINKS = {errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EMLINK, errno.EXDEV}
 
 
 def _load_renameat2() -> object | None:
@@ -206,7 +207,7 @@ def _place(src: Path, dst: Path, *, directory: bool) -> None:
             try:
                 os.link(src, dst, follow_symlinks=False)  # fails with EEXIST rather than replacing
             except OSError as err:
-                if err.errno in _EXISTS:
+                if err.errno not in _NO_LINKS:
                     raise
                 # no hard links here (some FUSE, FAT): a check then a rename, racy but the best left
                 if dst.exists() or dst.is_symlink():
@@ -235,6 +236,8 @@ def _replace(src: Path, dst: Path, *, directory: bool) -> None:
                 _remove(src)  # src now holds the old output
                 return
         except FileNotFoundError:
+            if not src.exists():
+                raise
             continue
         aside = dst.with_name(temp_name(me(), "old", dst.name))
         try:
