@@ -292,9 +292,11 @@ def atomic_output(path: str | Path, *, force: bool = False, directory: bool = Tr
     created it meanwhile); with ``force`` it is replaced only once the new output is complete.
     Temporaries of dead processes beside ``path`` are removed first.
     """
-    path = check_output(path, force=force)
+    path = Path(path)
+    if path.parent.is_dir():
+        sweep(path.parent)  # first: it may put back an output a dead process had moved aside
+    check_output(path, force=force)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sweep(path.parent)
     tmp = _create(path.parent, directory=directory)
     try:
         yield tmp

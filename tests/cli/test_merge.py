@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from loratools import Adapter, LoraModule, save
 from loratools.cli import main
+from loratools.io.checkpoint import INDEX_NAME as INDEX
 from loratools.io.tensorfile import write_file
 
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
@@ -189,15 +190,24 @@ ls -A "$1"
 
 
 @pytest.mark.slow  # a fresh interpreter importing torch
-def test_a_disk_that_fills_while_copying_side_files_is_one_line_naming_the_file(files: tuple[Path, Path], tmp_path: Path) -> None:
-    """A real ENOSPC: a 1 MiB tmpfs (in a private mount namespace) and 400 one-byte side files, which
-    pass the free-space estimate (bytes) but take a 4 KiB page each."""
+@pytest.mark.parametrize("where", ["side files", "shards"])
+def test_a_disk_that_fills_is_one_line_naming_the_file(files: tuple[Path, Path], tmp_path: Path, where: str) -> None:
+    """A real ENOSPC: a 1 MiB tmpfs (in a private mount namespace) and 400 tiny side files or shards,
+    which pass the free-space estimate (bytes) but take a 4 KiB page each; the sink's and the side
+    files' "No space left on device" name no file (or list every file) on their own."""
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare(1)")
     base, adapter = files
-    (base / "extra").mkdir()
-    for i in range(400):
-        (base / "extra" / f"f{i:03}.txt").write_text("x")
+    if where == "side files":
+        (base / "extra").mkdir()
+        for i in range(400):
+            (base / "extra" / f"f{i:03}.txt").write_text("x")
+    else:
+        index = json.loads((base / INDEX).read_text())
+        for i in range(400):
+            write_file(base / f"n{i:03}.safetensors", {f"n{i}.weight": torch.ones(1)})
+            index["weight_map"][f"n{i}.weight"] = f"n{i:03}.safetensors"
+        (base / INDEX).write_text(json.dumps(index))
     mount = tmp_path / "small"
     mount.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -207,4 +217,5 @@ def test_a_disk_that_fills_while_copying_side_files_is_one_line_naming_the_file(
         pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()[:200]}")
     assert proc.stdout.split() == ["exit=3"], proc.stdout  # and nothing left on that disk
     (line,) = proc.stderr.strip().splitlines()
-    assert f"{mount}/out/extra/f" in line and "no space left on the device while writing it; nothing was written" in line, line
+    named = f"{mount}/out/extra/f" if where == "side files" else f"{mount}/out/n"
+    assert named in line and "no space left on the device while writing it; nothing was written" in line, line

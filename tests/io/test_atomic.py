@@ -225,10 +225,21 @@ def test_an_output_a_dead_force_moved_aside_is_put_back(tmp_path):
     assert not again.exists() and (tmp_path / "model" / "who").read_text() == "old"
 
 
+class _Interrupted(Exception):
+    pass
+
+
 def test_signals_are_held_until_the_output_is_in_place():
+    def interrupt(signum, frame):
+        raise _Interrupted
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
     reached = []
-    with pytest.raises(KeyboardInterrupt):
-        with atomic._signals_held():
-            signal.raise_signal(signal.SIGINT)
-            reached.append(True)
+    try:
+        with pytest.raises(_Interrupted):
+            with atomic._signals_held():
+                signal.raise_signal(signal.SIGTERM)
+                reached.append(True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert reached == [True]
