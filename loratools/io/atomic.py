@@ -205,7 +205,7 @@ def _place(src: Path, dst: Path, *, directory: bool) -> None:
             return
         if not directory:
             try:
-                os.link(src, dst, follow_symlinks=False)  # fails with EEXIST rather than replacing
+                os.link(src, dst)  # fails with EEXIST rather than replacing
             except OSError as err:
                 if err.errno not in _NO_LINKS:
                     raise
