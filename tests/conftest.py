@@ -65,3 +65,48 @@ def llama_base(tmp_path_factory) -> Path:
 def peft_dir(tmp_path_factory) -> Path:
     """A PEFT-written adapter for the tiny Llama: r=4, alpha=8, q_proj and v_proj."""
     return peft_adapter(tmp_path_factory.mktemp("peft-adapter"))
+
+
+def _in_child(fn, args, seconds: int) -> str:
+    """Run ``fn(*args)`` in a forked child that cannot hang, fill memory or fill the disk; its outcome as text.
+
+    The child dies by SIGALRM after ``seconds`` (a blocking open of a FIFO included), may allocate
+    1 GiB beyond what it inherited and may write files of at most 64 MiB: a regression to reading
+    ``/dev/zero`` or copying it fails the test instead of taking the machine down.
+    """
+    import resource
+    import signal
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        try:
+            os.close(read_end)
+            signal.signal(signal.SIGALRM, signal.SIG_DFL)
+            with open("/proc/self/status") as fh:
+                vm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+            resource.setrlimit(resource.RLIMIT_AS, (vm + 2**30, resource.getrlimit(resource.RLIMIT_AS)[1]))
+            resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+            signal.alarm(seconds)
+            try:
+                outcome = f"ok: {fn(*args)!r}"
+            except BaseException as error:  # noqa: BLE001 - reported to the parent
+                outcome = f"{type(error).__name__}: {error}"
+            os.write(write_end, outcome.encode()[:65536])
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as fh:
+        outcome = fh.read().decode()
+    _, status = os.waitpid(pid, 0)
+    return outcome or f"child died ({'signal ' + str(os.WTERMSIG(status)) if os.WIFSIGNALED(status) else status}): hung or ran away"
+
+
+@pytest.fixture()
+def guarded():
+    """``guarded(fn, *args, seconds=10)``: ``fn``'s outcome (``"ok: ..."`` or ``"ErrorType: message"``) from a bounded child."""
+
+    def run(fn, *args, seconds: int = 10) -> str:
+        return _in_child(fn, args, seconds)
+
+    return run

@@ -13,7 +13,9 @@ from typing import Any
 
 from .. import spec
 from ..adapter import Adapter, RawAdapter
+from ..errors import FormatError
 from ..io.atomic import atomic_output
+from ..io.files import read_text
 from ..io.tensorfile import Header, load_tensors, write_file
 
 
@@ -45,10 +47,13 @@ def _finish(source: str, header: Header, config: Any, config_error: str | None, 
 
 
 def _read_config(path: Path) -> tuple[Any, str | None]:
+    """The parsed config, or why it cannot be: only a regular file up to ``MAX_JSON_BYTES`` is read (a FIFO would hang)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        return None, f"{path}: cannot read ({err})"
+        text = read_text(path)
+    except FormatError as err:
+        return None, str(err)
+    except OSError as err:
+        return None, f"{path}: cannot read ({err.strerror or err})"
     return _parse_json(text, str(path))
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from .. import spec
 from ..adapter import Adapter, RawAdapter
 from ..errors import FormatError, SpecError
+from ..io.files import require_file_or_dir
 from ..io.tensorfile import Header, read_header
 from . import diffusers, kohya, lycoris, peft
 
@@ -30,6 +31,7 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
     path = Path(path)
     if not path.exists():
         raise FormatError("no such file or directory", path=path)
+    require_file_or_dir(path)  # a FIFO or device: refused before anything opens it
     if path.is_dir():
         return _read_dir(path, base)
     if path.suffix in PICKLE_SUFFIXES:

@@ -14,6 +14,7 @@ from typing import Any
 
 from .. import spec
 from ..errors import FormatError
+from .files import read_text, require_file_or_dir
 from .tensorfile import Header, TensorInfo, read_header
 
 SINGLE_NAME = "model.safetensors"
@@ -75,14 +76,16 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.exists():
         raise FormatError("no such file or directory", path=path)
+    require_file_or_dir(path)
     if path.is_file():
         if path.suffix != ".safetensors":
             raise FormatError("base checkpoints must be safetensors (pickles are refused: loading one can run code)", path=path)
         return Checkpoint(path, [path], {path.name: read_header(path)}, None)
     index_path = path / INDEX_NAME
     if index_path.exists():
+        text = read_text(index_path)  # a regular file, capped in size, UTF-8
         try:
-            index = json.loads(index_path.read_text(encoding="utf-8"))
+            index = json.loads(text)
         except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, 5000-digit ints
             raise FormatError(f"corrupt index: not UTF-8 JSON ({spec.clip(str(err))[1:-1]})", path=index_path) from None
         names = shard_names(index, index_path)

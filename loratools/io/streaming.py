@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from ..errors import DiskSpaceError, FormatError
-from .atomic import atomic_output
+from .atomic import TEMP_PREFIX, atomic_output
 from .checkpoint import INDEX_NAME, Checkpoint
+from .files import NO_SPACE, copy_regular, human_bytes, open_regular, tree_files
 from .pipeline import Stopped, Worker, get, put
 from .sink import ALIGN, Sink
 from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header, tensor_bytes
@@ -69,7 +70,7 @@ class FilePlan:
 
     def header_bytes(self) -> bytes:
         if all(self.dtypes[t.name] == t.dtype for t in self.tensors):
-            with open(self.header.path, "rb") as fh:
+            with open_regular(self.header.path) as fh:
                 return fh.read(self.header.data_start)
         plan = [(t.name, self.dtypes[t.name], t.shape) for t in self.tensors]
         return encode_header(plan, self.header.metadata)[0]
@@ -206,9 +207,14 @@ def _stream_file(
         header = plan.header_bytes()
         sink.write(torch.frombuffer(bytearray(header), dtype=torch.uint8))
         progress(len(header))
-        with open(plan.header.path, "rb", buffering=0) as src:
+        with open_regular(plan.header.path) as src:
             _run_stages(plan, src.fileno(), len(header), sink, in_pool, out_pool, progress)
         sink.close()
+    except OSError as err:
+        sink.abort()
+        if err.errno in NO_SPACE:
+            raise DiskSpaceError("no space left on the device while writing this file", path=dst) from None  # the sink's names none
+        raise
     except BaseException:
         sink.abort()
         raise
@@ -289,31 +295,39 @@ def _is_weights(path: Path) -> bool:
     return path.suffix in WEIGHT_SUFFIXES or path.name.endswith(".index.json")
 
 
+def _copy_roots(root: Path) -> list[Path]:
+    """Where side files may live: the base folder and, for a Hub cache snapshot, that repo's blobs.
+
+    huggingface_hub lays a snapshot out as ``<repo>/snapshots/<rev>/<file> -> ../../blobs/<hash>``
+    (``file_download.py``, huggingface_hub 2.4.0), so every file of a cached base is such a link.
+    """
+    real = root.resolve()
+    return [real, real.parent.parent / "blobs"] if real.parent.name == "snapshots" else [real]
+
+
 def side_files(root: Path, weight_files: set[str]) -> list[Path]:
-    """Everything in model directory ``root`` to copy beside merged weights: config, tokenizer, ...
+    """Every file in model directory ``root`` to copy beside merged weights (config, tokenizer, ...), relative to ``root``.
 
     Weight files (``.safetensors``, pickles, ...) and indexes are left out, in subfolders too (Meta's
     ``original/consolidated.00.pth``): the merged output writes its own, and a stale copy of unmerged
-    weights would be loaded instead of the merged ones.
+    weights would be loaded instead of the merged ones.  Only regular files are copied, and only
+    from inside the base: a symlink is followed when its target is inside the base (or the Hub
+    cache's blobs of a cached base); one that leaves it, a FIFO or a device is refused, naming it,
+    before anything is written (:func:`loratools.io.files.tree_files`).
     """
-    keep = []
-    for path in sorted(root.iterdir()):
-        name = path.name
-        if name in weight_files or name.startswith(".loratools-tmp-") or name in _SKIP_DIRS:
-            continue
-        if path.is_file() and _is_weights(path):
-            continue
-        keep.append(path)
-    return keep
+    names = [
+        p.name
+        for p in sorted(root.iterdir())
+        if p.name not in weight_files and not p.name.startswith(TEMP_PREFIX) and p.name not in _SKIP_DIRS
+    ]
+    return tree_files(root, names, roots=_copy_roots(root), skip=_is_weights)
 
 
-def copy_side_files(paths: list[Path], dst: Path) -> None:
-    for path in paths:
-        if path.is_dir():
-            skip = lambda folder, names: [n for n in names if _is_weights(Path(folder) / n) and (Path(folder) / n).is_file()]  # noqa: E731
-            shutil.copytree(path, dst / path.name, symlinks=False, ignore=skip)
-        else:
-            shutil.copy2(path, dst / path.name)
+def copy_side_files(root: Path, paths: list[Path], dst: Path) -> None:
+    """Copy ``paths`` (relative to ``root``, from :func:`side_files`) into ``dst``, folders as needed."""
+    for rel in paths:
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        copy_regular(root / rel, dst / rel)
 
 
 def write_index(index: Mapping[str, Any], total_size: int, dst: Path) -> None:
@@ -321,16 +335,6 @@ def write_index(index: Mapping[str, Any], total_size: int, dst: Path) -> None:
     out = dict(index)
     out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total_size}
     dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def files_size(paths: list[Path]) -> int:
-    total = 0
-    for path in paths:
-        if path.is_dir():
-            total += sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        else:
-            total += path.stat().st_size
-    return total
 
 
 def check_free_space(where: Path, need: int) -> None:
@@ -341,10 +345,20 @@ def check_free_space(where: Path, need: int) -> None:
     free = shutil.disk_usage(probe).free
     if free < need:
         raise DiskSpaceError(
-            f"needs {need / 2**30:.2f} GiB free for the output but only {free / 2**30:.2f} GiB is; "
-            "free some space or write elsewhere with -o",
+            f"needs {human_bytes(need)} free for the output but only {human_bytes(free)} is; free some space or write elsewhere with -o",
             path=probe,
         )
+
+
+def _disk_full(err: OSError, tmp: Path, out: Path) -> DiskSpaceError:
+    """The disk filled while writing into temporary ``tmp``: name the file of ``out`` it was to become."""
+    where = Path((err.path if isinstance(err, DiskSpaceError) else None) or err.filename or tmp)
+    named = out / where.relative_to(tmp) if where.is_relative_to(tmp) and where != tmp else out
+    return DiskSpaceError(
+        "no space left on the device while writing it; nothing was written (the partial output was removed): "
+        "free some space or write elsewhere with -o",
+        path=named,
+    )
 
 
 @dataclass(frozen=True)
@@ -370,7 +384,7 @@ def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, o
     """
     extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
     total = sum(p.size for p in plans)
-    check_free_space(out.parent, total + files_size(extras))
+    check_free_space(out.parent, total + sum((checkpoint.root / p).stat().st_size for p in extras))
     done = [0]
 
     def tick(n: int) -> None:
@@ -379,9 +393,14 @@ def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, o
             options.progress(done[0], total)
 
     with atomic_output(out, force=options.force, directory=not checkpoint.is_file) as tmp:
-        jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
-        stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
-        if checkpoint.index is not None:
-            write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
-        copy_side_files(extras, tmp)
+        try:
+            jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
+            stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
+            if checkpoint.index is not None:
+                write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
+            copy_side_files(checkpoint.root, extras, tmp)
+        except OSError as err:
+            if err.errno not in NO_SPACE and not isinstance(err, DiskSpaceError):
+                raise
+            raise _disk_full(err, tmp, out) from None
     return total

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 
 from .. import spec
 from ..errors import FormatError
+from .files import require_regular
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -111,6 +112,7 @@ def read_header(path: str | Path) -> Header:
     dtype, a shape whose size overflows, offsets that overlap, leave holes or run past the end.
     """
     path = Path(path)
+    require_regular(path)  # a FIFO or device is refused before it is opened (opening a FIFO blocks)
     size = path.stat().st_size
     with open(path, "rb") as fh:
         head = fh.read(8)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +18,7 @@ from safetensors.torch import load_file
 
 from loratools import Adapter, LoraModule, save
 from loratools.cli import main
+from loratools.io.checkpoint import INDEX_NAME as INDEX
 from loratools.io.tensorfile import write_file
 
 CONFIG = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q"]}
@@ -121,3 +128,94 @@ def test_base_given_as_dot(files: tuple[Path, Path], tmp_path: Path, monkeypatch
     monkeypatch.chdir(base)
     code, _, _ = _run("merge", ".", str(adapter), "--quiet")
     assert code == 0 and (tmp_path / "base-merged" / "config.json").exists()
+
+
+# --- real processes and file systems ---------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _limited() -> None:
+    """preexec for CLI runs that could run away: files of at most 64 MiB (a regression copying /dev/zero fails)."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 2**20, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def _cli(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "loratools", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_limited
+    )
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".loratools-tmp-")]
+
+
+@pytest.mark.slow  # two fresh interpreters importing torch
+def test_two_concurrent_merges_into_one_output_at_most_one_succeeds(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """Two real `loratools merge` processes, no --force, one -o: the winner's output (told apart by
+    its dtype) is in place, the other exits 3 with one line, and nothing is left beside it."""
+    base, adapter = files
+    out = tmp_path / "out"
+    procs = {dtype: _cli("merge", str(base), str(adapter), "-o", str(out), "--quiet", "--dtype", dtype) for dtype in ("fp16", "fp32")}
+    results = {dtype: (proc.wait(timeout=300), proc.stderr.read()) for dtype, proc in procs.items()}  # type: ignore[union-attr]
+    winners = [dtype for dtype, (code, _) in results.items() if code == 0]
+    assert len(winners) == 1, results
+    (loser,) = set(results) - set(winners)
+    code, stderr = results[loser]
+    assert code == 3 and "output already exists" in stderr and len(stderr.strip().splitlines()) == 1, stderr
+    merged = load_file(out / "model-00001-of-00002.safetensors")["layer.q.weight"]
+    assert merged.dtype == {"fp16": torch.float16, "fp32": torch.float32}[winners[0]]
+    assert _leftovers(tmp_path) == []
+
+
+def test_side_file_linked_to_dev_zero_is_refused_in_one_line(files: tuple[Path, Path], tmp_path: Path, guarded) -> None:
+    """In a bounded child (conftest ``guarded``): copied, /dev/zero would fill the disk."""
+    base, adapter = files
+    (base / "tokenizer.model").symlink_to("/dev/zero")
+    got = guarded(lambda: _run("merge", str(base), str(adapter), "-o", str(tmp_path / "out"), "--quiet"), seconds=60)
+    assert got.startswith("ok: "), got
+    code, stdout, stderr = ast.literal_eval(got[len("ok: ") :])
+    assert code == 3 and stdout == "" and len(stderr.strip().splitlines()) == 1, stderr
+    assert f"{base / 'tokenizer.model'}: is a symlink to /dev/zero, outside the base" in stderr
+    assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []
+
+
+FULL_DISK = """
+mount -t tmpfs -o size=1m loratools-test "$1" || exit 99
+"$2" -m loratools merge "$3" "$4" -o "$1/out" --quiet
+echo "exit=$?"
+ls -A "$1"
+"""
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch
+@pytest.mark.parametrize("where", ["side files", "shards"])
+def test_a_disk_that_fills_is_one_line_naming_the_file(files: tuple[Path, Path], tmp_path: Path, where: str) -> None:
+    """A real ENOSPC: a 1 MiB tmpfs (in a private mount namespace) and 400 tiny side files or shards,
+    which pass the free-space estimate (bytes) but take a 4 KiB page each; the sink's and the side
+    files' "No space left on device" name no file (or list every file) on their own."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    base, adapter = files
+    if where == "side files":
+        (base / "extra").mkdir()
+        for i in range(400):
+            (base / "extra" / f"f{i:03}.txt").write_text("x")
+    else:
+        index = json.loads((base / INDEX).read_text())
+        for i in range(400):
+            write_file(base / f"n{i:03}.safetensors", {f"n{i}.weight": torch.ones(1)})
+            index["weight_map"][f"n{i}.weight"] = f"n{i:03}.safetensors"
+        (base / INDEX).write_text(json.dumps(index))
+    mount = tmp_path / "small"
+    mount.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", str(mount), sys.executable, str(base), str(adapter)]
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode == 99 or "exit=" not in proc.stdout:
+        pytest.skip(f"cannot mount a small tmpfs here: {proc.stderr.strip()[:200]}")
+    assert proc.stdout.split() == ["exit=3"], proc.stdout  # and nothing left on that disk
+    (line,) = proc.stderr.strip().splitlines()
+    named = f"{mount}/out/extra/f" if where == "side files" else f"{mount}/out/n"
+    assert named in line and "no space left on the device while writing it; nothing was written" in line, line

@@ -18,6 +18,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 import loratools
 from loratools import DiskSpaceError, MergeError, OutputExistsError, ShapeError, merge, unmerge
+from loratools.io.atomic import TEMP_PREFIX
 from loratools.io.tensorfile import read_header
 from loratools.merging import default_out
 
@@ -323,7 +324,7 @@ def test_too_little_free_space_is_refused_up_front(tmp_path: Path, monkeypatch: 
     base = _save_base(_llama(), tmp_path / "base")
     adapter = _make_adapter(_llama(), tmp_path / "a", **LLAMA_CASES["plain"])
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
-    with pytest.raises(DiskSpaceError, match="GiB free"):
+    with pytest.raises(DiskSpaceError, match=r"needs \d+\.\d KiB free for the output but only 1000 B is"):  # not "0.00 GiB"
         merge(base, [adapter], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -339,7 +340,8 @@ merge(sys.argv[1], [sys.argv[2]], out=sys.argv[3], progress=kill)
 
 
 def test_kill_9_mid_merge_leaves_no_output(tmp_path: Path) -> None:
-    """SIGKILL cannot be caught: the output never appears (a stale temporary sibling may stay)."""
+    """SIGKILL cannot be caught: the output never appears; its temporary sibling stays until the next
+    output into that folder, which removes it (its owner is dead)."""
     base = tmp_path / "base"
     base.mkdir()
     save_file({f"layers.{i}.weight": torch.randn(256, 256) for i in range(24)}, base / "model.safetensors")
@@ -357,6 +359,9 @@ def test_kill_9_mid_merge_leaves_no_output(tmp_path: Path) -> None:
     )
     assert proc.returncode == -signal.SIGKILL
     assert not (tmp_path / "out").exists()
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(TEMP_PREFIX)]) == 1
+    merge(base, [tmp_path / "a"], out=tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "base", "out"]
     assert (base / "model.safetensors").stat().st_size == struct.unpack("<Q", (base / "model.safetensors").read_bytes()[:8])[
         0
     ] + 8 + 24 * 256 * 256 * 4
