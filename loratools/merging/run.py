@@ -30,7 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..planner import CONFLICTS, FLOAT_DTYPES, TensorEdit, plan
+from ..planner import CONFLICTS, FLOAT_DTYPES, Plan, TensorEdit, plan
 from .kernels import Kernel, kernel
 
 _LISTED = 8  # problems named in one error line; validate --base lists every one
@@ -163,9 +163,10 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
     out = Path(out) if out is not None else default_out(base)
     _check_out(base, out, options.force)
     target = resolve_device(device)
-    edits = {key: kernel(edit) for key, edit in _planned(checkpoint, adapters, weights, labels).items()}
-    plans = [_file_plan(checkpoint.headers[s.name], edits, code, target, pool) for s in checkpoint.shards]
-    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda")
+    planned = _planned(checkpoint, adapters, weights, labels)
+    edits = {key: kernel(edit) for key, edit in planned.edits.items()}
+    plans = [_file_plan(checkpoint.headers[s.name], planned.edits, edits, code, target, pool) for s in checkpoint.shards]
+    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda", config=planned.config)
     return MergeResult(
         out,
         base,
@@ -174,21 +175,29 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
         target.type,
         spec.dtype_choice(dtype),
         len(plans),
-        len(checkpoint.tensors),
+        len(checkpoint.tensors) + sum(len(p.added) for p in plans),
         sorted(k for k, e in edits.items() if e.terms),
-        sorted(k for k, e in edits.items() if e.replacement is not None),
+        sorted(k for k, e in edits.items() if e.replacement is not None or e.token_rows is not None),
         total,
         time.perf_counter() - start,
     )
 
 
-def _file_plan(header: Header, edits: dict[str, Kernel], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor) -> FilePlan:
+def _file_plan(
+    header: Header, planned: dict[str, TensorEdit], edits: dict[str, Kernel], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor
+) -> FilePlan:
+    """One shard's plan: its own tensors, plus each planned tensor the base does not store (an untied head)
+    appended to the shard that holds its source."""
+
     def out_dtype(info: TensorInfo) -> str:
         return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
 
-    dtypes = {name: out_dtype(info) for name, info in header.tensors.items()}
-    transforms = {name: edits[name].transform(device, pool) for name in header.tensors if name in edits}
-    return FilePlan(header, dtypes, transforms)
+    added = {k: e.source for k, e in planned.items() if k not in header.tensors and e.source in header.tensors}
+    names = {**{n: n for n in header.tensors}, **added}
+    dtypes = {name: out_dtype(header.tensors[src]) for name, src in names.items()}
+    transforms = {name: edits[name].transform(device, pool) for name in names if name in edits and not edits[name].trivial}
+    shapes = {name: e.shape for name, e in planned.items() if name in names and e.shape is not None}
+    return FilePlan(header, dtypes, transforms, shapes, added)  # type: ignore[arg-type]
 
 
 def _check_out(base: Path, out: Path, force: bool) -> None:
@@ -200,7 +209,7 @@ def _check_out(base: Path, out: Path, force: bool) -> None:
     check_output(out, force=force)
 
 
-def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]) -> dict[str, TensorEdit]:
+def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]) -> Plan:
     """The planner's edits; raises before anything is written if it found any problem.
 
     :class:`ShapeError` lists every module (of every adapter) that does not fit the base;
@@ -208,7 +217,7 @@ def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     """
     result = plan(checkpoint, adapters, weights=weights, labels=labels)
     if result.ok:
-        return result.edits
+        return result
     problems = [f"{p.where}: {p.message}" for p in result.problems]
     listed = "; ".join(problems[:_LISTED])
     if len(problems) > _LISTED:
