@@ -87,6 +87,25 @@ def with_head(tensors: dict[str, TensorInfo], tied: Tying | None) -> dict[str, T
     return {**tensors, tied.head: tensors[tied.embed]} if tied is not None else tensors
 
 
+def saved_tensors(extras: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The full tensors that act at inference, under the keys of the tensors they replace.
+
+    PEFT saves a resized vocabulary's wrapped layers whole (``save_embedding_layers``,
+    peft/utils/save_and_load.py): ``X.modules_to_save.weight`` is the trained copy the wrapper
+    runs, so it wins over a plain ``X.weight``; ``X.original_module.weight`` is never run.
+    """
+    out: dict[str, torch.Tensor] = {}
+    trained: dict[str, torch.Tensor] = {}
+    for key, tensor in extras.items():
+        if ".original_module." in key:
+            continue
+        if ".modules_to_save." in key:
+            trained[key.replace(".modules_to_save.", ".")] = tensor
+        else:
+            out[key] = tensor
+    return {**out, **trained}
+
+
 def is_tokens(key: str) -> bool:
     return key.endswith(TOKENS_SUFFIX)
 

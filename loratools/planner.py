@@ -133,7 +133,7 @@ def plan(
                     problems.append(Problem("base-bias-unmatched", f"{where}.lora_B.bias", message))
                     continue
                 terms.setdefault(bias_key, []).append(Term(i, name, module, weight, False, bias=module.bias))
-        for key, tensor in adapter.extra_tensors.items():
+        for key, tensor in full.saved_tensors(adapter.extra_tensors).items():
             target = replaced_key(key.removesuffix(full.TOKENS_SUFFIX) + ".weight" if full.is_tokens(key) else key, tensors, index)
             if target is None:
                 message = f"saved tensor {list(tensor.shape)} would replace a base tensor, but no base tensor matches"
@@ -187,7 +187,7 @@ def _grown(adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: d
     """The output shape of each vocabulary tensor a full tensor grows (an adapter trained after resize_token_embeddings)."""
     grown: dict[str, tuple[int, ...]] = {}
     for adapter in adapters:
-        for key, tensor in adapter.extra_tensors.items():
+        for key, tensor in full.saved_tensors(adapter.extra_tensors).items():
             target = None if full.is_tokens(key) else replaced_key(key, tensors, index)
             if target in vocab and target is not None and tuple(tensor.shape[1:]) == tensors[target].shape[1:]:
                 if tensor.shape[0] > tensors[target].shape[0]:

@@ -14,9 +14,10 @@ import peft
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 import loratools
-from loratools.errors import MergeError, ShapeError
+from loratools.errors import InvalidAdapterError, MergeError
 from tests.conftest import tiny_llama_config
 
 IDS = torch.tensor([[1, 5, 9, 63, 2, 7, 3]])
@@ -103,8 +104,6 @@ def test_untying_writes_the_head_and_the_config(tmp_path: Path) -> None:
     loratools.merge(base, [adapter], out=out)
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    from safetensors.torch import load_file
-
     merged, original = load_file(out / "model.safetensors"), load_file(base / "model.safetensors")
     assert torch.equal(merged["lm_head.weight"], original["model.embed_tokens.weight"])  # the head keeps the base embedding
 
@@ -125,9 +124,11 @@ def test_sharded_untied_head_is_indexed(tmp_path: Path) -> None:
     assert diff < 1e-4, diff
 
 
-def test_grown_vocabulary(tmp_path: Path) -> None:
+@pytest.mark.parametrize("saved", [["embed_tokens", "lm_head"], ["embed_tokens"]])
+def test_grown_vocabulary(tmp_path: Path, saved: list[str]) -> None:
     base = _base(tmp_path / "base", tied=False)
-    adapter = _adapter(base, tmp_path / "adapter", grow=70, target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    adapter = _adapter(base, tmp_path / "adapter", grow=70, target_modules=["q_proj"], modules_to_save=saved)
+    assert loratools.validate(adapter, base=base).ok
     out = tmp_path / "out"
     loratools.merge(base, [adapter], out=out)
     assert json.loads((out / "config.json").read_text())["vocab_size"] == 70
@@ -146,9 +147,13 @@ def test_grown_vocabulary(tmp_path: Path) -> None:
 def test_grown_embedding_without_its_head_is_refused(tmp_path: Path) -> None:
     base = _base(tmp_path / "base", tied=False)
     adapter = _adapter(base, tmp_path / "adapter", grow=70, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    del tensors["base_model.model.lm_head.weight"]  # the grown head's new rows are then nowhere
+    save_file(tensors, weights, {"format": "pt"})
     codes = [p.code for p in loratools.validate(adapter, base=base).problems]
     assert codes == ["vocab-mismatch"]
-    with pytest.raises(ShapeError, match="grows the vocabulary"):
+    with pytest.raises(InvalidAdapterError, match="grows the vocabulary"):
         loratools.merge(base, [adapter], out=tmp_path / "out")
 
 
@@ -177,7 +182,9 @@ def test_disjoint_trainable_tokens_of_two_adapters_merge(tmp_path: Path) -> None
     b = _adapter(base, tmp_path / "b", seed=2, target_modules=["v_proj"], trainable_token_indices=[9])
     out = tmp_path / "out"
     loratools.merge(base, [a, b], out=out)
-    diff = float((_merged_logits(out) - _peft_logits(base, [a, b])).abs().max())
+    once = tmp_path / "a-merged"
+    loratools.merge(base, [a], out=once)  # PEFT runs one trainable-tokens adapter at a time: merge a, then run b on it
+    diff = float((_merged_logits(out) - _peft_logits(once, [b])).abs().max())
     assert diff < 1e-4, diff
     c = _adapter(base, tmp_path / "c", seed=3, target_modules=["v_proj"], trainable_token_indices=[5])
     with pytest.raises(MergeError, match="PEFT refuses overlapping tokens"):
