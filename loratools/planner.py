@@ -183,7 +183,9 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == b.numel() and torch.equal(a.reshape(-1), b.reshape(-1).to(a.dtype))
 
 
-def _grown(adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: dict[str, str], vocab: set[str]) -> dict[str, tuple[int, ...]]:
+def _grown(
+    adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: dict[str, str], vocab: set[str]
+) -> dict[str, tuple[int, ...]]:
     """The output shape of each vocabulary tensor a full tensor grows (an adapter trained after resize_token_embeddings)."""
     grown: dict[str, tuple[int, ...]] = {}
     for adapter in adapters:

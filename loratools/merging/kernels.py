@@ -113,7 +113,7 @@ class Kernel:
         x = scratch[:n].view(shape) if scratch is not None else torch.empty(shape, dtype=torch.float32, device=src.device)
         work = scratch[n : 2 * n] if scratch is not None else None
         x.copy_(self.replacement[r0:r1] if self.replacement is not None else src)
-        if self.token_rows is not None:
+        if self.token_rows is not None and self.token_values is not None:
             inside = (self.token_rows >= r0) & (self.token_rows < r1)
             x.index_copy_(0, self.token_rows[inside] - r0, self.token_values[inside])
         for term in self.terms:

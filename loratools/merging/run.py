@@ -184,7 +184,12 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
 
 
 def _file_plan(
-    header: Header, planned: dict[str, TensorEdit], edits: dict[str, Kernel], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor
+    header: Header,
+    planned: dict[str, TensorEdit],
+    edits: dict[str, Kernel],
+    dtype: str | None,
+    device: torch.device,
+    pool: ThreadPoolExecutor,
 ) -> FilePlan:
     """One shard's plan: its own tensors, plus each planned tensor the base does not store (an untied head)
     appended to the shard that holds its source."""
