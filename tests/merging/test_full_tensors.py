@@ -189,3 +189,54 @@ def test_disjoint_trainable_tokens_of_two_adapters_merge(tmp_path: Path) -> None
     c = _adapter(base, tmp_path / "c", seed=3, target_modules=["v_proj"], trainable_token_indices=[5])
     with pytest.raises(MergeError, match="PEFT refuses overlapping tokens"):
         loratools.merge(base, [a, c], out=tmp_path / "out2")
+
+
+PEFT_MERGES = {  # cases where PEFT's own merge_and_unload + save_pretrained gives its unmerged logits
+    "tied, modules_to_save lm_head": CASES["tied, modules_to_save lm_head"],
+    "tied, modules_to_save embed_tokens": CASES["tied, modules_to_save embed_tokens"],
+    "tied, ensure_weight_tying modules_to_save": CASES["tied, ensure_weight_tying modules_to_save"],
+    "tied, trainable tokens": CASES["tied, trainable tokens"],
+    "untied, modules_to_save both": CASES["untied, modules_to_save both"],
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(PEFT_MERGES))
+def test_low_precision_is_bit_identical_to_peft_merge(tmp_path: Path, case: str, dtype: torch.dtype) -> None:
+    tied, lora = PEFT_MERGES[case]
+    fp32 = _base(tmp_path / "fp32", tied=tied)
+    base = tmp_path / "base"
+    transformers.LlamaForCausalLM.from_pretrained(fp32, dtype=dtype).save_pretrained(base)
+    adapter = _adapter(fp32, tmp_path / "adapter", **lora)
+    out = tmp_path / "out"
+    loratools.merge(base, [adapter], out=out)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.PeftModel.from_pretrained(transformers.LlamaForCausalLM.from_pretrained(base, dtype=dtype), adapter)
+        pm.merge_and_unload().save_pretrained(tmp_path / "peft")
+    ours, theirs = load_file(out / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == json.loads(
+        (tmp_path / "peft" / "config.json").read_text()
+    )["tie_word_embeddings"]
+
+
+def test_unmerge_of_a_lora_on_a_tied_embedding_restores_the_base(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=True)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj", "embed_tokens", "lm_head"])
+    merged, back = tmp_path / "merged", tmp_path / "back"
+    loratools.merge(base, [adapter], out=merged)
+    loratools.unmerge(merged, adapter, out=back)
+    with torch.no_grad():
+        want = transformers.LlamaForCausalLM.from_pretrained(base).eval()(IDS).logits
+    assert float((_merged_logits(back) - want).abs().max()) < 1e-4
+
+
+def test_unmerge_refuses_trainable_tokens(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=False)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj"], trainable_token_indices=[3])
+    loratools.merge(base, [adapter], out=tmp_path / "merged")
+    with pytest.raises(MergeError, match="cannot unmerge"):
+        loratools.unmerge(tmp_path / "merged", adapter, out=tmp_path / "back")
