@@ -220,6 +220,15 @@ def resolve_tied(edits: dict[str, Any], tied: Tying | None, make: Any) -> dict[s
     return {TIED_CONFIG: False}
 
 
+def mixed_problems(edits: Mapping[str, Any]) -> list[Problem]:
+    """Trainable tokens on a tensor that is also replaced in full: PEFT cannot load both on one module
+    (its wrappers nest neither way), so the result has no reference; refused."""
+    message = "trainable tokens and a full copy (modules_to_save) both replace this tensor; PEFT cannot run both: merge them separately"
+    return [
+        Problem("tokens-replaced", key, message) for key, e in sorted(edits.items()) if e.tokens is not None and e.replacement is not None
+    ]
+
+
 def vocab_problems(
     edits: Mapping[str, Any], stored: Mapping[str, TensorInfo], tensors: Mapping[str, TensorInfo], vocab: set[str]
 ) -> tuple[list[Problem], dict[str, Any]]:

@@ -35,7 +35,7 @@ from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Problems that are conflicts between inputs rather than misfits with the base.
-CONFLICTS = frozenset({"dora-shared-tensor", "saved-conflict", "saved-weighted", "tokens-overlap"})
+CONFLICTS = frozenset({"dora-shared-tensor", "saved-conflict", "saved-weighted", "tokens-overlap", "tokens-replaced"})
 
 
 @dataclass(frozen=True)
@@ -175,6 +175,7 @@ def plan(
         for k in keys
     }
     config = full.resolve_tied(edits, tied, lambda key: TensorEdit(key))
+    problems += full.mixed_problems(edits)
     found, sizes = full.vocab_problems(edits, checkpoint.tensors, tensors, vocab)
     return Plan(edits, problems + found, {**config, **sizes})
 

@@ -218,9 +218,10 @@ def test_low_precision_is_bit_identical_to_peft_merge(tmp_path: Path, case: str,
     assert ours.keys() == theirs.keys()
     for key in ours:
         assert torch.equal(ours[key], theirs[key]), key
-    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] == json.loads(
-        (tmp_path / "peft" / "config.json").read_text()
-    )["tie_word_embeddings"]
+    assert (
+        json.loads((out / "config.json").read_text())["tie_word_embeddings"]
+        == json.loads((tmp_path / "peft" / "config.json").read_text())["tie_word_embeddings"]
+    )
 
 
 def test_unmerge_of_a_lora_on_a_tied_embedding_restores_the_base(tmp_path: Path) -> None:
@@ -240,3 +241,11 @@ def test_unmerge_refuses_trainable_tokens(tmp_path: Path) -> None:
     loratools.merge(base, [adapter], out=tmp_path / "merged")
     with pytest.raises(MergeError, match="cannot unmerge"):
         loratools.unmerge(tmp_path / "merged", adapter, out=tmp_path / "back")
+
+
+def test_tokens_on_a_replaced_tensor_are_refused(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=True)
+    mts = _adapter(base, tmp_path / "mts", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    tokens = _adapter(base, tmp_path / "tokens", target_modules=["q_proj"], trainable_token_indices=[3])
+    with pytest.raises(MergeError, match="PEFT cannot run both"):
+        loratools.merge(base, [mts, tokens], out=tmp_path / "out")
