@@ -53,6 +53,8 @@ class MergeResult:
     replaced: list[str] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    added: list[str] = field(default_factory=list)  # tensors the base does not store (an untied lm_head.weight)
+    config: dict[str, Any] = field(default_factory=dict)  # config.json fields set (tie_word_embeddings, vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -68,6 +70,8 @@ class MergeResult:
             "replaced": len(self.replaced),
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
+            "added": self.added,
+            "config": self.config,
         }
 
 
@@ -96,8 +100,11 @@ def merge(
 
     ``base`` is a HF model directory (``model.safetensors`` or shards + index) or one ``.safetensors``
     file; ``out`` (default :func:`default_out`) mirrors it: same files, tensor order, dtypes (unless
-    ``dtype``), index and side files.  Nothing is written unless every adapter module maps to a base
-    tensor of its ΔW's shape (:class:`ShapeError` lists every one that does not).  The output appears
+    ``dtype``), index and side files, plus what the adapters need beyond the base: a tied
+    ``lm_head.weight`` that no longer equals the embedding is written (``tie_word_embeddings: false``)
+    and a vocabulary the adapter grows sets ``vocab_size`` (:mod:`loratools.fulltensors`).  Nothing
+    is written unless every adapter module maps to a base tensor of its ΔW's shape
+    (:class:`ShapeError` lists every one that does not).  The output appears
     only when complete (a crash, Ctrl-C, kill -9 or full disk leaves none); ``fsync`` also flushes
     it to stable storage first.  ``direct`` writes around the page cache where the file system
     allows (:mod:`loratools.sink` says why); ``progress`` is called with (bytes written, bytes total).
@@ -127,7 +134,7 @@ def unmerge(
     2⁻¹⁰ for fp16, 2⁻²³ for fp32), and entries where ΔW is large next to W lose most of W's
     low bits.  Measured on a tiny Llama with |ΔW| ~ |W|: about two thirds of the merged entries come
     back changed, in fp32 as in bf16/fp16; untouched tensors come back bit-identical.  DoRA and
-    ``modules_to_save`` merges are refused: they replace what they touch, which cannot be undone.
+    ``modules_to_save`` / trainable-token merges are refused: they replace what they touch, which cannot be undone.
     """
     label = str(adapter) if not isinstance(adapter, Adapter) else "adapter #1"
     with single_threaded(pause_gc=True) as pool:
@@ -180,6 +187,8 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
         sorted(k for k, e in edits.items() if e.replacement is not None or e.token_rows is not None),
         total,
         time.perf_counter() - start,
+        sorted(name for p in plans for name in p.added),
+        dict(planned.config),
     )
 
 
@@ -197,12 +206,12 @@ def _file_plan(
     def out_dtype(info: TensorInfo) -> str:
         return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
 
-    added = {k: e.source for k, e in planned.items() if k not in header.tensors and e.source in header.tensors}
+    added = {k: e.source for k, e in planned.items() if k not in header.tensors and e.source is not None and e.source in header.tensors}
     names = {**{n: n for n in header.tensors}, **added}
     dtypes = {name: out_dtype(header.tensors[src]) for name, src in names.items()}
     transforms = {name: edits[name].transform(device, pool) for name in names if name in edits and not edits[name].trivial}
     shapes = {name: e.shape for name, e in planned.items() if name in names and e.shape is not None}
-    return FilePlan(header, dtypes, transforms, shapes, added)  # type: ignore[arg-type]
+    return FilePlan(header, dtypes, transforms, shapes, added)
 
 
 def _check_out(base: Path, out: Path, force: bool) -> None:
@@ -218,7 +227,8 @@ def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     """The planner's edits; raises before anything is written if it found any problem.
 
     :class:`ShapeError` lists every module (of every adapter) that does not fit the base;
-    :class:`MergeError` conflicts between terms (DoRA sharing a tensor).
+    :class:`MergeError` combinations with no exact result (DoRA sharing a tensor, different full copies
+    of one tensor, a weight on a full tensor, overlapping token rows).
     """
     result = plan(checkpoint, adapters, weights=weights, labels=labels)
     if result.ok:
@@ -228,5 +238,5 @@ def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Seque
     if len(problems) > _LISTED:
         listed += f"; ... and {len(problems) - _LISTED} more (`loratools validate ADAPTER --base BASE` lists all)"
     if all(p.code in CONFLICTS for p in result.problems):
-        raise MergeError(f"{len(problems)} conflict(s) between the adapters' terms; nothing was written: {listed}", path=checkpoint.root)
+        raise MergeError(f"{len(problems)} combination(s) with no exact result; nothing was written: {listed}", path=checkpoint.root)
     raise ShapeError(f"{len(problems)} adapter module(s) do not fit the base; nothing was written: {listed}", path=checkpoint.root)

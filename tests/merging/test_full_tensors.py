@@ -249,3 +249,11 @@ def test_tokens_on_a_replaced_tensor_are_refused(tmp_path: Path) -> None:
     tokens = _adapter(base, tmp_path / "tokens", target_modules=["q_proj"], trainable_token_indices=[3])
     with pytest.raises(MergeError, match="PEFT cannot run both"):
         loratools.merge(base, [mts, tokens], out=tmp_path / "out")
+
+
+def test_merge_result_names_the_added_head_and_config(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=True)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"])
+    result = loratools.merge(base, [adapter], out=tmp_path / "out")
+    assert result.added == ["lm_head.weight"] and result.config == {"tie_word_embeddings": False}
+    assert result.tensors == 21  # the base's 20 and the untied head
