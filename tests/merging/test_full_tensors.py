@@ -257,3 +257,33 @@ def test_merge_result_names_the_added_head_and_config(tmp_path: Path) -> None:
     result = loratools.merge(base, [adapter], out=tmp_path / "out")
     assert result.added == ["lm_head.weight"] and result.config == {"tie_word_embeddings": False}
     assert result.tensors == 21  # the base's 20 and the untied head
+
+
+@pytest.mark.parametrize(
+    "lora",
+    [
+        {"target_modules": ["lm_head"], "fan_in_fan_out": False},
+        {"target_modules": ["c_attn"], "modules_to_save": ["wte"], "fan_in_fan_out": True},
+    ],
+)
+def test_gpt2_tied_head(tmp_path: Path, lora: dict) -> None:
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2, n_positions=32)
+    base = tmp_path / "base"
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(base)
+    model = transformers.GPT2LMHeadModel.from_pretrained(base)
+    torch.manual_seed(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, r=4, lora_alpha=8, **lora))
+        with torch.no_grad():
+            for name, p in pm.named_parameters():
+                if p.requires_grad and "lora_" not in name:
+                    p.add_(torch.randn_like(p) * 0.5)
+        pm.save_pretrained(tmp_path / "adapter")
+        ref = peft.PeftModel.from_pretrained(transformers.GPT2LMHeadModel.from_pretrained(base), tmp_path / "adapter").eval()
+    assert loratools.validate(tmp_path / "adapter", base=base).ok
+    loratools.merge(base, [tmp_path / "adapter"], out=tmp_path / "out")
+    with torch.no_grad():
+        got = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "out").eval()(IDS).logits
+        assert float((got - ref(IDS).logits).abs().max()) < 1e-4
