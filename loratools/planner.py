@@ -11,7 +11,9 @@ one home each:
 * each full tensor (``modules_to_save``, saved ``base_layer`` weights) replaces a base tensor of
   its shape;
 * a DoRA module's tensor may be touched by nothing else, since its renormalisation would make the
-  result depend on the order of the terms.
+  result depend on the order of the terms;
+* full tensors, trainable tokens, tied heads and grown vocabularies follow
+  :mod:`loratools.fulltensors` (PEFT's inference semantics; a tied head is untied where needed).
 
 Only headers are read: a plan for a 140 GB base costs kilobytes of I/O.
 """
@@ -19,10 +21,12 @@ Only headers are read: a plan for a 140 GB base costs kilobytes of I/O.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
+from . import fulltensors as full
 from . import spec
 from .adapter import Adapter, LoraModule
 from .errors import Problem
@@ -31,7 +35,7 @@ from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Problems that are conflicts between inputs rather than misfits with the base.
-CONFLICTS = frozenset({"dora-shared-tensor"})
+CONFLICTS = frozenset({"dora-shared-tensor", "saved-conflict", "saved-weighted", "tokens-overlap", "tokens-replaced"})
 # Problems that say no exact merge exists for the adapter at all (see variant_problems).
 VARIANTS = frozenset({"residual-init", "alora-unmergeable", "layer-replication", "fan-in-fan-out-undecidable"})
 
@@ -54,12 +58,21 @@ class Term:
 
 @dataclass(frozen=True)
 class TensorEdit:
-    """Everything that changes one base tensor: LoRA terms, a DoRA magnitude, a full replacement."""
+    """Everything that changes one base tensor: LoRA terms, a DoRA magnitude, a full replacement, replaced rows.
+
+    ``source``: the base tensor read for this output when it is not ``key`` itself (an untied
+    ``lm_head.weight`` is written from ``embed_tokens.weight``).  ``shape``: the output shape when
+    the adapter grows the vocabulary (the replacement then gives every row).  Order: the
+    replacement (or base), then ``tokens``' rows, then the LoRA terms, then DoRA.
+    """
 
     key: str
     terms: tuple[Term, ...] = ()
     magnitude: torch.Tensor | None = None
     replacement: torch.Tensor | None = None
+    tokens: full.Tokens | None = None
+    source: str | None = None
+    shape: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +81,7 @@ class Plan:
 
     edits: dict[str, TensorEdit]
     problems: list[Problem]
+    config: dict[str, Any] = field(default_factory=dict)  # config.json fields the output sets (tie_word_embeddings, vocab_size)
 
     @property
     def errors(self) -> list[Problem]:
@@ -87,11 +101,16 @@ def plan(
     ``labels`` name the adapters in problem locations when there are several.
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
-    tensors = checkpoint.tensors
+    tied = full.tying(checkpoint, checkpoint.tensors)
+    tensors = full.with_head(checkpoint.tensors, tied)
+    vocab = full.vocab_keys(tensors, tied)
     index = module_index(list(tensors))
+    grown = _grown(adapters, tensors, index, vocab)
     terms: dict[str, list[Term]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
+    owners: dict[str, int] = {}
+    tokens: dict[str, list[full.Tokens]] = {}
     problems: list[Problem] = []
     model_config = checkpoint.model_config()
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
@@ -100,12 +119,12 @@ def plan(
         problems += variants
         if any(p.severity == "error" for p in variants):  # the modules do not mean W + ΔW on this base: plan nothing of it
             continue
-        found = {name: key for name in adapter.modules if (key := find_weight(name, index)) is not None}
-        layouts, layout_problems = orientations(adapter, {n: tensors[k] for n, k in found.items()}, model_config, label)
+        matched = {name: key for name in adapter.modules if (key := find_weight(name, index)) is not None}
+        layouts, layout_problems = orientations(adapter, {n: tensors[k] for n, k in matched.items()}, model_config, label)
         problems += layout_problems
         for name, module in adapter.modules.items():
             where = f"{label}{spec.PREFIX}{name}"
-            key = found.get(name)
+            key = matched.get(name)
             if key is None:
                 problems.append(
                     Problem("base-unmatched", where, f"no base tensor matches (looked for {name}.weight, with and without prefixes)")
@@ -114,7 +133,7 @@ def plan(
             if name not in layouts:
                 continue  # orientations() reported why
             transposed = layouts[name]
-            problem = _fit(module, transposed, tensors[key], where)
+            problem = _fit(module, transposed, tensors[key], where, grown.get(key))
             if problem is not None:
                 problems.append(problem)
                 continue
@@ -131,16 +150,29 @@ def plan(
                     problems.append(Problem("base-bias-unmatched", f"{where}.lora_B.bias", message))
                     continue
                 terms.setdefault(bias_key, []).append(Term(i, name, module, weight, False, bias=module.bias))
-        for key, tensor in adapter.extra_tensors.items():
-            target = replaced_key(key, tensors, index)
+        for key, tensor in full.saved_tensors(adapter.extra_tensors).items():
+            target = replaced_key(key.removesuffix(full.TOKENS_SUFFIX) + ".weight" if full.is_tokens(key) else key, tensors, index)
             if target is None:
                 message = f"saved tensor {list(tensor.shape)} would replace a base tensor, but no base tensor matches"
-                problems.append(Problem("saved-unmatched", f"{label}{key}", message))
-            elif tensors[target].shape != tuple(tensor.shape):
-                message = f"saved tensor {list(tensor.shape)} would replace base tensor {target}, which is {list(tensors[target].shape)}"
-                problems.append(Problem("saved-shape-mismatch", f"{label}{key}", message))
+                problems.append(Problem("tokens-unmatched" if full.is_tokens(key) else "saved-unmatched", f"{label}{key}", message))
+            elif full.is_tokens(key):
+                indices = full.token_indices(adapter.config, key)
+                found = full.token_problems(tensor, indices, tensors[target], f"{label}{key}", weight)
+                problems += found
+                if not found and indices is not None:
+                    tokens.setdefault(target, []).append(full.Tokens(tuple(indices), tensor))
             else:
-                replacements[target] = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+                found = full.full_problems(key, tensor, target, tensors[target], weight, f"{label}{key}", vocab)
+                if not found and target in replacements and not _equal(replacements[target], tensor):
+                    message = (
+                        f"adapters {owners[target] + 1} and {i + 1} hold different full copies of {target}; "
+                        "a full tensor replaces the base, so the result would depend on the order: merge one of them"
+                    )
+                    found.append(Problem("saved-conflict", f"{label}{key}", message))
+                problems += found
+                if not found:
+                    replacements[target] = tensor.reshape(tensor.shape[0] if tensor.dim() else 1, -1)
+                    owners.setdefault(target, i)
     for key in sorted(k for k in magnitudes if len(terms[k]) > 1):
         names = ", ".join(sorted({t.module for t in terms[key]}))
         message = (
@@ -148,15 +180,46 @@ def plan(
             "so the result would depend on merge order: merge them one at a time"
         )
         problems.append(Problem("dora-shared-tensor", key, message))
-    keys = terms.keys() | replacements.keys()
-    edits = {k: TensorEdit(k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k)) for k in keys}
-    return Plan(edits, problems)
+    merged_tokens: dict[str, full.Tokens] = {}
+    for key, parts in tokens.items():
+        one, found = full.merge_tokens(parts, key)
+        problems += found
+        if one is not None:
+            merged_tokens[key] = one
+    keys = terms.keys() | replacements.keys() | merged_tokens.keys()
+    edits = {
+        k: TensorEdit(k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k), merged_tokens.get(k), None, grown.get(k))
+        for k in keys
+    }
+    config = full.resolve_tied(edits, tied, lambda key: TensorEdit(key))
+    problems += full.mixed_problems(edits)
+    found, sizes = full.vocab_problems(edits, checkpoint.tensors, tensors, vocab)
+    return Plan(edits, problems + found, {**config, **sizes})
 
 
-def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str) -> Problem | None:
-    """Why ``module``'s ΔW (stored transposed when ``transposed``) cannot be added to base tensor ``info``, or None."""
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.numel() == b.numel() and torch.equal(a.reshape(-1), b.reshape(-1).to(a.dtype))
+
+
+def _grown(
+    adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: dict[str, str], vocab: set[str]
+) -> dict[str, tuple[int, ...]]:
+    """The output shape of each vocabulary tensor a full tensor grows (an adapter trained after resize_token_embeddings)."""
+    grown: dict[str, tuple[int, ...]] = {}
+    for adapter in adapters:
+        for key, tensor in full.saved_tensors(adapter.extra_tensors).items():
+            target = None if full.is_tokens(key) else replaced_key(key, tensors, index)
+            if target in vocab and target is not None and tuple(tensor.shape[1:]) == tensors[target].shape[1:]:
+                if tensor.shape[0] > tensors[target].shape[0]:
+                    grown[target] = max(grown.get(target, ()), tuple(tensor.shape))
+    return grown
+
+
+def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str, grown: tuple[int, ...] | None = None) -> Problem | None:
+    """Why ``module``'s ΔW (stored transposed when ``transposed``) cannot be added to base tensor ``info``
+    (of shape ``grown`` when the adapter grows it), or None."""
     want = module.delta_shape(fan_in_fan_out=transposed and module.kind == "linear")
-    if info.shape != want:
+    if (grown or info.shape) != want:
         return Problem("base-shape-mismatch", where, f"ΔW has shape {list(want)} but base tensor {info.name} is {list(info.shape)}")
     if info.dtype not in FLOAT_DTYPES:
         return Problem(

@@ -19,6 +19,7 @@ from . import spec
 from .adapter import Adapter, RawAdapter, from_raw
 from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError, Problem
 from .formats.registry import read_raw
+from .fulltensors import EMBED_SUFFIXES, TOKENS_SUFFIX
 from .io.checkpoint import open_checkpoint
 from .io.remote import local_path
 from .io.tensorfile import DTYPE_NAMES, data_sha256, header_layout_sha256
@@ -171,11 +172,21 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
     return problems
 
 
+def _tied_target(config: dict[str, Any], name: str) -> bool:
+    """``ensure_weight_tying``: PEFT targets the head tied to a targeted embedding itself
+    (``_add_targets_to_tie``, peft/tuners/tuners_utils.py 0.21.2), so its tensors are not ignored."""
+    return bool(config.get("ensure_weight_tying")) and name.rsplit(".", 1)[-1] == "lm_head"
+
+
 def _is_saved_module(key: str, config: dict[str, Any] | None) -> bool:
-    """Full tensors PEFT saves on purpose: modules_to_save, embedding base layers, trained biases."""
+    """Full tensors PEFT saves on purpose: modules_to_save, embedding base layers, trained biases, trainable tokens."""
     config = config or {}
     if ".base_layer" in key or (key.endswith(".bias") and config.get("bias") in ("all", "lora_only")):
         return True
+    if key.endswith(TOKENS_SUFFIX) and config.get("trainable_token_indices"):
+        return True  # peft/tuners/trainable_tokens: rows of an embedding, replaced at load
+    if key.endswith(EMBED_SUFFIXES) or key.endswith("lm_head.weight"):
+        return True  # a resized vocabulary's layers, saved whole (peft/utils/save_and_load.py save_embedding_layers)
     module = key.removeprefix(spec.PREFIX).rsplit(".", 1)[0]
     return any(module == s or module.endswith("." + s) or f".{s}." in f".{module}." for s in config.get("modules_to_save") or [])
 
@@ -225,7 +236,7 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
             )
     if config is None:
         return problems
-    if not spec.targets(config, name):
+    if not spec.targets(config, name) and not _tied_target(config, name):
         problems.append(
             Problem(
                 "not-targeted",

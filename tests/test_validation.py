@@ -257,3 +257,18 @@ def test_rewritten_by_another_tool_is_a_warning_not_corruption(tmp_path):
     data[-1] ^= 0x01
     (tmp_path / "c.safetensors").write_bytes(bytes(data))
     assert codes(validate(tmp_path / "c.safetensors")) == ["checksum-mismatch"]
+
+
+def test_trainable_tokens_are_what_peft_loads(tmp_path):
+    tokens = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    tensors = {f"{Q}.lora_A.weight": torch.ones(2, 16), f"{Q}.lora_B.weight": torch.ones(16, 2), tokens: torch.ones(2, 16)}
+    assert validate(write(tmp_path / "a", tensors, {**CONFIG, "trainable_token_indices": [1, 2]})).problems == []
+    assert codes(validate(write(tmp_path / "b", tensors))) == ["unexpected-tensor"]  # no indices: PEFT ignores it
+
+
+def test_ensure_weight_tying_targets_the_tied_head(tmp_path):
+    head = "base_model.model.lm_head"
+    tensors = {f"{head}.lora_A.weight": torch.ones(2, 16), f"{head}.lora_B.weight": torch.ones(64, 2)}
+    config = {**CONFIG, "target_modules": ["embed_tokens"]}
+    assert codes(validate(write(tmp_path / "a", tensors, config))) == ["not-targeted"]
+    assert validate(write(tmp_path / "b", tensors, {**config, "ensure_weight_tying": True})).problems == []

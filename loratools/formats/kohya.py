@@ -141,12 +141,14 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
 
 
 def _module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str]) -> LoraModule:
-    """One module from its ``tensors``; a missing alpha means alpha = r (scale 1)."""
+    """One module from its ``tensors``; a missing alpha, or alpha 0, means alpha = r (scale 1), as in sd-scripts."""
     A, B = tensors[parts[DOWN]], tensors[parts[UP]]
     why = spec.factor_shape_problem(A.shape, B.shape)
     if why:
         raise FormatError(f"lora_down {list(A.shape)} and lora_up {list(B.shape)}: {why}", path=path, key=name, code="bad-shape")
-    alpha = alpha_value(tensors[parts[ALPHA]], path=path, key=parts[ALPHA]) if ALPHA in parts else float(A.shape[0])
+    # sd-scripts networks/lora.py (LoRAModule.__init__): a missing alpha, or alpha 0, means alpha = rank
+    stored = alpha_value(tensors[parts[ALPHA]], path=path, key=parts[ALPHA]) if ALPHA in parts else 0.0
+    alpha = stored if stored != 0.0 else float(A.shape[0])
     dora = tensors[parts[DORA]] if DORA in parts else None
     magnitude = None
     if dora is not None:
@@ -203,8 +205,10 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
         if name + DOWN in tensors:
             raise FormatError(f"two modules flatten to the same kohya name {name}", key=module)
         tensors[name + DOWN] = m.A.contiguous()
-        tensors[name + UP] = m.B.contiguous()
-        tensors[name + ALPHA] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        alpha = m.scale * m.rank
+        # readers take alpha 0 for "alpha = rank" (sd-scripts), so a zero scale goes into lora_up instead
+        tensors[name + UP] = (m.B if alpha != 0 else torch.zeros_like(m.B)).contiguous()
+        tensors[name + ALPHA] = torch.tensor(alpha if alpha != 0 else float(m.rank), dtype=torch.float32)
         if m.magnitude is not None:
             tensors[name + DORA] = m.magnitude.reshape(-1, *([1] * (m.A.dim() - 1))).contiguous()
     return tensors, _kohya_metadata(adapter)

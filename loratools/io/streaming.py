@@ -14,6 +14,7 @@ the model: a 70B checkpoint streams on a machine with a fraction of its size in 
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import queue
@@ -21,7 +22,7 @@ import shutil
 import threading
 import warnings
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ import torch
 from ..errors import DiskSpaceError, FormatError
 from .atomic import TEMP_PREFIX, atomic_output
 from .checkpoint import INDEX_NAME, Checkpoint
-from .files import NO_SPACE, copy_regular, human_bytes, open_regular, tree_files
+from .files import NO_SPACE, copy_regular, human_bytes, open_regular, read_text, tree_files
 from .pipeline import Stopped, Worker, get, put
 from .sink import ALIGN, Sink
 from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header, tensor_bytes
@@ -48,37 +49,51 @@ _SKIP_DIRS = {".git", ".cache", ".huggingface"}
 
 @dataclass(frozen=True)
 class FilePlan:
-    """How one output file derives from one input file: the output dtype and transform per tensor.
+    """How one output file derives from one input file: the output dtype, shape and transform per tensor.
 
-    With every dtype unchanged the input's header bytes are reused verbatim, so tensor order,
-    offsets and ``__metadata__`` are exactly the input's.
+    With every dtype and shape unchanged and nothing added, the input's header bytes are reused
+    verbatim, so tensor order, offsets and ``__metadata__`` are exactly the input's.  ``shapes``
+    gives a tensor a new output shape (a vocabulary grown by the adapter): its transform then fills a
+    ``dst`` with more rows than ``src``.  ``added`` appends tensors the input does not store, each
+    computed from a tensor of this file (``lm_head.weight`` from the tied ``embed_tokens.weight``
+    when a merge unties them), after the input's tensors, in the order given.
     """
 
     header: Header
     dtypes: Mapping[str, str]
     transforms: Mapping[str, Transform]
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    added: Mapping[str, str] = field(default_factory=dict)  # new tensor name -> source tensor name in this file
 
     @property
     def tensors(self) -> list[TensorInfo]:
         return sorted(self.header.tensors.values(), key=lambda t: t.start)
 
-    def out_nbytes(self, info: TensorInfo) -> int:
-        return info.numel * ITEMSIZE[self.dtypes[info.name]]
+    @property
+    def outputs(self) -> list[tuple[str, TensorInfo]]:
+        """(output name, the input tensor it is read from), in output file order."""
+        return [(t.name, t) for t in self.tensors] + [(name, self.header.tensors[src]) for name, src in self.added.items()]
 
-    def computed(self, info: TensorInfo) -> bool:
-        return info.name in self.transforms or self.dtypes[info.name] != info.dtype
+    def out_shape(self, name: str, info: TensorInfo) -> tuple[int, ...]:
+        return self.shapes.get(name, info.shape)
+
+    def out_nbytes(self, name: str, info: TensorInfo) -> int:
+        return math.prod(self.out_shape(name, info)) * ITEMSIZE[self.dtypes[name]]
+
+    def computed(self, name: str, info: TensorInfo) -> bool:
+        return name in self.transforms or self.dtypes[name] != info.dtype or self.out_shape(name, info) != info.shape
 
     def header_bytes(self) -> bytes:
-        if all(self.dtypes[t.name] == t.dtype for t in self.tensors):
+        if not self.added and all(self.dtypes[t.name] == t.dtype and self.out_shape(t.name, t) == t.shape for t in self.tensors):
             with open_regular(self.header.path) as fh:
                 return fh.read(self.header.data_start)
-        plan = [(t.name, self.dtypes[t.name], t.shape) for t in self.tensors]
+        plan = [(name, self.dtypes[name], self.out_shape(name, info)) for name, info in self.outputs]
         return encode_header(plan, self.header.metadata)[0]
 
     @property
     def data_bytes(self) -> int:
         """Bytes of tensor data in the output file (the index's ``total_size`` sums these)."""
-        return sum(self.out_nbytes(t) for t in self.tensors)
+        return sum(self.out_nbytes(name, info) for name, info in self.outputs)
 
     @property
     def size(self) -> int:
@@ -115,13 +130,13 @@ def _matrix(buf: torch.Tensor, dtype: str, shape: tuple[int, ...], nbytes: int) 
     return buf[:nbytes].view(DTYPES[dtype]).reshape(rows, cols)
 
 
-def _pieces(plan: FilePlan, info: TensorInfo) -> list[tuple[int, int]]:
+def _pieces(plan: FilePlan, name: str, info: TensorInfo) -> list[tuple[int, int]]:
     """File ranges read ahead for one tensor: whole when transformed, else in chunks of at most _CHUNK bytes.
 
     Untouched tensors pass through in chunks so a huge one (a 70B model's embeddings) is never
     mapped whole; transformed ones are read whole.
     """
-    if plan.computed(info) or info.nbytes <= _CHUNK:
+    if plan.computed(name, info) or info.nbytes <= _CHUNK:
         return [(info.start, info.end)]
     return [(a, min(a + _CHUNK, info.end)) for a in range(info.start, info.end, _CHUNK)]
 
@@ -157,13 +172,13 @@ def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Qu
     the tensors it transforms into pinned pool buffers (so uploads run asynchronously)."""
     if hasattr(os, "posix_fadvise"):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-    for info in plan.tensors:
-        if pool is not None and plan.computed(info):
+    for name, info in plan.outputs:
+        if pool is not None and plan.computed(name, info):
             buf = get(pool, stop)
             _pread_into(fd, tensor_bytes(buf[: info.nbytes]), info.start, plan.header.path)
             put(reads, buf, stop)
             continue
-        for start, end in _pieces(plan, info):
+        for start, end in _pieces(plan, name, info):
             put(reads, _map(fd, start, end), stop)
 
 
@@ -190,11 +205,11 @@ def stream_files(
     ``fsync`` flushes each file to stable storage before returning (durability against power loss;
     like ``cp`` and ``save_pretrained``, the default leaves that to the OS).
     """
-    computed = [(p, t) for p, _ in jobs for t in p.tensors if p.computed(t)]
-    in_pool = _pool(max((t.nbytes for _, t in computed), default=0), pin) if pin else None
+    computed = [(p, n, t) for p, _ in jobs for n, t in p.outputs if p.computed(n, t)]
+    in_pool = _pool(max((t.nbytes for _, _, t in computed), default=0), pin) if pin else None
     # Pinned buffers get no placement room: the caching host allocator rounds sizes up to a power
     # of two, so 4 KiB more on a power-of-two tensor would double them; their writes bounce instead.
-    out_pool = _pool(max((p.out_nbytes(t) for p, t in computed), default=0), pin, room=0 if pin else ALIGN)
+    out_pool = _pool(max((p.out_nbytes(n, t) for p, n, t in computed), default=0), pin, room=0 if pin else ALIGN)
     for plan, dst in jobs:
         _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), direct, fsync)
 
@@ -271,18 +286,18 @@ def _feed(
     ``offset``: where the first tensor starts in the output file; each output is placed in its
     buffer congruent to its own offset, so the sink can write it straight from there.
     """
-    for info in plan.tensors:
-        if not plan.computed(info):
-            for _ in _pieces(plan, info):
+    for name, info in plan.outputs:
+        if not plan.computed(name, info):
+            for _ in _pieces(plan, name, info):
                 put(writes, (get(reads, stop), None), stop)
             offset += info.nbytes
             continue
         src = get(reads, stop)
         out = get(out_pool, stop)
-        n = plan.out_nbytes(info)
-        dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[info.name]])
-        plan.transforms.get(info.name, _cast)(
-            _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[info.name], info.shape, n)
+        n = plan.out_nbytes(name, info)
+        dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[name]])
+        plan.transforms.get(name, _cast)(
+            _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[name], plan.out_shape(name, info), n)
         )
         if in_pool is not None:
             in_pool.put(src)
@@ -330,9 +345,14 @@ def copy_side_files(root: Path, paths: list[Path], dst: Path) -> None:
         copy_regular(root / rel, dst / rel)
 
 
-def write_index(index: Mapping[str, Any], total_size: int, dst: Path) -> None:
-    """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size."""
+def write_index(index: Mapping[str, Any], total_size: int, dst: Path, added: Mapping[str, str] | None = None) -> None:
+    """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size.
+
+    ``added``: tensors the output holds beyond the base's, by name -> shard file name.
+    """
     out = dict(index)
+    if added:
+        out["weight_map"] = {**dict(index.get("weight_map") or {}), **dict(added)}
     out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total_size}
     dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -376,11 +396,43 @@ class WriteOptions:
     progress: Callable[[int, int], None] | None = None
 
 
-def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, options: WriteOptions, *, pin: bool = False) -> int:
+CONFIG_NAME = "config.json"
+
+
+def update_config(path: Path, updates: Mapping[str, Any]) -> None:
+    """Set top-level fields of a copied ``config.json`` (``tie_word_embeddings``, ``vocab_size``).
+
+    transformers reads ``text_config`` first for multimodal models, so a field found there is set there too.
+    """
+    if not updates or not path.is_file():
+        return
+    try:
+        config = json.loads(read_text(path))
+    except (ValueError, RecursionError) as err:  # JSONDecodeError; FormatError from read_text is a ValueError too
+        raise FormatError(f"cannot update the base's config ({err}); the merge changes {sorted(updates)}", path=path) from None
+    if not isinstance(config, dict):
+        raise FormatError(f"is not a JSON object, so the merge cannot set {sorted(updates)} in it", path=path)
+    config.update(updates)
+    text = config.get("text_config")
+    if isinstance(text, dict):
+        text.update({k: v for k, v in updates.items() if k in text})
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def write_checkpoint(
+    checkpoint: Checkpoint,
+    plans: list[FilePlan],
+    out: Path,
+    options: WriteOptions,
+    *,
+    pin: bool = False,
+    config: Mapping[str, Any] | None = None,
+) -> int:
     """Write a checkpoint mirroring ``checkpoint`` to ``out``, atomically; returns the bytes of weights written.
 
-    One output shard per plan (same names and order), the index with its new ``total_size``, and the
-    side files.  Free space is checked first.  ``pin``: stage tensors in pinned memory (GPU compute).
+    One output shard per plan (same names and order), the index with its new ``total_size`` and the
+    plans' added tensors, and the side files, ``config.json`` with ``config``'s fields set.  Free
+    space is checked first.  ``pin``: stage tensors in pinned memory (GPU compute).
     """
     extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
     total = sum(p.size for p in plans)
@@ -397,8 +449,11 @@ def write_checkpoint(checkpoint: Checkpoint, plans: list[FilePlan], out: Path, o
             jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
             stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
             if checkpoint.index is not None:
-                write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME)
+                added = {name: s.name for p, s in zip(plans, checkpoint.shards, strict=True) for name in p.added}
+                write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME, added)
             copy_side_files(checkpoint.root, extras, tmp)
+            if not checkpoint.is_file:
+                update_config(tmp / CONFIG_NAME, config or {})
         except OSError as err:
             if err.errno not in NO_SPACE and not isinstance(err, DiskSpaceError):
                 raise

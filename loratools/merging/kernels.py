@@ -12,7 +12,9 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
 * DoRA: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output feature: per row of linear and conv
   weights, per column of ``fan_in_fan_out`` weights and of embeddings (PEFT's conventions).
 * ``modules_to_save`` and saved ``*.base_layer.weight`` tensors replace the base tensor (LoRA terms on
-  the same tensor then apply on top of the replacement, as in PEFT).
+  the same tensor then apply on top of the replacement, as in PEFT); trainable tokens replace rows
+  (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
+  every output row.
 
 Everything is computed in float32 from the stored values and rounded once to the output dtype.
 PEFT does the same, in the same order, when its adapter weights are float32 (its default: adapters
@@ -75,6 +77,13 @@ class Kernel:
     terms: tuple[RowTerm, ...] = ()
     magnitude: torch.Tensor | None = None
     replacement: torch.Tensor | None = None
+    token_rows: torch.Tensor | None = None  # long (k,): rows replaced by token_values (k, cols) float32
+    token_values: torch.Tensor | None = None
+
+    @property
+    def trivial(self) -> bool:
+        """Nothing changes: the output is the source tensor's bytes (an untied head copied from the embedding)."""
+        return not self.terms and self.magnitude is None and self.replacement is None and self.token_rows is None
 
     @property
     def norm_cols(self) -> bool:
@@ -85,17 +94,28 @@ class Kernel:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
             return t.to(device) if t is not None else None
 
-        return Kernel(self.key, tuple(t.to(device) for t in self.terms), move(self.magnitude), move(self.replacement))
+        return Kernel(
+            self.key,
+            tuple(t.to(device) for t in self.terms),
+            move(self.magnitude),
+            move(self.replacement),
+            move(self.token_rows),
+            move(self.token_values),
+        )
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Merged rows ``r0:r1`` in float32, from base rows ``src`` (any float dtype).
 
         ``scratch``: optional flat float32 buffer of at least 2·``src.numel()`` elements to work in.
         """
-        n = src.numel()
-        x = scratch[:n].view(src.shape) if scratch is not None else torch.empty(src.shape, dtype=torch.float32, device=src.device)
+        shape = (r1 - r0, src.shape[1])
+        n = shape[0] * shape[1]
+        x = scratch[:n].view(shape) if scratch is not None else torch.empty(shape, dtype=torch.float32, device=src.device)
         work = scratch[n : 2 * n] if scratch is not None else None
         x.copy_(self.replacement[r0:r1] if self.replacement is not None else src)
+        if self.token_rows is not None and self.token_values is not None:
+            inside = (self.token_rows >= r0) & (self.token_rows < r1)
+            x.index_copy_(0, self.token_rows[inside] - r0, self.token_values[inside])
         for term in self.terms:
             delta = term.rows(r0, r1, work)
             x.add_(delta.to(src.dtype) if term.rounded else delta)
@@ -111,7 +131,9 @@ class Kernel:
         edit = self.to(device)
 
         def run(src: torch.Tensor, dst: torch.Tensor) -> None:
-            rows = src.shape[0]
+            rows = dst.shape[0]
+            if rows != src.shape[0]:  # a grown vocabulary: the replacement gives every row, src only its dtype
+                src = src[:0]
             if device.type != "cpu":
                 dst.copy_(edit.rows(src.to(device, non_blocking=True), 0, rows))  # waits for the GPU
                 return
@@ -122,7 +144,7 @@ class Kernel:
                 need = 2 * (r1 - r0) * src.shape[1]
                 if getattr(_scratch, "buf", None) is None or _scratch.buf.numel() < need:
                     _scratch.buf = torch.empty(max(need, 2 * _BLOCK), dtype=torch.float32)
-                dst[r0:r1].copy_(edit.rows(src[r0:r1], r0, r1, _scratch.buf))
+                dst[r0:r1].copy_(edit.rows(src[r0:r1] if src.shape[0] else src, r0, r1, _scratch.buf))
 
             if pool is None:
                 for r0 in range(0, rows, step):
@@ -148,4 +170,8 @@ def kernel(edit: TensorEdit) -> Kernel:
         B, A = flat(t.lora.B.float(), t.lora.A.float())
         rounded = t.lora.kind == "embedding" and t.lora.magnitude is None
         terms.append(RowTerm(B, A, scale, t.transposed, rounded))
-    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement)
+    rows = values = None
+    if edit.tokens is not None:
+        rows = torch.tensor(edit.tokens.indices, dtype=torch.long)
+        values = edit.tokens.values.float().reshape(len(edit.tokens.indices), -1)
+    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values)

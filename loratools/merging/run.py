@@ -30,7 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, TensorEdit, plan
+from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, Plan, TensorEdit, plan
 from .kernels import Kernel, kernel
 
 _LISTED = 8  # problems named in one error line; validate --base lists every one
@@ -54,6 +54,8 @@ class MergeResult:
     bytes_written: int = 0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)  # the planner's warnings ("where: message"), e.g. an overridden fan_in_fan_out
+    added: list[str] = field(default_factory=list)  # tensors the base does not store (an untied lm_head.weight)
+    config: dict[str, Any] = field(default_factory=dict)  # config.json fields set (tie_word_embeddings, vocab_size)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -70,6 +72,8 @@ class MergeResult:
             "bytes_written": self.bytes_written,
             "seconds": round(self.seconds, 3),
             "warnings": self.warnings,
+            "added": self.added,
+            "config": self.config,
         }
 
 
@@ -98,8 +102,11 @@ def merge(
 
     ``base`` is a HF model directory (``model.safetensors`` or shards + index) or one ``.safetensors``
     file; ``out`` (default :func:`default_out`) mirrors it: same files, tensor order, dtypes (unless
-    ``dtype``), index and side files.  Nothing is written unless every adapter module maps to a base
-    tensor of its ΔW's shape (:class:`ShapeError` lists every one that does not).  The output appears
+    ``dtype``), index and side files, plus what the adapters need beyond the base: a tied
+    ``lm_head.weight`` that no longer equals the embedding is written (``tie_word_embeddings: false``)
+    and a vocabulary the adapter grows sets ``vocab_size`` (:mod:`loratools.fulltensors`).  Nothing
+    is written unless every adapter module maps to a base tensor of its ΔW's shape
+    (:class:`ShapeError` lists every one that does not).  The output appears
     only when complete (a crash, Ctrl-C, kill -9 or full disk leaves none); ``fsync`` also flushes
     it to stable storage first.  ``direct`` writes around the page cache where the file system
     allows (:mod:`loratools.sink` says why); ``progress`` is called with (bytes written, bytes total).
@@ -129,7 +136,7 @@ def unmerge(
     2⁻¹⁰ for fp16, 2⁻²³ for fp32), and entries where ΔW is large next to W lose most of W's
     low bits.  Measured on a tiny Llama with |ΔW| ~ |W|: about two thirds of the merged entries come
     back changed, in fp32 as in bf16/fp16; untouched tensors come back bit-identical.  DoRA and
-    ``modules_to_save`` merges are refused: they replace what they touch, which cannot be undone.
+    ``modules_to_save`` / trainable-token merges are refused: they replace what they touch, which cannot be undone.
     """
     label = str(adapter) if not isinstance(adapter, Adapter) else "adapter #1"
     with single_threaded(pause_gc=True) as pool:
@@ -165,10 +172,10 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
     out = Path(out) if out is not None else default_out(base)
     _check_out(base, out, options.force)
     target = resolve_device(device)
-    planned, warned = _planned(checkpoint, adapters, weights, labels)
-    edits = {key: kernel(edit) for key, edit in planned.items()}
-    plans = [_file_plan(checkpoint.headers[s.name], edits, code, target, pool) for s in checkpoint.shards]
-    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda")
+    planned = _planned(checkpoint, adapters, weights, labels)
+    edits = {key: kernel(edit) for key, edit in planned.edits.items()}
+    plans = [_file_plan(checkpoint.headers[s.name], planned.edits, edits, code, target, pool) for s in checkpoint.shards]
+    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda", config=planned.config)
     return MergeResult(
         out,
         base,
@@ -177,22 +184,37 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
         target.type,
         spec.dtype_choice(dtype),
         len(plans),
-        len(checkpoint.tensors),
+        len(checkpoint.tensors) + sum(len(p.added) for p in plans),
         sorted(k for k, e in edits.items() if e.terms),
-        sorted(k for k, e in edits.items() if e.replacement is not None),
+        sorted(k for k, e in edits.items() if e.replacement is not None or e.token_rows is not None),
         total,
         time.perf_counter() - start,
-        warned,
+        [f"{p.where}: {p.message}" for p in planned.problems if p.severity == "warning"],
+        sorted(name for p in plans for name in p.added),
+        dict(planned.config),
     )
 
 
-def _file_plan(header: Header, edits: dict[str, Kernel], dtype: str | None, device: torch.device, pool: ThreadPoolExecutor) -> FilePlan:
+def _file_plan(
+    header: Header,
+    planned: dict[str, TensorEdit],
+    edits: dict[str, Kernel],
+    dtype: str | None,
+    device: torch.device,
+    pool: ThreadPoolExecutor,
+) -> FilePlan:
+    """One shard's plan: its own tensors, plus each planned tensor the base does not store (an untied head)
+    appended to the shard that holds its source."""
+
     def out_dtype(info: TensorInfo) -> str:
         return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
 
-    dtypes = {name: out_dtype(info) for name, info in header.tensors.items()}
-    transforms = {name: edits[name].transform(device, pool) for name in header.tensors if name in edits}
-    return FilePlan(header, dtypes, transforms)
+    added = {k: e.source for k, e in planned.items() if k not in header.tensors and e.source is not None and e.source in header.tensors}
+    names = {**{n: n for n in header.tensors}, **added}
+    dtypes = {name: out_dtype(header.tensors[src]) for name, src in names.items()}
+    transforms = {name: edits[name].transform(device, pool) for name in names if name in edits and not edits[name].trivial}
+    shapes = {name: e.shape for name, e in planned.items() if name in names and e.shape is not None}
+    return FilePlan(header, dtypes, transforms, shapes, added)
 
 
 def _check_out(base: Path, out: Path, force: bool) -> None:
@@ -204,17 +226,16 @@ def _check_out(base: Path, out: Path, force: bool) -> None:
     check_output(out, force=force)
 
 
-def _planned(
-    checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]
-) -> tuple[dict[str, TensorEdit], list[str]]:
-    """The planner's edits and warnings; raises before anything is written if it found any error.
+def _planned(checkpoint: Checkpoint, adapters: Sequence[Adapter], weights: Sequence[float], labels: Sequence[str]) -> Plan:
+    """The planner's plan; raises before anything is written if it found any error (warnings pass).
 
     :class:`ShapeError` lists every module (of every adapter) that does not fit the base;
-    :class:`MergeError` conflicts between terms (DoRA sharing a tensor).
+    :class:`MergeError` combinations with no exact result (DoRA sharing a tensor, different full copies
+    of one tensor, a weight on a full tensor, overlapping token rows).
     """
     result = plan(checkpoint, adapters, weights=weights, labels=labels)
     if result.ok:
-        return result.edits, [f"{p.where}: {p.message}" for p in result.problems if p.severity == "warning"]
+        return result
     errors = result.errors
     problems = [f"{p.where}: {p.message}" for p in errors]
     listed = "; ".join(problems[:_LISTED])
@@ -223,5 +244,5 @@ def _planned(
     if all(p.code in VARIANTS for p in errors):
         raise MergeError(f"no exact merge exists; nothing was written: {listed}", path=checkpoint.root)
     if all(p.code in CONFLICTS for p in errors):
-        raise MergeError(f"{len(problems)} conflict(s) between the adapters' terms; nothing was written: {listed}", path=checkpoint.root)
+        raise MergeError(f"{len(problems)} combination(s) with no exact result; nothing was written: {listed}", path=checkpoint.root)
     raise ShapeError(f"{len(problems)} adapter module(s) do not fit the base; nothing was written: {listed}", path=checkpoint.root)

@@ -12,9 +12,11 @@ Math runs in float32 (float64 for the r x r cores); outputs keep each input modu
 ``dtype`` is given.  DoRA adapters are refused: their magnitude step renormalises W + ΔW row by row,
 so it is not linear in ΔW and neither sums nor truncations of ΔW carry over.
 
-``modules_to_save`` tensors replace base weights rather than add to them, so they cannot be summed or
-scaled: they pass through unchanged, and adding adapters whose copies of the same tensor differ is an
-error.
+``modules_to_save`` tensors and trainable-token rows replace base weights rather than add to them
+(:mod:`loratools.fulltensors`), so they cannot be summed or scaled: they pass through unchanged under
+weight 1, any other weight on an adapter holding them is refused (``scale(A, -1)`` would otherwise
+keep A's head, so base + A + scale(A, -1) would not be the base), and adding adapters whose copies of
+the same tensor differ is an error, as a merge of them is.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .. import spec
 from ..adapter import Adapter, LoraModule, check_weights
 from ..compute import per_item
 from ..errors import ArgumentError, ShapeError, SpecError
+from ..fulltensors import has_full_tensors, is_tokens
 from ..io.tensorfile import DtypeLike, torch_dtype
 from ..linalg import CRITERIA, choose_rank, factored_svd, flat, kept_energy, tail_errors
 
@@ -79,9 +82,10 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: Dtype
         raise ArgumentError("add needs at least one adapter")
     weights = check_weights(weights, len(adapters))
     cast = torch_dtype(dtype)
-    for i, adapter in enumerate(adapters, 1):
+    for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True), 1):
         _refuse_dora(adapter, f"input {i}")
         _refuse_residual(adapter, f"input {i}")
+        _refuse_weighted_full(adapter, weight, f"input {i}")
     _check_variants_agree(adapters)
     if len({a.fan_in_fan_out for a in adapters}) > 1:
         raise SpecError("inputs disagree on fan_in_fan_out, so they were made for differently laid-out bases")
@@ -202,6 +206,17 @@ def _check_variants_agree(adapters: Sequence[Adapter]) -> None:
             raise SpecError(f"inputs disagree on {field} ({shown}); the output can carry only one, so the sum would mean another model")
 
 
+def _refuse_weighted_full(adapter: Adapter, weight: float, which: str) -> None:
+    """Full tensors replace the base: only weight 1 keeps their meaning (as in :func:`loratools.merge`)."""
+    if weight != 1.0 and has_full_tensors(adapter):
+        saved = [k for k in adapter.extra_tensors if ".base_layer." not in k]
+        raise SpecError(
+            f"{which} holds full tensors ({', '.join(saved[:2])}{', ...' if len(saved) > 2 else ''}: modules_to_save or "
+            f"trainable tokens), which replace base weights; weight {weight:g} has no exact meaning for them: "
+            "scale only adapters without full tensors, or drop them first",
+        )
+
+
 def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
     """Every input holding ``name`` must have the same kind and ΔW shape."""
     first_i, first = modules[0]
@@ -247,8 +262,22 @@ def _derive(inputs: Sequence[Adapter], modules: dict[str, LoraModule]) -> Adapte
     saved = list(dict.fromkeys(s for a in inputs for s in a.config.get("modules_to_save") or []))
     if saved:
         config["modules_to_save"] = saved
+    config.update(_token_fields(inputs))
     draft = Adapter(modules, config, extras, dict(first.metadata))
     return replace(draft, config=draft.peft_config())
+
+
+def _token_fields(inputs: Sequence[Adapter]) -> dict[str, Any]:
+    """``trainable_token_indices`` (and ``ensure_weight_tying``) of the inputs that hold trainable tokens; they must agree."""
+    holders = [a for a in inputs if any(is_tokens(k) for k in a.extra_tensors)]
+    fields: dict[str, Any] = {}
+    for name in ("trainable_token_indices", "ensure_weight_tying"):
+        values = [a.config[name] for a in holders if a.config.get(name) is not None]
+        if any(v != values[0] for v in values):
+            raise SpecError(f"inputs disagree on {name} ({values[0]!r} vs ...); their trainable tokens cannot be combined")
+        if values:
+            fields[name] = values[0]
+    return fields
 
 
 def _merged_extras(inputs: Sequence[Adapter]) -> dict[str, torch.Tensor]:

@@ -249,3 +249,18 @@ def test_rslora_and_modules_to_save_on_the_way_to_kohya(tmp_path):
         loratools.save_as(
             loratools.Adapter({"a": rs}, {}, {"base_model.model.norm.weight": torch.ones(2)}), tmp_path / "x.safetensors", to="kohya"
         )
+
+
+def test_alpha_zero_means_alpha_equals_rank_as_in_sd_scripts(tmp_path):
+    # sd-scripts networks/lora.py: `alpha = self.lora_dim if alpha is None or alpha == 0 else alpha`
+    down, up = torch.ones(2, 3), torch.ones(4, 2)
+    save_file(
+        {"lora_unet_x.lora_down.weight": down, "lora_unet_x.lora_up.weight": up, "lora_unet_x.alpha": torch.tensor(0.0)},
+        tmp_path / "z.safetensors",
+    )
+    assert loratools.load(tmp_path / "z.safetensors").modules["lora_unet_x"].scale == 1.0
+    # and a zero scale is written so that it reads back as zero, not as alpha = rank
+    zero = loratools.scale(loratools.load(tmp_path / "z.safetensors"), 0.0)
+    loratools.save_as(zero, tmp_path / "zero.safetensors")
+    back = loratools.load(tmp_path / "zero.safetensors").modules["lora_unet_x"]
+    assert torch.equal(back.delta(), torch.zeros(4, 3))

@@ -39,7 +39,7 @@ def test_cast_rewrites_the_header_and_data_size(tmp_path):
     save_file({"w": torch.full((4, 4), 1.5)}, tmp_path / "in.safetensors")
     header = open_checkpoint(tmp_path / "in.safetensors").headers["in.safetensors"]
     plan = FilePlan(header, {"w": "BF16"}, {})
-    assert plan.data_bytes == 32 and plan.computed(header.tensors["w"])
+    assert plan.data_bytes == 32 and plan.computed("w", header.tensors["w"])
     stream_files([(plan, tmp_path / "out.safetensors")])
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
         assert fh.get_tensor("w").dtype == torch.bfloat16 and torch.equal(fh.get_tensor("w").float(), torch.full((4, 4), 1.5))

@@ -195,7 +195,9 @@ def test_modules_to_save_pass_through_and_conflicts_are_refused():
     head = torch.ones(4, 4)
     a = make_adapter({Q: random_module(6, 5, 2)}, modules_to_save=["lm_head"])
     a = type(a)(a.modules, a.config, {"base_model.model.lm_head.modules_to_save.default.weight": head})
-    assert torch.equal(scale(a, 3.0).extra_tensors["base_model.model.lm_head.modules_to_save.default.weight"], head)
+    assert torch.equal(scale(a, 1.0).extra_tensors["base_model.model.lm_head.modules_to_save.default.weight"], head)
+    with pytest.raises(SpecError, match="weight 3 has no exact meaning"):  # a full tensor replaces: it cannot be scaled
+        scale(a, 3.0)
     assert add(a, a).config["modules_to_save"] == ["lm_head"]
     b = type(a)(a.modules, a.config, {"base_model.model.lm_head.modules_to_save.default.weight": 2 * head})
     with pytest.raises(SpecError, match="different copies"):
