@@ -39,8 +39,12 @@ CASES: dict[str, tuple[Adapter, set[str]]] = {
     "unmatched module": (_adapter({"model.layers.9.self_attn.q_proj": random_module(16, 16, 2)}), {"base-unmatched"}),
     "shape mismatch": (_adapter({Q: random_module(16, 15, 2)}), {"base-shape-mismatch"}),
     "saved tensor of another shape": (
-        _adapter({Q: random_module(16, 16, 2)}, {"base_model.model.lm_head.weight": torch.zeros(65, 16)}),
+        _adapter({Q: random_module(16, 16, 2)}, {"base_model.model.model.norm.weight": torch.zeros(17)}),
         {"saved-shape-mismatch"},
+    ),
+    "head that grows the vocabulary without the embedding": (
+        _adapter({Q: random_module(16, 16, 2)}, {"base_model.model.lm_head.weight": torch.zeros(65, 16)}),
+        {"vocab-mismatch"},
     ),
     "classifier head missing from the base": (
         _adapter({Q: random_module(16, 16, 2)}, {"base_model.model.score.weight": torch.zeros(3, 16)}),
