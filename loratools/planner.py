@@ -26,7 +26,7 @@ import torch
 from . import spec
 from .adapter import Adapter, LoraModule
 from .errors import Problem
-from .io.checkpoint import Checkpoint, find_weight, module_index
+from .io.checkpoint import Checkpoint, ModuleIndex, find_weight, module_index
 from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -81,7 +81,7 @@ def plan(
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     tensors = checkpoint.tensors
-    index = module_index(list(tensors))
+    index = module_index(tensors)
     terms: dict[str, list[Term]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
@@ -150,7 +150,7 @@ def _fit(module: LoraModule, fan_in_fan_out: bool, info: TensorInfo, where: str)
     return None
 
 
-def replaced_key(key: str, tensors: dict[str, TensorInfo], index: dict[str, str]) -> str | None:
+def replaced_key(key: str, tensors: dict[str, TensorInfo], index: ModuleIndex) -> str | None:
     """The base tensor a saved full tensor replaces: ``base_model.model.lm_head.weight`` -> ``lm_head.weight``."""
     name = key.removeprefix(spec.PREFIX).replace(".base_layer.", ".")
     if name in tensors:

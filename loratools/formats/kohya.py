@@ -76,7 +76,7 @@ def map_names(names: Iterable[str], base: str | Path) -> tuple[dict[str, str], d
         err.code = "base-unreadable"  # the base is at fault, not the kohya file
         raise
     candidates: dict[str, set[str]] = {}
-    for module in module_index(list(checkpoint.tensors)):
+    for module in module_index(checkpoint.tensors):
         for flat in _flattenings(module):
             candidates.setdefault(flat, set()).add(module)
     mapped, unmapped = {}, {}
