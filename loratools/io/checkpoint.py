@@ -100,6 +100,9 @@ class ModuleIndex(Mapping[str, str]):
     def __getitem__(self, module: str) -> str:
         return self._weights[module]
 
+    def __contains__(self, module: object) -> bool:
+        return module in self._weights
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._weights)
 
@@ -111,10 +114,8 @@ class ModuleIndex(Mapping[str, str]):
         if self._suffixes is None:
             suffixes: dict[str, str | None] = {}
             for module, key in self._weights.items():
-                for i, c in enumerate(module):
-                    if c == ".":
-                        tail = module[i + 1 :]
-                        suffixes[tail] = None if tail in suffixes else key
+                for tail in _tails(module):
+                    suffixes[tail] = None if tail in suffixes else key
             self._suffixes = suffixes
         return self._suffixes.get(name)
 
@@ -131,14 +132,22 @@ def find_weight(module: str, modules: ModuleIndex) -> str | None:
     finds base ``layers.0.q``), then base names that end with the adapter name.  PEFT wraps targeted
     embeddings, so ``<module>.base_layer`` is tried too.  ``None`` if nothing or several match.
     """
-    for name in (module, module.removesuffix(".base_layer")):
+    for name in dict.fromkeys((module, module.removesuffix(".base_layer"))):
         if name in modules:
             return modules[name]
-        parts = name.split(".")
-        for i in range(1, len(parts) - 1):
-            if ".".join(parts[i:]) in modules:
-                return modules[".".join(parts[i:])]
+        for tail in _tails(name)[:-1]:  # never the last component alone
+            if tail in modules:
+                return modules[tail]
         longer = modules.ending_with(name)
         if longer is not None:
             return longer
     return None
+
+
+def _tails(name: str) -> list[str]:
+    """Every dot-suffix of ``name``, longest first: ``a.b.c`` -> ``["b.c", "c"]``."""
+    tails, i = [], name.find(".")
+    while i >= 0:
+        tails.append(name[i + 1 :])
+        i = name.find(".", i + 1)
+    return tails
