@@ -11,6 +11,8 @@ import loratools
 from loratools.errors import FormatError, InvalidAdapterError
 from loratools.formats.kohya import META_SOURCE, kohya_name, map_names
 
+from ..factories import GiB, in_subprocess
+
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
 
@@ -249,3 +251,23 @@ def test_rslora_and_modules_to_save_on_the_way_to_kohya(tmp_path):
         loratools.save_as(
             loratools.Adapter({"a": rs}, {}, {"base_model.model.norm.weight": torch.ones(2)}), tmp_path / "x.safetensors", to="kohya"
         )
+
+
+def test_map_names_over_a_100k_key_base_is_linear_under_1_gib(tmp_path):
+    code = f"""
+    import time
+    import torch
+    from safetensors.torch import save_file
+    from loratools.formats.kohya import map_names
+    paths = [f"down_blocks.{{i // 10}}.attentions.{{i % 10}}.proj_in" for i in range(100_000)]
+    save_file({{f"model.diffusion_model.{{p}}.weight": torch.zeros(1, 1) for p in paths}}, {str(tmp_path / "base.safetensors")!r})
+    names = ["lora_unet_" + p.replace(".", "_") for p in paths]
+    start = time.process_time()
+    mapped, unmapped = map_names(names, {str(tmp_path / "base.safetensors")!r})
+    result = {{"mapped": len(mapped), "unmapped": len(unmapped), "first": mapped[names[0]], "cpu": time.process_time() - start}}
+    """
+    result, rss = in_subprocess(code)
+    assert (result["mapped"], result["unmapped"]) == (100_000, 0)
+    assert result["first"] == "model.diffusion_model.down_blocks.0.attentions.0.proj_in"
+    assert rss < GiB
+    print(f"kohya map_names over 100k keys: {result['cpu']:.1f} s CPU, peak RSS {rss / 2**20:.0f} MiB")
