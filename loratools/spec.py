@@ -163,19 +163,34 @@ def targets(config: Mapping[str, Any], module: str) -> bool:
 def targeted(config: Mapping[str, Any], modules: Sequence[str]) -> list[bool]:
     """:func:`targets` for each of ``modules``, in time linear in their number.
 
-    peft 0.21.2 ``peft/tuners/tuners_utils.py`` ``check_target_module_exists``: a string is
-    ``re.fullmatch``-ed (``"all-linear"``, in any case, selects every linear layer; we cannot see layer
-    types, so every module), a list entry ``t`` selects ``m == t`` or ``m.endswith("." + t)``: looked
-    up here as a set, once per dot of ``m``, not once per entry.
+    peft 0.21.2 ``peft/tuners/tuners_utils.py`` ``check_target_module_exists``, in its order: a
+    module is excluded when ``exclude_modules`` selects it (a string: ``re.fullmatch``; a list: the
+    suffix rule below) or when ``re.match(rf"(^|.*\\.){m}($|\\..*)", module)`` holds for an entry
+    ``m`` of ``modules_to_save``; otherwise a ``target_modules`` string is ``re.fullmatch``-ed
+    (``"all-linear"``, in any case, selects every linear layer; we cannot see layer types, so every
+    module) and a list entry ``t`` selects ``m == t`` or ``m.endswith("." + t)``: looked up here as a
+    set, once per dot of ``m``, not once per entry.  ``layers_to_transform`` is not applied.
     """
+    excluded = _selected("exclude_modules", config.get("exclude_modules"), modules)
+    saved = config.get("modules_to_save")
+    if isinstance(saved, list) and saved and all(isinstance(m, str) for m in saved):
+        hits = first_matches(Job("modules_to_save", tuple(saved), tuple(modules), template=r"(^|.*\.){}($|\..*)"))
+        excluded = [e or h >= 0 for e, h in zip(excluded, hits, strict=True)]
     target = config.get("target_modules")
-    if target is None:
+    if isinstance(target, str) and target.lower() == "all-linear":
+        chosen = [True] * len(modules)
+    else:
+        chosen = _selected("target_modules", target, modules)
+    return [c and not e for c, e in zip(chosen, excluded, strict=True)]
+
+
+def _selected(field: str, value: Any, modules: Sequence[str]) -> list[bool]:
+    """PEFT's module selector: a regex string fullmatches; a list entry ``t`` selects ``t`` and ``*.t``."""
+    if isinstance(value, str):
+        return matches(field, value, modules, full=True)
+    if not (isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) for t in value)):
         return [False] * len(modules)
-    if isinstance(target, str):
-        if target.lower() == "all-linear":
-            return [True] * len(modules)
-        return matches("target_modules", target, modules, full=True)
-    wanted = set(target)
+    wanted = set(value)
     return [m in wanted or any(m[i + 1 :] in wanted for i, c in enumerate(m) if c == ".") for m in modules]
 
 

@@ -92,14 +92,23 @@ def test_config_problems_name_the_field():
     assert list(problems) == ["r"] and "0" in problems["r"]
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(alphabet="ab.", max_size=4), min_size=1, max_size=5), st.lists(st.text(alphabet="ab.", max_size=8), max_size=8))
-def test_targeted_list_agrees_with_peft(target, names):
-    # peft 0.21.2 check_target_module_exists with nothing excluded and no layer filter
-    config = SimpleNamespace(
-        target_modules=target, target_parameters=None, exclude_modules=None, modules_to_save=None, layers_to_transform=None
-    )
-    assert spec.targeted({"target_modules": target}, names) == [bool(check_target_module_exists(config, n)) for n in names]
+SELECTORS = st.one_of(
+    st.none(), st.lists(st.text(alphabet="ab.", max_size=4), min_size=1, max_size=4), st.sampled_from(["a.*", r".*\.b", "a|b", "(a|b)+"])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    SELECTORS.filter(lambda t: t is not None),
+    SELECTORS,
+    st.one_of(st.none(), st.lists(st.sampled_from(["a", "b", "a.b", "a|b"]), min_size=1, max_size=2)),
+    st.lists(st.text(alphabet="ab.", max_size=8), max_size=8),
+)
+def test_targeted_agrees_with_peft(target, exclude, saved, names):
+    # peft 0.21.2 check_target_module_exists (no layers_to_transform); an excluded module is falsy there
+    config = {"target_modules": target, "exclude_modules": exclude, "modules_to_save": saved}
+    peft_config = SimpleNamespace(**config, target_parameters=None, layers_to_transform=None, layers_pattern=None)
+    assert spec.targeted(config, names) == [bool(check_target_module_exists(peft_config, n)) for n in names]
 
 
 def test_all_linear_in_any_case_selects_everything():
