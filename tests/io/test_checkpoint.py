@@ -92,12 +92,12 @@ def test_100k_key_base_with_prefixed_names_plans_in_linear_time_under_1_gib(tmp_
     code = f"""
     import time
     import torch
-    from safetensors.torch import save_file
     from loratools.adapter import Adapter, LoraModule
     from loratools.io.checkpoint import open_checkpoint
     from loratools.planner import plan
+    from tests.factories import tiny_checkpoint
     names = [f"model.layers.{{i // 4}}.{{p}}" for i, p in zip(range(100_000), ["q", "k", "v", "o"] * 25_000)]
-    save_file({{f"transformer.{{n}}.weight": torch.zeros(1, 1) for n in names}}, {str(tmp_path / "base.safetensors")!r})
+    tiny_checkpoint({str(tmp_path / "base.safetensors")!r}, [f"transformer.{{n}}.weight" for n in names])
     A, B = torch.ones(1, 1), torch.ones(1, 1)
     adapter = Adapter({{n: LoraModule(A, B, 1.0, False, "linear") for n in names}}, {{}})
     start = time.process_time()
