@@ -188,9 +188,10 @@ def _describes(config: Mapping[str, Any], modules: Mapping[str, LoraModule]) -> 
     """Whether ``config``'s r/alpha/patterns/targets resolve to exactly each module's rank and alpha."""
     if not spec.config_problems(config) == []:
         return False
-    return all(
-        spec.targets(config, name) and spec.module_rank(config, name) == m.rank and spec.module_alpha(config, name) == m.alpha
-        for name, m in modules.items()
+    names = list(modules)
+    ranks, alphas = spec.module_ranks(config, names), spec.module_alphas(config, names)
+    return all(spec.targeted(config, names)) and all(
+        r == m.rank and a == m.alpha for r, a, m in zip(ranks, alphas, modules.values(), strict=True)
     )
 
 
@@ -229,9 +230,9 @@ def from_raw(raw: RawAdapter) -> Adapter:
         if suffix.startswith("lora_embedding"):
             kinds[module] = "embedding"
     modules = {}
-    for name, p in parts.items():
+    for (name, p), alpha in zip(parts.items(), spec.module_alphas(config, list(parts)), strict=True):
         kind = kinds.get(name) or ("conv" if p["A"].dim() > 2 else "linear")
-        modules[name] = LoraModule(p["A"], p["B"], spec.module_alpha(config, name), rslora, kind, p.get("magnitude"), p.get("bias"))
+        modules[name] = LoraModule(p["A"], p["B"], alpha, rslora, kind, p.get("magnitude"), p.get("bias"))
     return Adapter(modules, config, extras, dict(raw.metadata))
 
 

@@ -1,7 +1,10 @@
 """Linear algebra on factored low-rank matrices ΔW = s·B·A, never forming ΔW.
 
 Shapes: B is (m, r), A is (r, n); conv factors are flattened first (see :func:`flat`).
-Everything here costs O((m+n)·r²) time and O((m+n)·r) memory instead of O(m·n).
+Everything here costs O((m+n)·r²) time and O((m+n)·r) memory instead of O(m·n).  A rank above
+min(m, n) is absurd for the shapes (a 5 MB file can claim r = 20000 on 64 x 64 factors, whose r x r
+Gram matrices would take 3 GB each): such factors are first replaced exactly by rank-min(m, n) ones
+(:func:`reduced`), so no r x r matrix is ever allocated for them.
 """
 
 from __future__ import annotations
@@ -16,10 +19,29 @@ def flat(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return B.reshape(B.shape[0], B.shape[1]), A.reshape(A.shape[0], -1)
 
 
+def reduced(B: torch.Tensor, A: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat factors of the same B·A with rank at most min(m, n), in ``dtype`` (default: the factors').
+
+    When r <= min(m, n) these are the flat factors themselves.  Otherwise B·A (m x n) is formed once
+    and paired with an identity: (I_m, B·A) when m <= n, else (B·A, I_n).  Since r > min(m, n), B·A
+    has fewer entries than the factors (m·n < r·max(m, n)), so this never allocates more than the
+    input holds, and every later r x r product becomes min(m, n) x min(m, n).
+    """
+    B, A = flat(B, A)
+    dtype = dtype or B.dtype
+    m, r, n = int(B.shape[0]), int(B.shape[1]), int(A.shape[1])
+    if r <= min(m, n):
+        return B.to(dtype), A.to(dtype)
+    dense = B.to(dtype) @ A.to(dtype)
+    if m <= n:
+        return torch.eye(m, dtype=dtype), dense
+    return dense, torch.eye(n, dtype=dtype)
+
+
 def inner(B1: torch.Tensor, A1: torch.Tensor, B2: torch.Tensor, A2: torch.Tensor) -> float:
-    """Frobenius inner product ⟨B₁A₁, B₂A₂⟩ = tr((B₁ᵀB₂)(A₂A₁ᵀ)), in float64."""
-    B1, A1 = (t.double() for t in flat(B1, A1))
-    B2, A2 = (t.double() for t in flat(B2, A2))
+    """Frobenius inner product ⟨B₁A₁, B₂A₂⟩ = tr((B₁ᵀB₂)(A₂A₁ᵀ)), in float64 (ranks reduced first)."""
+    B1, A1 = reduced(B1, A1, torch.float64)
+    B2, A2 = reduced(B2, A2, torch.float64)
     return float(torch.sum((B1.T @ B2) * (A1 @ A2.T)))
 
 
@@ -76,10 +98,8 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def _r_factors(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Flat factors in the compute dtype and the float64 R factors of B and Aᵀ (Q is not formed)."""
-    B, A = flat(B, A)
-    dtype = _compute_dtype(B)
-    B, A = B.to(dtype), A.to(dtype)
+    """Flat factors (rank-reduced) in the compute dtype and the float64 R factors of B and Aᵀ (Q is not formed)."""
+    B, A = reduced(B, A, _compute_dtype(B))
     RB = torch.linalg.qr(B, mode="r")[1].double()
     RA = torch.linalg.qr(A.T, mode="r")[1].double()
     return B, A, RB, RA

@@ -30,7 +30,7 @@ from . import fulltensors as full
 from . import spec
 from .adapter import Adapter, LoraModule
 from .errors import Problem
-from .io.checkpoint import Checkpoint, find_weight, module_index
+from .io.checkpoint import Checkpoint, ModuleIndex, find_weight, module_index
 from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -104,7 +104,7 @@ def plan(
     tied = full.tying(checkpoint, checkpoint.tensors)
     tensors = full.with_head(checkpoint.tensors, tied)
     vocab = full.vocab_keys(tensors, tied)
-    index = module_index(list(tensors))
+    index = module_index(tensors)
     grown = _grown(adapters, tensors, index, vocab)
     terms: dict[str, list[Term]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
@@ -202,7 +202,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def _grown(
-    adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: dict[str, str], vocab: set[str]
+    adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: ModuleIndex, vocab: set[str]
 ) -> dict[str, tuple[int, ...]]:
     """The output shape of each vocabulary tensor a full tensor grows (an adapter trained after resize_token_embeddings)."""
     grown: dict[str, tuple[int, ...]] = {}
@@ -230,7 +230,7 @@ def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str, gro
     return None
 
 
-def replaced_key(key: str, tensors: dict[str, TensorInfo], index: dict[str, str]) -> str | None:
+def replaced_key(key: str, tensors: dict[str, TensorInfo], index: ModuleIndex) -> str | None:
     """The base tensor a saved full tensor replaces: ``base_model.model.lm_head.weight`` -> ``lm_head.weight``."""
     name = key.removeprefix(spec.PREFIX).replace(".base_layer.", ".")
     if name in tensors:

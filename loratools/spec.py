@@ -13,6 +13,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 from .errors import ArgumentError
+from .patterns import SUFFIX_TEMPLATE, Job, first_matches, matches
 
 SPEC_VERSION = "1.0"
 CONFIG_NAME = "adapter_config.json"
@@ -142,26 +143,45 @@ def tensor_key(module: str, suffix: str) -> str:
     return f"{PREFIX}{module}.{suffix}"
 
 
-def pattern_key(patterns: Iterable[str], module: str) -> str | None:
-    """PEFT's rule: the first pattern key ``k`` (in order) with ``re.match(rf"(.*\\.)?({k})$", module)``."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return key
-    return None
+def pattern_key(patterns: Iterable[str], module: str, *, field: str = "rank_pattern") -> str | None:
+    """PEFT's rule: the first pattern key ``k`` (in order) with ``re.match(rf"(.*\\.)?({k})$", module)``.
+
+    peft 0.21.2 ``peft/utils/other.py`` ``get_pattern_key`` (which returns ``module`` itself for
+    no match; here ``None``).  Runs within :data:`loratools.patterns.BUDGET_S`: a pattern that
+    backtracks catastrophically raises :class:`SpecError` (code ``pattern-too-slow``) naming ``field``.
+    """
+    return pattern_keys(patterns, [module], field=field)[0]
+
+
+def pattern_keys(patterns: Iterable[str], modules: Sequence[str], *, field: str = "rank_pattern") -> list[str | None]:
+    """:func:`pattern_key` for many modules at once: each pattern compiled once, each module matched once."""
+    keys = tuple(patterns)
+    best = first_matches(Job(field, keys, tuple(modules), template=SUFFIX_TEMPLATE))
+    return [keys[b] if b >= 0 else None for b in best]
 
 
 def module_rank(config: Mapping[str, Any], module: str) -> int:
     """The rank the config declares for ``module`` (``r`` unless ``rank_pattern`` matches)."""
+    return module_ranks(config, [module])[0]
+
+
+def module_ranks(config: Mapping[str, Any], modules: Sequence[str]) -> list[int]:
+    """:func:`module_rank` of each of ``modules``, in one pass over ``rank_pattern``."""
     patterns = config.get("rank_pattern") or {}
-    key = pattern_key(patterns, module)
-    return int(patterns[key]) if key is not None else int(config["r"])
+    keys = pattern_keys(patterns, modules, field="rank_pattern") if patterns else [None] * len(modules)
+    return [int(patterns[k]) if k is not None else int(config["r"]) for k in keys]
 
 
 def module_alpha(config: Mapping[str, Any], module: str) -> float:
     """The alpha the config declares for ``module`` (``lora_alpha`` unless ``alpha_pattern`` matches)."""
+    return module_alphas(config, [module])[0]
+
+
+def module_alphas(config: Mapping[str, Any], modules: Sequence[str]) -> list[float]:
+    """:func:`module_alpha` of each of ``modules``, in one pass over ``alpha_pattern``."""
     patterns = config.get("alpha_pattern") or {}
-    key = pattern_key(patterns, module)
-    return float(patterns[key]) if key is not None else float(config["lora_alpha"])
+    keys = pattern_keys(patterns, modules, field="alpha_pattern") if patterns else [None] * len(modules)
+    return [float(patterns[k]) if k is not None else float(config["lora_alpha"]) for k in keys]
 
 
 def scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
@@ -171,12 +191,41 @@ def scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
 
 def targets(config: Mapping[str, Any], module: str) -> bool:
     """Whether PEFT's ``target_modules`` selects ``module`` (regex string: fullmatch; list: suffix)."""
+    return targeted(config, [module])[0]
+
+
+def targeted(config: Mapping[str, Any], modules: Sequence[str]) -> list[bool]:
+    """:func:`targets` for each of ``modules``, in time linear in their number.
+
+    peft 0.21.2 ``peft/tuners/tuners_utils.py`` ``check_target_module_exists``, in its order: a
+    module is excluded when ``exclude_modules`` selects it (a string: ``re.fullmatch``; a list: the
+    suffix rule below) or when ``re.match(rf"(^|.*\\.){m}($|\\..*)", module)`` holds for an entry
+    ``m`` of ``modules_to_save``; otherwise a ``target_modules`` string is ``re.fullmatch``-ed
+    (``"all-linear"``, in any case, selects every linear layer; we cannot see layer types, so every
+    module) and a list entry ``t`` selects ``m == t`` or ``m.endswith("." + t)``: looked up here as a
+    set, once per dot of ``m``, not once per entry.  ``layers_to_transform`` is not applied.
+    """
+    excluded = _selected("exclude_modules", config.get("exclude_modules"), modules)
+    saved = config.get("modules_to_save")
+    if isinstance(saved, list) and saved and all(isinstance(m, str) for m in saved):
+        hits = first_matches(Job("modules_to_save", tuple(saved), tuple(modules), template=r"(^|.*\.){}($|\..*)"))
+        excluded = [e or h >= 0 for e, h in zip(excluded, hits, strict=True)]
     target = config.get("target_modules")
-    if target is None:
-        return False
-    if isinstance(target, str):
-        return target == "all-linear" or re.fullmatch(target, module) is not None
-    return any(module == t or module.endswith("." + t) for t in target)
+    if isinstance(target, str) and target.lower() == "all-linear":
+        chosen = [True] * len(modules)
+    else:
+        chosen = _selected("target_modules", target, modules)
+    return [c and not e for c, e in zip(chosen, excluded, strict=True)]
+
+
+def _selected(field: str, value: Any, modules: Sequence[str]) -> list[bool]:
+    """PEFT's module selector: a regex string fullmatches; a list entry ``t`` selects ``t`` and ``*.t``."""
+    if isinstance(value, str):
+        return matches(field, value, modules, full=True)
+    if not (isinstance(value, (list, tuple, set)) and value and all(isinstance(t, str) for t in value)):
+        return [False] * len(modules)
+    wanted = set(value)
+    return [m in wanted or any(m[i + 1 :] in wanted for i, c in enumerate(m) if c == ".") for m in modules]
 
 
 def parse_version(text: str) -> tuple[int, int]:

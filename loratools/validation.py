@@ -17,7 +17,7 @@ import torch
 
 from . import spec
 from .adapter import Adapter, RawAdapter, from_raw
-from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError, Problem
+from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError, Problem, SpecError
 from .formats.registry import read_raw
 from .fulltensors import EMBED_SUFFIXES, TOKENS_SUFFIX
 from .io.checkpoint import open_checkpoint
@@ -167,8 +167,17 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
             )
     if not modules:
         problems.append(Problem("empty", raw.source, "the adapter holds no LoRA tensors (lora_A/lora_B); it would change nothing"))
-    for name, parts in modules.items():
-        problems += _module_problems(name, parts, config)
+    names = list(modules)
+    selected: list[bool | None] = [None] * len(names)
+    ranks: list[int | None] = [None] * len(names)
+    if config is not None:
+        try:  # one pass per pattern over all modules, within the pattern time budget
+            selected, ranks = list(spec.targeted(config, names)), list(spec.module_ranks(config, names))
+            spec.module_alphas(config, names)  # a load resolves alphas too: refuse a runaway alpha_pattern here
+        except SpecError as err:
+            problems.append(Problem(err.code or "config-schema", err.key or spec.CONFIG_NAME, err.args[0]))
+    for name, target, rank in zip(names, selected, ranks, strict=True):
+        problems += _module_problems(name, modules[name], config, target, rank)
     return problems
 
 
@@ -203,7 +212,10 @@ def _value_problems(key: str, tensor: torch.Tensor) -> list[Problem]:
     return []
 
 
-def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None) -> list[Problem]:
+def _module_problems(
+    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None, selected: bool | None, declared_rank: int | None
+) -> list[Problem]:
+    """Problems of one module; ``selected``/``declared_rank`` are the config's verdicts (None: unknown)."""
     where = spec.PREFIX + name
     missing = spec.missing_factor(parts)
     if missing is not None:
@@ -236,7 +248,7 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
             )
     if config is None:
         return problems
-    if not spec.targets(config, name) and not _tied_target(config, name):
+    if selected is False and not _tied_target(config, name):
         problems.append(
             Problem(
                 "not-targeted",
@@ -244,13 +256,12 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
                 f"module is not matched by target_modules {config.get('target_modules')!r}; PEFT would silently ignore its tensors",
             )
         )
-    declared = spec.module_rank(config, name)
-    if declared != rank:
+    if declared_rank is not None and declared_rank != rank:
         problems.append(
             Problem(
                 "rank-config-mismatch",
                 where,
-                f"tensors have rank {rank} but the config declares r={declared} for this module (check r / rank_pattern)",
+                f"tensors have rank {rank} but the config declares r={declared_rank} for this module (check r / rank_pattern)",
             )
         )
     for flag, role, tensor, code in (

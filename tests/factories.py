@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import torch
 
 from loratools.adapter import Adapter, LoraModule
@@ -48,3 +55,32 @@ def dense(m: LoraModule) -> torch.Tensor:
     B = m.B.reshape(m.B.shape[0], m.B.shape[1]).double()
     A = m.A.reshape(m.A.shape[0], -1).double()
     return m.scale * (B @ A)
+
+
+GiB = 1024**3
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def in_subprocess(code: str, *, timeout: float = 300) -> tuple[dict, int]:
+    """Run ``code`` in a fresh Python; it must set ``result`` (JSON-able).  Returns ``(result, peak RSS bytes)``.
+
+    The child measures its own peak with ``resource.getrusage`` (Linux reports ru_maxrss in KiB),
+    so bombs are measured in isolation from the test process.
+    """
+    tail = "\nimport json as _j, resource as _r\nprint(_j.dumps({'result': result, 'rss': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024}))"
+    env = {**os.environ, "PYTHONPATH": str(_REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code) + tail], capture_output=True, text=True, timeout=timeout, env=env, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    return answer["result"], answer["rss"]
+
+
+def tiny_checkpoint(path: str | Path, keys: list[str]) -> Path:
+    """A safetensors file of one F32 [1, 1] zero per key, written from a hand-built header (fast for 100k keys)."""
+    header = {k: {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * i, 4 * i + 4]} for i, k in enumerate(keys)}
+    blob = json.dumps(header).encode()
+    path = Path(path)
+    path.write_bytes(len(blob).to_bytes(8, "little") + blob + bytes(4 * len(keys)))
+    return path

@@ -9,7 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from loratools.linalg import choose_rank, factored_svd, frobenius_norm, kept_energy, singular_values, tail_errors
+from loratools.linalg import choose_rank, factored_svd, frobenius_norm, inner, kept_energy, reduced, singular_values, tail_errors
+
+from .factories import GiB, in_subprocess
 
 SETTINGS = settings(max_examples=40, deadline=None)
 
@@ -161,3 +163,52 @@ def test_sv_ratio_keeps_exactly_the_large_values(S, ratio):
     threshold = float(S[0]) / ratio
     assert all(float(s) >= threshold * (1 - 1e-12) for s in S[:k])
     assert all(float(s) < threshold * (1 - 1e-12) for s in S[k:])
+
+
+def test_reduced_by_hand():
+    B = torch.tensor([[1.0, 2.0, 3.0]])  # (1, 3): rank 3 > min(1, 2)
+    A = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])  # (3, 2)
+    B2, A2 = reduced(B, A)
+    assert B2.tolist() == [[1.0]] and A2.tolist() == [[4.0, 5.0]]  # B·A = [1 + 3, 2 + 3]
+    Bt, At = reduced(A, B)  # (3, 1) x (1, 3): rank 1 <= min(3, 3) stays as it is
+    assert torch.equal(Bt, A) and torch.equal(At, B)
+    B3, A3 = reduced(torch.ones(3, 4), torch.ones(4, 2))  # rank 4 > min(3, 2), m > n: (B·A, I_2)
+    assert B3.tolist() == [[4.0, 4.0]] * 3 and torch.equal(A3, torch.eye(2))
+
+
+@SETTINGS
+@given(m=st.integers(1, 6), n=st.integers(1, 6), r1=st.integers(1, 12), r2=st.integers(1, 12), seed=st.integers(0, 999))
+def test_inner_and_norms_with_ranks_above_the_shapes_match_dense(m, n, r1, r2, seed):
+    B1, A1 = factors(m, n, r1, seed)
+    B2, A2 = factors(m, n, r2, seed + 1)
+    assert math.isclose(inner(B1, A1, B2, A2), float(torch.sum((B1 @ A1) * (B2 @ A2))), rel_tol=1e-9, abs_tol=1e-9)
+    torch.testing.assert_close(singular_values(B1, A1), torch.linalg.svdvals(B1 @ A1)[: min(m, n, r1)], rtol=1e-9, atol=1e-9)
+
+
+def test_rank_20000_adapter_inspects_under_1_gib(tmp_path):
+    code = f"""
+    import torch
+    from loratools import load, save
+    from loratools.adapter import Adapter, LoraModule
+    from loratools.ops.diff import diff
+    from loratools.ops.spectrum import spectra
+    from loratools.ops.summary import summarize
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(20000, 64, generator=g).half()  # 5 MB of fp16 claiming rank 20000 on a 64 x 64 ΔW
+    B = torch.randn(64, 20000, generator=g).half()
+    module = LoraModule(A, B, 20000.0, False, "linear")
+    path = save(Adapter({{"model.layers.0.q_proj": module}}, {{}}), {str(tmp_path / "big")!r})
+    adapter = load(path)
+    row = summarize(adapter).modules[0]
+    spectrum = spectra(adapter)[0]
+    cos = diff(adapter, adapter).modules[0].cosine
+    dense = B.double() @ A.double()
+    result = {{"rank": row.rank, "norm": row.delta_norm, "dense_norm": float(dense.norm()), "cos": cos}}
+    result["n_sv"] = len(spectrum.singular_values)
+    """
+    result, rss = in_subprocess(code)
+    assert result["rank"] == 20000 and result["n_sv"] == 64  # at most min(out, in) singular values
+    assert math.isclose(result["norm"], result["dense_norm"], rel_tol=1e-6)
+    assert math.isclose(result["cos"], 1.0, rel_tol=1e-9)
+    assert rss < GiB
+    print(f"rank-20000 inspect: peak RSS {rss / 2**20:.0f} MiB")

@@ -1,11 +1,17 @@
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from loratools import spec
+
+from .factories import GiB, in_subprocess
 
 SPEC = Path(__file__).resolve().parent.parent / "spec"
 SCHEMA = json.loads((SPEC / "adapter-v1.schema.json").read_text())
@@ -129,3 +135,53 @@ def test_lone_surrogates_in_any_config_string_are_named():
         ("base_model_name_or_path", "holds a lone surrogate escape (\\ud800-\\udfff): not Unicode text"),
         ("extra.k.1", "holds a lone surrogate escape (\\ud800-\\udfff): not Unicode text"),
     ]
+
+
+SELECTORS = st.one_of(
+    st.none(), st.lists(st.text(alphabet="ab.", max_size=4), min_size=1, max_size=4), st.sampled_from(["a.*", r".*\.b", "a|b", "(a|b)+"])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    SELECTORS.filter(lambda t: t is not None),
+    SELECTORS,
+    st.one_of(st.none(), st.lists(st.sampled_from(["a", "b", "a.b", "a|b"]), min_size=1, max_size=2)),
+    st.lists(st.text(alphabet="ab.", max_size=8), max_size=8),
+)
+def test_targeted_agrees_with_peft(target, exclude, saved, names):
+    # peft 0.21.2 check_target_module_exists (no layers_to_transform); an excluded module is falsy there
+    config = {"target_modules": target, "exclude_modules": exclude, "modules_to_save": saved}
+    peft_config = SimpleNamespace(**config, target_parameters=None, layers_to_transform=None, layers_pattern=None)
+    assert spec.targeted(config, names) == [bool(check_target_module_exists(peft_config, n)) for n in names]
+
+
+def test_all_linear_in_any_case_selects_everything():
+    assert spec.targeted({"target_modules": "ALL-Linear"}, ["a", "b.c"]) == [True, True]  # PEFT lowercases it
+
+
+def test_100k_modules_with_1000_pattern_keys_are_linear_under_1_gib():
+    code = """
+    import time
+    from loratools import spec
+    projs = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    projs += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = [f"model.layers.{i // 7}.{projs[i % 7]}" for i in range(100_000)]
+    config = {
+        "r": 8,
+        "lora_alpha": 16,
+        "target_modules": list(names),  # what loratools itself writes for an adapter it refits
+        "rank_pattern": {n: 4 for n in names[::100]},  # EVA style: plain module names, "." unescaped
+        "alpha_pattern": {"^" + n.replace(".", "\\\\.") : 2 for n in names[::100]},  # loratools' own anchored form
+    }
+    start = time.process_time()
+    ranks, alphas, chosen = spec.module_ranks(config, names), spec.module_alphas(config, names), spec.targeted(config, names)
+    result = {"ranks": ranks.count(4), "alphas": alphas.count(2.0), "targeted": sum(chosen), "cpu": time.process_time() - start}
+    result["first"] = [ranks[0], ranks[1], alphas[0], alphas[100], alphas[101]]
+    """
+    result, rss = in_subprocess(code)
+    assert result["targeted"] == 100_000
+    assert result["ranks"] == 1000 and result["alphas"] == 1000  # each key matches exactly its own module
+    assert result["first"] == [4, 8, 2.0, 2.0, 16.0]
+    assert rss < GiB
+    print(f"100k modules x 1000 keys: {result['cpu']:.1f} s CPU, peak RSS {rss / 2**20:.0f} MiB")

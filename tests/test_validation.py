@@ -272,3 +272,21 @@ def test_ensure_weight_tying_targets_the_tied_head(tmp_path):
     config = {**CONFIG, "target_modules": ["embed_tokens"]}
     assert codes(validate(write(tmp_path / "a", tensors, config))) == ["not-targeted"]
     assert validate(write(tmp_path / "b", tensors, {**config, "ensure_weight_tying": True})).problems == []
+
+
+@pytest.mark.parametrize(
+    ("field", "config"),
+    [
+        ("target_modules", {**CONFIG, "target_modules": "(.*a){25}"}),
+        ("rank_pattern", {**CONFIG, "target_modules": ["a" * 60 + "b"], "rank_pattern": {"(a+)+$": 2}}),
+        ("alpha_pattern", {**CONFIG, "target_modules": ["a" * 60 + "b"], "alpha_pattern": {"(a|aa)+c": 2}}),
+    ],
+)
+def test_runaway_pattern_is_a_problem_with_its_own_code(tmp_path, field, config):
+    module = "base_model.model." + "a" * 60 + "b"  # a long name the pattern backtracks on
+    tensors = {f"{module}.lora_A.weight": torch.ones(2, 4), f"{module}.lora_B.weight": torch.ones(4, 2)}
+    report = validate(write(tmp_path / "a", tensors, config))
+    bad = [p for p in report.problems if p.code == "pattern-too-slow"]
+    assert codes(report) == ["pattern-too-slow"] and bad[0].where == field and bad[0].message.startswith("pattern ")
+    with pytest.raises(InvalidAdapterError, match=f": {field}: pattern .* takes over 1 s .*backtracking[^(]*$"):
+        load(tmp_path / "a")

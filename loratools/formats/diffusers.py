@@ -85,27 +85,46 @@ def read(header: Header) -> RawAdapter:
     if unknown:
         raise FormatError(f"diffusers LoRA file holds tensors that are not LoRA factors: {', '.join(unknown[:5])}", path=header.path)
     configs = _component_configs(header)
-    modules = {}
     for name, p in parts.items():
         missing = spec.missing_factor(p)
         if missing is not None:
             raise FormatError(missing[1], path=header.path, key=name, code=missing[0])
-        modules[name] = _module(header, name, p, configs)
+    alphas = _config_alphas(parts, configs)
+    modules = {name: _module(header, name, p, _config_of(name, configs)[1], alphas.get(name)) for name, p in parts.items()}
     return raw_from_modules(modules, header, {**header.metadata, spec.META_SOURCE: "diffusers"})
 
 
-def _module(header: Header, name: str, p: dict[str, torch.Tensor], configs: dict[str, dict[str, Any]]) -> LoraModule:
+def _config_of(name: str, configs: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The component prefix of module ``name`` and the PEFT config stored for it ({} if none)."""
+    component = next((c for c in _COMPONENTS if name.startswith(c)), "")
+    return component, configs.get(component) or configs.get("") or {}
+
+
+def _config_alphas(parts: dict[str, dict[str, torch.Tensor]], configs: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Alphas from the component configs' ``lora_alpha``/``alpha_pattern``, one pattern pass per component."""
+    groups: dict[str, list[str]] = {}
+    for name, p in parts.items():
+        component, config = _config_of(name, configs)
+        if "alpha" not in p and "lora_alpha" in config:
+            groups.setdefault(component, []).append(name)
+    alphas: dict[str, float] = {}
+    for component, names in groups.items():
+        config = _config_of(names[0], configs)[1]
+        alphas.update(zip(names, spec.module_alphas(config, [n[len(component) :] for n in names]), strict=True))
+    return alphas
+
+
+def _module(header: Header, name: str, p: dict[str, torch.Tensor], config: dict[str, Any], config_alpha: float | None) -> LoraModule:
+    """One module: alpha from its ``.alpha`` tensor, else its config's, else r (scale 1)."""
     A, B = p["A"], p["B"]
     why = spec.factor_shape_problem(A.shape, B.shape)
     if why:
         raise FormatError(f"down {list(A.shape)} and up {list(B.shape)}: {why}", path=header.path, key=name, code="bad-shape")
-    component = next((c for c in _COMPONENTS if name.startswith(c)), "")
-    config = configs.get(component) or configs.get("") or {}
     rslora = bool(config.get("use_rslora", False))
     if "alpha" in p:
         alpha = alpha_value(p["alpha"], path=header.path, key=f"{name}.alpha")
-    elif "lora_alpha" in config:
-        alpha = spec.module_alpha(config, name[len(component) :])
+    elif config_alpha is not None:
+        alpha = config_alpha
     else:
         alpha = float(A.shape[0])
     return LoraModule(A, B, alpha, rslora, "conv" if A.dim() > 2 else "linear", p.get("magnitude"), p.get("bias"))

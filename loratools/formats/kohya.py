@@ -74,13 +74,20 @@ def map_names(names: Iterable[str], base: str | Path) -> tuple[dict[str, str], d
     except LoratoolsError as err:
         err.code = "base-unreadable"  # the base is at fault, not the kohya file
         raise
-    candidates: dict[str, set[str]] = {}
-    for module in module_index(list(checkpoint.tensors)):
+    # flattened name -> its one module, or the list of several: one dict entry per flattening (about
+    # 14 per base module), a list only where names collide, so a 100k-key base stays small and linear.
+    candidates: dict[str, str | list[str]] = {}
+    for module in module_index(checkpoint.tensors):
         for flat in _flattenings(module):
-            candidates.setdefault(flat, set()).add(module)
+            seen = candidates.setdefault(flat, module)
+            if isinstance(seen, list):
+                seen.append(module)
+            elif seen != module:
+                candidates[flat] = [seen, module]
     mapped, unmapped = {}, {}
     for name in names:
-        found = candidates.get(name, set())
+        hit = candidates.get(name, [])
+        found = set(hit) if isinstance(hit, list) else {hit}
         if len(found) == 1:
             mapped[name] = next(iter(found))
         else:

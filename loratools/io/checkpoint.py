@@ -8,6 +8,7 @@ map adapter module names onto base weight keys.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,26 +123,70 @@ def shard_names(index: object, path: Path) -> list[str]:
     return names
 
 
-def module_index(keys: list[str]) -> dict[str, str]:
+class ModuleIndex(Mapping[str, str]):
+    """Module path -> weight key for every ``<module>.weight`` key of a checkpoint, plus a suffix index.
+
+    The suffix index maps every dot-suffix of every module path (``layers.0.q`` and ``q`` for
+    ``model.layers.0.q``) to its one module's key, or to ``None`` when several modules end that
+    way.  It is built once per checkpoint (O(keys · depth)), so :func:`find_weight` costs O(depth)
+    per adapter module instead of a scan over every base key.
+    """
+
+    def __init__(self, keys: Iterable[str]):
+        self._weights = {k[: -len(".weight")]: k for k in keys if k.endswith(".weight")}
+        self._suffixes: dict[str, str | None] | None = None
+
+    def __getitem__(self, module: str) -> str:
+        return self._weights[module]
+
+    def __contains__(self, module: object) -> bool:
+        return module in self._weights
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._weights)
+
+    def __len__(self) -> int:
+        return len(self._weights)
+
+    def ending_with(self, name: str) -> str | None:
+        """The weight key of the one module whose path ends with ``"." + name``; None for none or several."""
+        if self._suffixes is None:
+            suffixes: dict[str, str | None] = {}
+            for module, key in self._weights.items():
+                for tail in _tails(module):
+                    suffixes[tail] = None if tail in suffixes else key
+            self._suffixes = suffixes
+        return self._suffixes.get(name)
+
+
+def module_index(keys: Iterable[str]) -> ModuleIndex:
     """Map module path -> weight key for every ``<module>.weight`` key of a checkpoint."""
-    return {k[: -len(".weight")]: k for k in keys if k.endswith(".weight")}
+    return ModuleIndex(keys)
 
 
-def find_weight(module: str, modules: dict[str, str]) -> str | None:
+def find_weight(module: str, modules: ModuleIndex) -> str | None:
     """The base weight key of adapter ``module``, tolerating prefixes on either side.
 
     Tries the exact name, then drops leading components of the adapter name (``model.layers.0.q``
     finds base ``layers.0.q``), then base names that end with the adapter name.  PEFT wraps targeted
     embeddings, so ``<module>.base_layer`` is tried too.  ``None`` if nothing or several match.
     """
-    for name in (module, module.removesuffix(".base_layer")):
+    for name in dict.fromkeys((module, module.removesuffix(".base_layer"))):
         if name in modules:
             return modules[name]
-        parts = name.split(".")
-        for i in range(1, len(parts) - 1):
-            if ".".join(parts[i:]) in modules:
-                return modules[".".join(parts[i:])]
-        longer = [key for base, key in modules.items() if base.endswith("." + name)]
-        if len(longer) == 1:
-            return longer[0]
+        for tail in _tails(name)[:-1]:  # never the last component alone
+            if tail in modules:
+                return modules[tail]
+        longer = modules.ending_with(name)
+        if longer is not None:
+            return longer
     return None
+
+
+def _tails(name: str) -> list[str]:
+    """Every dot-suffix of ``name``, longest first: ``a.b.c`` -> ``["b.c", "c"]``."""
+    tails, i = [], name.find(".")
+    while i >= 0:
+        tails.append(name[i + 1 :])
+        i = name.find(".", i + 1)
+    return tails

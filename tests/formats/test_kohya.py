@@ -11,6 +11,8 @@ import loratools
 from loratools.errors import FormatError, InvalidAdapterError
 from loratools.formats.kohya import META_SOURCE, kohya_name, map_names
 
+from ..factories import GiB, in_subprocess
+
 UNET = "model.diffusion_model."
 TE = "cond_stage_model.transformer."
 
@@ -264,3 +266,22 @@ def test_alpha_zero_means_alpha_equals_rank_as_in_sd_scripts(tmp_path):
     loratools.save_as(zero, tmp_path / "zero.safetensors")
     back = loratools.load(tmp_path / "zero.safetensors").modules["lora_unet_x"]
     assert torch.equal(back.delta(), torch.zeros(4, 3))
+
+
+def test_map_names_over_a_100k_key_base_is_linear_under_1_gib(tmp_path):
+    code = f"""
+    import time
+    from loratools.formats.kohya import map_names
+    from tests.factories import tiny_checkpoint
+    paths = [f"down_blocks.{{i // 10}}.attentions.{{i % 10}}.proj_in" for i in range(100_000)]
+    tiny_checkpoint({str(tmp_path / "base.safetensors")!r}, [f"model.diffusion_model.{{p}}.weight" for p in paths])
+    names = ["lora_unet_" + p.replace(".", "_") for p in paths]
+    start = time.process_time()
+    mapped, unmapped = map_names(names, {str(tmp_path / "base.safetensors")!r})
+    result = {{"mapped": len(mapped), "unmapped": len(unmapped), "first": mapped[names[0]], "cpu": time.process_time() - start}}
+    """
+    result, rss = in_subprocess(code)
+    assert (result["mapped"], result["unmapped"]) == (100_000, 0)
+    assert result["first"] == "model.diffusion_model.down_blocks.0.attentions.0.proj_in"
+    assert rss < GiB
+    print(f"kohya map_names over 100k keys: {result['cpu']:.1f} s CPU, peak RSS {rss / 2**20:.0f} MiB")

@@ -2,10 +2,14 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from loratools.errors import FormatError
 from loratools.io.checkpoint import find_weight, module_index, open_checkpoint
+
+from ..factories import GiB, in_subprocess
 
 
 def test_single_file_directory(llama_base):
@@ -56,3 +60,51 @@ def test_find_weight_tolerates_prefixes():
     assert find_weight("model.embed_tokens.base_layer", index) == "model.embed_tokens.weight"
     assert find_weight("model.layers.1.q_proj", index) is None
     assert find_weight("norm", index) is None
+
+
+def _scan(module: str, modules: dict[str, str]) -> str | None:
+    """The rule as a scan over every base module (the reference the suffix index must agree with)."""
+    for name in (module, module.removesuffix(".base_layer")):
+        if name in modules:
+            return modules[name]
+        parts = name.split(".")
+        for i in range(1, len(parts) - 1):
+            if ".".join(parts[i:]) in modules:
+                return modules[".".join(parts[i:])]
+        longer = [key for base, key in modules.items() if base.endswith("." + name)]
+        if len(longer) == 1:
+            return longer[0]
+    return None
+
+
+PATHS = st.lists(st.sampled_from(["a", "b", "x", "base_layer"]), min_size=1, max_size=4).map(".".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(PATHS, max_size=8), st.lists(PATHS, min_size=1, max_size=6))
+def test_find_weight_agrees_with_a_scan_of_every_key(bases, modules):
+    index = module_index([b + ".weight" for b in bases] + ["x.bias"])
+    reference = {b: b + ".weight" for b in bases}
+    assert [find_weight(m, index) for m in modules] == [_scan(m, reference) for m in modules]
+
+
+def test_100k_key_base_with_prefixed_names_plans_in_linear_time_under_1_gib(tmp_path):
+    code = f"""
+    import time
+    import torch
+    from loratools.adapter import Adapter, LoraModule
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.planner import plan
+    from tests.factories import tiny_checkpoint
+    names = [f"model.layers.{{i // 4}}.{{p}}" for i, p in zip(range(100_000), ["q", "k", "v", "o"] * 25_000)]
+    tiny_checkpoint({str(tmp_path / "base.safetensors")!r}, [f"transformer.{{n}}.weight" for n in names])
+    A, B = torch.ones(1, 1), torch.ones(1, 1)
+    adapter = Adapter({{n: LoraModule(A, B, 1.0, False, "linear") for n in names}}, {{}})
+    start = time.process_time()
+    result = plan(open_checkpoint({str(tmp_path / "base.safetensors")!r}), [adapter])
+    result = {{"edits": len(result.edits), "problems": len(result.problems), "cpu": time.process_time() - start}}
+    """
+    result, rss = in_subprocess(code)
+    assert result == {"edits": 100_000, "problems": 0, "cpu": result["cpu"]}  # every module found under its prefix
+    assert rss < GiB
+    print(f"100k-key prefixed base: plan {result['cpu']:.1f} s CPU, peak RSS {rss / 2**20:.0f} MiB")
