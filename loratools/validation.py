@@ -140,8 +140,9 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
             )
     if not modules:
         problems.append(Problem("empty", raw.source, "the adapter holds no LoRA tensors (lora_A/lora_B); it would change nothing"))
+    wrapped = spec.wrapped_parameters(config, modules) if config is not None else {}
     for name, parts in modules.items():
-        problems += _module_problems(name, parts, config)
+        problems += _module_problems(name, parts, config, wrapped.get(name))
     return problems
 
 
@@ -166,7 +167,8 @@ def _value_problems(key: str, tensor: torch.Tensor) -> list[Problem]:
     return []
 
 
-def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None) -> list[Problem]:
+def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None, param: str | None = None) -> list[Problem]:
+    """Problems of one stored module; ``param``: the parameter path a ``target_parameters`` wrapper adapts."""
     where = spec.PREFIX + name
     missing = spec.missing_factor(parts)
     if missing is not None:
@@ -199,6 +201,8 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
             )
     if config is None:
         return problems
+    if param is not None:
+        return problems + _parameter_problems(where, param, rank, config)
     if not spec.targets(config, name):
         problems.append(
             Problem(
@@ -224,6 +228,26 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
         if declared != (role in parts):  # PEFT would ignore the tensor, or start it from zero
             why = f"{flag} is true but the module has no {tensor}" if declared else f"has a {tensor} but {flag} is false"
             problems.append(Problem(code, where, why))
+    return problems
+
+
+def _parameter_problems(where: str, param: str, rows: int, config: dict[str, Any]) -> list[Problem]:
+    """A ``target_parameters`` wrapper stores E experts' factors stacked: lora_A has E·r rows, r from the config.
+
+    peft 0.21.2 tuners/lora/layer.py ParamWrapper.update_layer: ``nn.Linear(in, r * num_experts)``;
+    PEFT refuses DoRA and lora_bias on these wrappers.
+    """
+    declared = spec.module_rank(config, param)
+    problems = []
+    if rows % declared:
+        message = (
+            f"wrapper of parameter {param}: lora_A has {rows} rows, not a multiple of the declared r={declared} "
+            "(PEFT stores one rank-r block per expert; check r / rank_pattern)"
+        )
+        problems.append(Problem("rank-config-mismatch", where, message))
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            problems.append(Problem("config-schema", flag, f"is true, but PEFT supports no {flag} on target_parameters ({param})"))
     return problems
 
 
