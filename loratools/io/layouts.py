@@ -146,17 +146,17 @@ def expert_pieces(path: str, experts: int, tensors: dict[str, TensorInfo], index
             for e in range(experts):
                 start = 0
                 for name in names:
-                    key = weight_key(f"{base}.{e}.{name}", index, layout)
-                    if key is None:
+                    found = weight_key(f"{base}.{e}.{name}", index, layout)
+                    if found is None:
                         return f"the base stores per-expert weights but has no {base}.{e}.{name}.weight"
-                    rows = tensors[key].shape[0] if tensors[key].shape else 0
-                    pieces.append(Piece(key, e, (start, start + rows)))
+                    rows = tensors[found].shape[0] if tensors[found].shape else 0
+                    pieces.append(Piece(found, e, (start, start + rows)))
                     start += rows
             if weight_key(f"{base}.{experts}.{names[0]}", index, layout) is not None:
                 return f"the adapter holds {experts} experts but the base has more ({base}.{experts}.{names[0]}.weight exists)"
             return pieces
-    names = "|".join(n for ns in PER_EXPERT.get(param, ()) for n in ns) or param
-    return f"no base tensor {path} and no per-expert weights {owner}.<e>.{{{names}}}.weight"
+    listed = "|".join(n for ns in PER_EXPERT.get(param, ()) for n in ns) or param
+    return f"no base tensor {path} and no per-expert weights {owner}.<e>.{{{listed}}}.weight"
 
 
 def _with_prefixes(name: str | None, tensors: dict[str, TensorInfo]) -> list[str]:
