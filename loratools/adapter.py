@@ -109,6 +109,15 @@ class LoraModule:
             return dense.T
         return dense.reshape(self.delta_shape())
 
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ΔW/s as independent (B, A) blocks: one per expert for a ``parameter`` module, else the one pair.
+
+        Norms, inner products and spectra of ΔW are those of the block-diagonal matrix of the blocks.
+        """
+        if self.kind == "parameter":
+            return [(self.B[e], self.A[e]) for e in range(self.experts)]
+        return [(self.B, self.A)]
+
     @property
     def num_params(self) -> int:
         extra = sum(t.numel() for t in (self.magnitude, self.bias) if t is not None)

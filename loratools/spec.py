@@ -297,5 +297,20 @@ def wrapped_parameters(config: Mapping[str, Any], modules: Iterable[str]) -> dic
     return out
 
 
+def unresolved_wrapper(config: Mapping[str, Any], name: str) -> str | None:
+    """Why stored module ``name`` looks like a ``target_parameters`` wrapper that :func:`wrapped_parameters` could not place."""
+    owner = name
+    while owner.endswith(BASE_LAYER):
+        owner = owner[: -len(BASE_LAYER)]
+    short = list(dict.fromkeys(t.rpartition(".")[2] for t in config.get("target_parameters") or [] if isinstance(t, str)))
+    hit = [p for p in short if targets_parameter(config, f"{owner}.{p}")]
+    if not hit or (name == owner and targets(_only_modules(config), name)):
+        return None
+    return (
+        f"target_parameters {', '.join(hit)} may be wrapped on {owner}, but which parameter these factors adapt cannot be told "
+        f"(PEFT nests one wrapper per parameter in definition order; known order: {', '.join(EXPERT_PARAMETER_ORDER)})"
+    )
+
+
 def _only_modules(config: Mapping[str, Any]) -> dict[str, Any]:
     return {"target_modules": config.get("target_modules")}

@@ -203,6 +203,9 @@ def _module_problems(name: str, parts: dict[str, torch.Tensor], config: dict[str
         return problems
     if param is not None:
         return problems + _parameter_problems(where, param, rank, config)
+    unresolved = spec.unresolved_wrapper(config, name)
+    if unresolved is not None:
+        return problems + [Problem("target-parameter-ambiguous", where, unresolved)]
     if not spec.targets(config, name):
         problems.append(
             Problem(
