@@ -207,6 +207,12 @@ def _parameter_terms(
     found = []
     for piece in pieces:
         info = tensors[piece.key]
+        if piece.expert is None and layout.model_type is None and len(info.shape) == 3 and out == inp:
+            message = (
+                f"base tensor {piece.key} is square per expert and the base has no config.json model_type, so whether it "
+                "stores ΔW[e] or ΔW[e]ᵀ (gpt-oss) cannot be told; put the model's config.json beside the checkpoint"
+            )
+            return Problem("base-layout-ambiguous", where, message)
         if piece.expert is None:
             flat2d = len(info.shape) == 2 and E == 1
             want = (out, inp) if flat2d else ((E, inp, out) if layout.transposed_experts else (E, out, inp))

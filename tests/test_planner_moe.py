@@ -126,3 +126,19 @@ def test_inspect_diff_and_convert_see_experts_as_blocks(tmp_path):
     loratools.save(adapter, tmp_path / "a")
     with pytest.raises(loratools.FormatError, match="kohya files cannot hold PEFT target_parameters"):
         loratools.convert(tmp_path / "a", tmp_path / "k.safetensors", to="kohya")
+
+
+def test_square_fused_experts_without_model_type_are_refused(tmp_path):
+    """(E, d, d) could hold ΔW[e] or ΔW[e]ᵀ; without config.json the planner refuses rather than guess."""
+    loratools.save(_down_adapter(out=3, inp=3), tmp_path / "a")
+    base = _fused_base(tmp_path / "b", "qwen3_moe", (2, 3, 3))
+    assert loratools.validate(tmp_path / "a", base=base).ok
+    (base / "config.json").unlink()
+    (problem,) = loratools.validate(tmp_path / "a", base=base).problems
+    assert problem.code == "base-layout-ambiguous" and "config.json" in problem.message
+    gpt_oss = {
+        "model.layers.0.mlp.experts.down_proj": torch.zeros(2, 3, 3),
+        "model.layers.0.mlp.experts.gate_up_proj_bias": torch.zeros(2, 6),
+    }
+    save_file(gpt_oss, base / "model.safetensors")
+    assert loratools.validate(tmp_path / "a", base=base).ok  # the keys say gpt-oss: transposed

@@ -54,7 +54,12 @@ RENAMES: dict[str, tuple[tuple[str, str], ...]] = {
     **dict.fromkeys(("mixtral", "minimax"), _MIXTRAL),
 }
 # Key signatures that identify a layout when the base has no config.json.
-_SIGNATURES = (("language_model.model.", "llava"), ("visual.", "qwen2_vl"), (".block_sparse_moe.", "mixtral"))
+_SIGNATURES = (
+    ("language_model.model.", "llava"),
+    ("visual.", "qwen2_vl"),
+    (".block_sparse_moe.", "mixtral"),
+    (".experts.gate_up_proj_bias", "gpt_oss"),  # only gpt-oss experts carry fused biases
+)
 
 # Per-expert checkpoint names of each fused expert parameter, in the order transformers
 # concatenates them along the output dim (conversion_mapping.py "mixtral" and "qwen2_moe":
