@@ -24,7 +24,7 @@ from .errors import ArgumentError
 from .io.tensorfile import Header
 from .linalg import flat
 
-Kind = Literal["linear", "conv", "embedding"]
+Kind = Literal["linear", "conv", "embedding", "parameter"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,12 @@ class LoraModule:
     Shapes: linear A (r, in), B (out, r); conv A (r, in, kh, kw), B (out, r, 1, 1); embedding
     A (r, vocab), B (dim, r), whose ΔW is (B·A)ᵀ of shape (vocab, dim).  ``magnitude`` is DoRA's
     per-output-row magnitude vector, ``bias`` the ``lora_B.bias`` of ``lora_bias`` adapters.
+
+    ``parameter``: a PEFT ``target_parameters`` wrapper of a (fused MoE experts) parameter, named by
+    the parameter's path.  Per expert e, A[e] (r, in) and B[e] (out, r): A (E, r, in), B (E, out, r),
+    ΔW[e] = s·B[e]·A[e], ΔW of shape (E, out, in) in PEFT's orientation of the parameter (a 2-D
+    parameter such as a router weight has E = 1).  On disk PEFT stacks them as lora_A (E·r, in) with
+    row e·r + j and lora_B (out, r·E) with column j·E + e (:func:`stacked`, :func:`unstacked`).
     """
 
     A: torch.Tensor
@@ -63,7 +69,12 @@ class LoraModule:
 
     @property
     def rank(self) -> int:
-        return int(self.A.shape[0])
+        return int(self.A.shape[1] if self.kind == "parameter" else self.A.shape[0])
+
+    @property
+    def experts(self) -> int:
+        """E for a ``parameter`` module, 1 for every other kind."""
+        return int(self.A.shape[0]) if self.kind == "parameter" else 1
 
     @property
     def scale(self) -> float:
@@ -77,6 +88,8 @@ class LoraModule:
         """Shape of ΔW as the base stores the weight (transposed for embeddings and fan_in_fan_out)."""
         if self.kind == "embedding":
             return (int(self.A.shape[1]), int(self.B.shape[0]))
+        if self.kind == "parameter":
+            return (self.experts, int(self.B.shape[1]), int(self.A.shape[2]))
         if self.kind == "conv":
             return (int(self.B.shape[0]), *(int(d) for d in self.A.shape[1:]))
         out, inp = int(self.B.shape[0]), int(self.A.shape[1])
@@ -88,11 +101,22 @@ class LoraModule:
 
     def delta(self, *, fan_in_fan_out: bool = False) -> torch.Tensor:
         """Dense ΔW in float32, in the base weight's layout.  Forms an out x in matrix: merge only."""
+        if self.kind == "parameter":
+            return self.scale * torch.bmm(self.B.float(), self.A.float())
         B, A = flat(self.B.float(), self.A.float())
         dense = self.scale * (B @ A)
         if self.transposed(fan_in_fan_out=fan_in_fan_out):
             return dense.T
         return dense.reshape(self.delta_shape())
+
+    def blocks(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """ΔW/s as independent (B, A) blocks: one per expert for a ``parameter`` module, else the one pair.
+
+        Norms, inner products and spectra of ΔW are those of the block-diagonal matrix of the blocks.
+        """
+        if self.kind == "parameter":
+            return [(self.B[e], self.A[e]) for e in range(self.experts)]
+        return [(self.B, self.A)]
 
     @property
     def num_params(self) -> int:
@@ -142,7 +166,13 @@ class Adapter:
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors under their spec v1 keys, module by module (A, B, bias, magnitude), then extras."""
         out: dict[str, torch.Tensor] = {}
+        stored = stored_names(self.modules)
         for name, module in self.modules.items():
+            if module.kind == "parameter":
+                A, B = stacked(module)
+                out[spec.tensor_key(stored[name], "lora_A.weight")] = A
+                out[spec.tensor_key(stored[name], "lora_B.weight")] = B
+                continue
             a, b = ("lora_embedding_A", "lora_embedding_B") if module.kind == "embedding" else ("lora_A.weight", "lora_B.weight")
             out[spec.tensor_key(name, a)] = module.A
             out[spec.tensor_key(name, b)] = module.B
@@ -200,12 +230,14 @@ def _fitted_fields(modules: Mapping[str, LoraModule]) -> dict[str, Any]:
     r0 = Counter(m.rank for m in modules.values()).most_common(1)[0][0]
     a0 = Counter(m.alpha for m in modules.values()).most_common(1)[0][0]
     anchored = {name: "^" + name.replace(".", r"\.") for name in modules}
+    params = sorted(n for n, m in modules.items() if m.kind == "parameter")
     return {
+        "target_parameters": params or None,
         "r": r0,
         "lora_alpha": _number(a0),
         "rank_pattern": {anchored[n]: m.rank for n, m in modules.items() if m.rank != r0},
         "alpha_pattern": {anchored[n]: _number(m.alpha) for n, m in modules.items() if m.alpha != a0},
-        "target_modules": sorted(modules),
+        "target_modules": sorted(n for n, m in modules.items() if m.kind != "parameter"),
     }
 
 
@@ -230,10 +262,49 @@ def from_raw(raw: RawAdapter) -> Adapter:
         if suffix.startswith("lora_embedding"):
             kinds[module] = "embedding"
     modules = {}
+    wrapped = spec.wrapped_parameters(config, parts)
     for (name, p), alpha in zip(parts.items(), spec.module_alphas(config, list(parts)), strict=True):
+        if name in wrapped:  # rank and alpha patterns match the parameter path, as in PEFT
+            path = wrapped[name]
+            A, B = unstacked(p["A"], p["B"], spec.module_rank(config, path))
+            modules[path] = LoraModule(A, B, spec.module_alpha(config, path), rslora, "parameter")
+            continue
         kind = kinds.get(name) or ("conv" if p["A"].dim() > 2 else "linear")
         modules[name] = LoraModule(p["A"], p["B"], alpha, rslora, kind, p.get("magnitude"), p.get("bias"))
     return Adapter(modules, config, extras, dict(raw.metadata))
+
+
+def stacked(module: LoraModule) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ``parameter`` module's factors as PEFT saves them: lora_A (E·r, in), lora_B (out, r·E).
+
+    peft 0.21.2 tuners/lora/layer.py ParamWrapper.get_delta_weight reads them back with
+    ``A.reshape(E, r, in)`` and ``B.reshape(out, r, E)``: expert e's B is column j·E + e.
+    """
+    E, r, inp = module.A.shape
+    return module.A.reshape(E * r, inp), module.B.permute(1, 2, 0).reshape(module.B.shape[1], r * E)
+
+
+def unstacked(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's stacked lora_A (E·r, in), lora_B (out, r·E) as per-expert A (E, r, in), B (E, out, r)."""
+    E = int(A.shape[0]) // rank
+    return A.reshape(E, rank, A.shape[1]), B.reshape(B.shape[0], rank, E).permute(2, 0, 1).contiguous()
+
+
+def stored_names(modules: Mapping[str, LoraModule]) -> dict[str, str]:
+    """The module name PEFT saves each ``parameter`` module under: its owner, plus one ``.base_layer``
+    per wrapper around it (later parameters of the owner, :data:`spec.EXPERT_PARAMETER_ORDER`)."""
+    owners: dict[str, list[str]] = {}
+    for path, m in modules.items():
+        if m.kind == "parameter":
+            owner, _, param = path.rpartition(".")
+            owners.setdefault(owner, []).append(param)
+    order = spec.EXPERT_PARAMETER_ORDER
+    out = {}
+    for owner, params in owners.items():
+        ranked = sorted(params, key=lambda p: (order.index(p) if p in order else len(order), p))
+        for i, param in enumerate(ranked):
+            out[f"{owner}.{param}"] = owner + spec.BASE_LAYER * (len(ranked) - 1 - i)
+    return out
 
 
 def raw_from_modules(modules: dict[str, LoraModule], header: Header, metadata: dict[str, str]) -> RawAdapter:

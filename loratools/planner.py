@@ -30,7 +30,8 @@ from . import fulltensors as full
 from . import spec
 from .adapter import Adapter, LoraModule
 from .errors import Problem
-from .io.checkpoint import Checkpoint, ModuleIndex, find_weight, module_index
+from .io.checkpoint import Checkpoint, ModuleIndex, module_index
+from .io.layouts import Layout, Piece, expert_pieces, layout_of, weight_key
 from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
@@ -54,6 +55,7 @@ class Term:
     weight: float
     transposed: bool
     bias: torch.Tensor | None = None
+    rounded: bool = False  # ΔW is rounded to the stored dtype before it is added (PEFT's ParamWrapper.merge)
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,7 @@ def plan(
     vocab = full.vocab_keys(tensors, tied)
     index = module_index(tensors)
     grown = _grown(adapters, tensors, index, vocab)
+    layout = layout_of(checkpoint.root, list(tensors))
     terms: dict[str, list[Term]] = {}
     magnitudes: dict[str, torch.Tensor] = {}
     replacements: dict[str, torch.Tensor] = {}
@@ -119,11 +122,22 @@ def plan(
         problems += variants
         if any(p.severity == "error" for p in variants):  # the modules do not mean W + ΔW on this base: plan nothing of it
             continue
-        matched = {name: key for name in adapter.modules if (key := find_weight(name, index)) is not None}
+        matched = {
+            name: key
+            for name, m in adapter.modules.items()
+            if m.kind != "parameter" and (key := weight_key(name, index, layout)) is not None
+        }
         layouts, layout_problems = orientations(adapter, {n: tensors[k] for n, k in matched.items()}, model_config, label)
         problems += layout_problems
         for name, module in adapter.modules.items():
             where = f"{label}{spec.PREFIX}{name}"
+            if module.kind == "parameter":
+                expert_terms = _parameter_terms(i, name, module, weight, tensors, index, layout, where)
+                if isinstance(expert_terms, Problem):
+                    problems.append(expert_terms)
+                for term_key, term in expert_terms if isinstance(expert_terms, list) else ():
+                    terms.setdefault(term_key, []).append(term)
+                continue
             key = matched.get(name)
             if key is None:
                 problems.append(
@@ -151,7 +165,7 @@ def plan(
                     continue
                 terms.setdefault(bias_key, []).append(Term(i, name, module, weight, False, bias=module.bias))
         for key, tensor in full.saved_tensors(adapter.extra_tensors).items():
-            target = replaced_key(key.removesuffix(full.TOKENS_SUFFIX) + ".weight" if full.is_tokens(key) else key, tensors, index)
+            target = replaced_key(key.removesuffix(full.TOKENS_SUFFIX) + ".weight" if full.is_tokens(key) else key, tensors, index, layout)
             if target is None:
                 message = f"saved tensor {list(tensor.shape)} would replace a base tensor, but no base tensor matches"
                 problems.append(Problem("tokens-unmatched" if full.is_tokens(key) else "saved-unmatched", f"{label}{key}", message))
@@ -201,9 +215,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.numel() == b.numel() and torch.equal(a.reshape(-1), b.reshape(-1).to(a.dtype))
 
 
-def _grown(
-    adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: ModuleIndex, vocab: set[str]
-) -> dict[str, tuple[int, ...]]:
+def _grown(adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: ModuleIndex, vocab: set[str]) -> dict[str, tuple[int, ...]]:
     """The output shape of each vocabulary tensor a full tensor grows (an adapter trained after resize_token_embeddings)."""
     grown: dict[str, tuple[int, ...]] = {}
     for adapter in adapters:
@@ -230,13 +242,13 @@ def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str, gro
     return None
 
 
-def replaced_key(key: str, tensors: dict[str, TensorInfo], index: ModuleIndex) -> str | None:
+def replaced_key(key: str, tensors: dict[str, TensorInfo], index: ModuleIndex, layout: Layout | None = None) -> str | None:
     """The base tensor a saved full tensor replaces: ``base_model.model.lm_head.weight`` -> ``lm_head.weight``."""
     name = key.removeprefix(spec.PREFIX).replace(".base_layer.", ".")
     if name in tensors:
         return name
     module, _, param = name.rpartition(".")
-    weight = find_weight(module, index)
+    weight = weight_key(module, index, layout or Layout(None))
     candidate = weight.removesuffix("weight") + param if weight is not None else None
     return candidate if candidate in tensors else None
 
@@ -323,3 +335,66 @@ def orientations(
         )
         problems.append(Problem("fan-in-fan-out-undecidable", f"{label}{spec.PREFIX}{name}", message))
     return layouts, problems
+
+
+def _parameter_terms(
+    i: int,
+    path: str,
+    module: LoraModule,
+    weight: float,
+    tensors: dict[str, TensorInfo],
+    index: ModuleIndex,
+    layout: Layout,
+    where: str,
+) -> list[tuple[str, Term]] | Problem:
+    """The terms of a ``target_parameters`` module (fused experts, a router weight), or why it does not fit.
+
+    ΔW[e] = s·B[e]·A[e] (E, out, in) is PEFT's view of the parameter (peft 0.21.2 tuners/lora/layer.py
+    ParamWrapper.get_delta_weight).  It lands on one fused base tensor (E, out, in), or (E, in, out)
+    for transposed expert modules (gpt-oss), or per expert on the slices of ``experts.<e>.<name>.weight``
+    transformers fuses it from (:func:`loratools.io.layouts.expert_pieces`).  A 2-D parameter (E = 1)
+    is an ordinary weight.  PEFT's merge rounds ΔW to the parameter's dtype before adding it, and so
+    do these terms.
+    """
+    E, out, inp = module.delta_shape()
+    owner, _, param = path.rpartition(".")
+    if param == "weight":
+        key = weight_key(owner, index, layout)
+        pieces: list[Piece] | str = [Piece(key, None, (0, 0))] if key is not None else f"no base tensor matches {path}"
+    else:
+        pieces = expert_pieces(path, E, tensors, index, layout)
+    if isinstance(pieces, str):
+        return Problem("base-unmatched", where, pieces)
+    ends = {p.expert: p.rows[1] for p in pieces if p.expert is not None}  # pieces come in row order
+    short = [e for e, end in ends.items() if end != out]
+    if short:
+        names = ", ".join(p.key for p in pieces if p.expert == short[0])
+        return Problem("base-shape-mismatch", where, f"ΔW[{short[0]}] has {out} rows but {names} hold {ends[short[0]]}")
+    found = []
+    for piece in pieces:
+        info = tensors[piece.key]
+        if piece.expert is None and layout.model_type is None and len(info.shape) == 3 and out == inp:
+            message = (
+                f"base tensor {piece.key} is square per expert and the base has no config.json model_type, so whether it "
+                "stores ΔW[e] or ΔW[e]ᵀ (gpt-oss) cannot be told; put the model's config.json beside the checkpoint"
+            )
+            return Problem("base-layout-ambiguous", where, message)
+        if piece.expert is None:
+            flat2d = len(info.shape) == 2 and E == 1
+            want = (out, inp) if flat2d else ((E, inp, out) if layout.transposed_experts else (E, out, inp))
+            lora = LoraModule(module.A[0], module.B[0], module.alpha, module.rslora) if flat2d else module
+            term = Term(i, path, lora, weight, layout.transposed_experts and not flat2d, rounded=True)
+        else:
+            r0, r1 = piece.rows
+            want = (r1 - r0, inp)
+            lora = LoraModule(module.A[piece.expert], module.B[piece.expert, r0:r1], module.alpha, module.rslora)
+            term = Term(i, path, lora, weight, False, rounded=True)
+        if info.shape != want:
+            what = f"expert {piece.expert} rows {piece.rows[0]}:{piece.rows[1]} of " if piece.expert is not None else ""
+            delta = list(module.delta_shape())
+            message = f"{what}ΔW {delta} needs base tensor {piece.key} of shape {list(want)}, but it is {list(info.shape)}"
+            return Problem("base-shape-mismatch", where, message)
+        if info.dtype not in FLOAT_DTYPES:
+            return Problem("base-dtype-unsupported", where, f"base tensor {piece.key} is stored as {info.dtype}; ΔW needs a float weight")
+        found.append((piece.key, term))
+    return found

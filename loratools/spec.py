@@ -190,7 +190,11 @@ def scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
 
 
 def targets(config: Mapping[str, Any], module: str) -> bool:
-    """Whether PEFT's ``target_modules`` selects ``module`` (regex string: fullmatch; list: suffix)."""
+    """Whether PEFT's ``target_modules`` selects ``module`` (regex string: fullmatch; list: suffix).
+
+    A module named by a parameter path (``model.layers.0.mlp.experts.gate_up_proj``, see
+    :func:`wrapped_parameters`) is selected by ``target_parameters`` instead.
+    """
     return targeted(config, [module])[0]
 
 
@@ -204,6 +208,7 @@ def targeted(config: Mapping[str, Any], modules: Sequence[str]) -> list[bool]:
     (``"all-linear"``, in any case, selects every linear layer; we cannot see layer types, so every
     module) and a list entry ``t`` selects ``m == t`` or ``m.endswith("." + t)``: looked up here as a
     set, once per dot of ``m``, not once per entry.  ``layers_to_transform`` is not applied.
+    A ``target_parameters`` entry selects a parameter path by the same suffix rule.
     """
     excluded = _selected("exclude_modules", config.get("exclude_modules"), modules)
     saved = config.get("modules_to_save")
@@ -215,7 +220,9 @@ def targeted(config: Mapping[str, Any], modules: Sequence[str]) -> list[bool]:
         chosen = [True] * len(modules)
     else:
         chosen = _selected("target_modules", target, modules)
-    return [c and not e for c, e in zip(chosen, excluded, strict=True)]
+    params = config.get("target_parameters")
+    by_parameter = _selected("target_parameters", params, modules) if isinstance(params, list) else [False] * len(modules)
+    return [(c and not e) or p for c, e, p in zip(chosen, excluded, by_parameter, strict=True)]
 
 
 def _selected(field: str, value: Any, modules: Sequence[str]) -> list[bool]:
@@ -322,8 +329,13 @@ def config_problems(config: Any) -> list[tuple[str, str]]:
             why = regex_problem(target)
             if why:
                 problems.append(("target_modules", f"is not a valid regular expression ({why})"))
-        elif not (isinstance(target, list) and target and all(isinstance(t, str) for t in target)):
-            problems.append(("target_modules", f"must be a non-empty list of module names or a regex string, got {target!r}"))
+        elif not (isinstance(target, list) and all(isinstance(t, str) for t in target)):
+            problems.append(("target_modules", f"must be a list of module names or a regex string, got {clip(target)}"))
+        elif not target and not config.get("target_parameters"):
+            problems.append(("target_modules", "is empty and no target_parameters are given, so nothing is targeted"))
+    params = config.get("target_parameters")
+    if params is not None and not (isinstance(params, list) and all(isinstance(t, str) for t in params)):
+        problems.append(("target_parameters", f"must be a list of parameter paths, got {clip(params)}"))
     for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
         if config.get(flag) is not None and not isinstance(config[flag], bool):
             problems.append((flag, f"must be true or false, got {config[flag]!r}"))
@@ -479,3 +491,71 @@ def variant_warnings(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
         )
         return [("lora-ga-unconverted", "init_lora_weights", why)]
     return []
+
+
+# Parameters of fused MoE expert modules, in the order the modules define them (transformers 5.24:
+# models/mixtral, qwen2_moe, qwen3_moe, gpt_oss `...Experts.__init__`).  PEFT wraps the matching
+# parameters of one module in that order, each wrapper around the previous one, so the last one's
+# factors are saved under ``<module>.lora_A.weight`` and each earlier one gains a ``.base_layer``
+# (peft 0.21.2 tuners/tuners_utils.py, BaseTuner._inject_parameters: `named_parameters(recurse=False)`).
+EXPERT_PARAMETER_ORDER = ("gate_up_proj", "down_proj")
+BASE_LAYER = ".base_layer"
+
+
+def targets_parameter(config: Mapping[str, Any], path: str) -> bool:
+    """PEFT's ``target_parameters`` rule: ``path`` equals an entry or ends with ``"." + entry``."""
+    return any(path == t or path.endswith("." + t) for t in config.get("target_parameters") or [] if isinstance(t, str))
+
+
+def wrapped_parameters(config: Mapping[str, Any], modules: Iterable[str]) -> dict[str, str]:
+    """Which parameter each ``target_parameters`` wrapper among ``modules`` (names from :func:`split_key`) adapts.
+
+    Returns ``{stored module name: parameter path}``, e.g. ``model.layers.0.mlp.experts.base_layer``
+    -> ``model.layers.0.mlp.experts.gate_up_proj`` and ``model.layers.0.mlp.gate`` ->
+    ``model.layers.0.mlp.gate.weight``.  A stored module whose wrapper depth cannot be told apart
+    (several targeted parameters of unknown order on one module) is left out, and so is every
+    module that ``target_parameters`` does not reach.
+    """
+    if not config.get("target_parameters"):
+        return {}
+    depths: dict[str, list[tuple[int, str]]] = {}
+    for name in modules:
+        owner, depth = name, 0
+        while owner.endswith(BASE_LAYER):
+            owner, depth = owner[: -len(BASE_LAYER)], depth + 1
+        depths.setdefault(owner, []).append((depth, name))
+    out: dict[str, str] = {}
+    for owner, stored in depths.items():
+        short = (t.rpartition(".")[2] for t in config["target_parameters"])
+        hit = list(dict.fromkeys(p for p in short if targets_parameter(config, f"{owner}.{p}")))
+        if not hit or any(targets(_only_modules(config), name) for _, name in stored if name == owner):
+            continue
+        if "weight" in hit:  # a module with a plain weight (a router) is no fused-experts module
+            hit = [p for p in hit if p not in EXPERT_PARAMETER_ORDER]
+        known = [p for p in EXPERT_PARAMETER_ORDER if p in hit]
+        order = known + [p for p in hit if p not in known]
+        present = sorted({d for d, _ in stored})
+        if len(order) - len(known) > 1 or present != list(range(len(order))):
+            continue  # which wrapper adapts which parameter cannot be told: left for not-targeted
+        for depth, name in stored:
+            out[name] = f"{owner}.{order[len(order) - 1 - depth]}"  # depth 0 is the last parameter
+    return out
+
+
+def unresolved_wrapper(config: Mapping[str, Any], name: str) -> str | None:
+    """Why stored module ``name`` looks like a ``target_parameters`` wrapper that :func:`wrapped_parameters` could not place."""
+    owner = name
+    while owner.endswith(BASE_LAYER):
+        owner = owner[: -len(BASE_LAYER)]
+    short = list(dict.fromkeys(t.rpartition(".")[2] for t in config.get("target_parameters") or [] if isinstance(t, str)))
+    hit = [p for p in short if targets_parameter(config, f"{owner}.{p}")]
+    if not hit or (name == owner and targets(_only_modules(config), name)):
+        return None
+    return (
+        f"target_parameters {', '.join(hit)} may be wrapped on {owner}, but which parameter these factors adapt cannot be told "
+        f"(PEFT nests one wrapper per parameter in definition order; known order: {', '.join(EXPERT_PARAMETER_ORDER)})"
+    )
+
+
+def _only_modules(config: Mapping[str, Any]) -> dict[str, Any]:
+    return {"target_modules": config.get("target_modules")}

@@ -170,14 +170,16 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
     names = list(modules)
     selected: list[bool | None] = [None] * len(names)
     ranks: list[int | None] = [None] * len(names)
+    wrapped: dict[str, str] = {}
     if config is not None:
         try:  # one pass per pattern over all modules, within the pattern time budget
             selected, ranks = list(spec.targeted(config, names)), list(spec.module_ranks(config, names))
             spec.module_alphas(config, names)  # a load resolves alphas too: refuse a runaway alpha_pattern here
+            wrapped = spec.wrapped_parameters(config, modules)
         except SpecError as err:
             problems.append(Problem(err.code or "config-schema", err.key or spec.CONFIG_NAME, err.args[0]))
     for name, target, rank in zip(names, selected, ranks, strict=True):
-        problems += _module_problems(name, modules[name], config, target, rank)
+        problems += _module_problems(name, modules[name], config, target, rank, wrapped.get(name))
     return problems
 
 
@@ -213,9 +215,15 @@ def _value_problems(key: str, tensor: torch.Tensor) -> list[Problem]:
 
 
 def _module_problems(
-    name: str, parts: dict[str, torch.Tensor], config: dict[str, Any] | None, selected: bool | None, declared_rank: int | None
+    name: str,
+    parts: dict[str, torch.Tensor],
+    config: dict[str, Any] | None,
+    selected: bool | None,
+    declared_rank: int | None,
+    param: str | None = None,
 ) -> list[Problem]:
-    """Problems of one module; ``selected``/``declared_rank`` are the config's verdicts (None: unknown)."""
+    """Problems of one stored module; ``selected``/``declared_rank`` are the config's verdicts (None: unknown);
+    ``param``: the parameter path a ``target_parameters`` wrapper adapts."""
     where = spec.PREFIX + name
     missing = spec.missing_factor(parts)
     if missing is not None:
@@ -248,6 +256,11 @@ def _module_problems(
             )
     if config is None:
         return problems
+    if param is not None:
+        return problems + _parameter_problems(where, param, rank, config)
+    unresolved = spec.unresolved_wrapper(config, name)
+    if unresolved is not None:
+        return problems + [Problem("target-parameter-ambiguous", where, unresolved)]
     if selected is False and not _tied_target(config, name):
         problems.append(
             Problem(
@@ -272,6 +285,26 @@ def _module_problems(
         if declared != (role in parts):  # PEFT would ignore the tensor, or start it from zero
             why = f"{flag} is true but the module has no {tensor}" if declared else f"has a {tensor} but {flag} is false"
             problems.append(Problem(code, where, why))
+    return problems
+
+
+def _parameter_problems(where: str, param: str, rows: int, config: dict[str, Any]) -> list[Problem]:
+    """A ``target_parameters`` wrapper stores E experts' factors stacked: lora_A has E·r rows, r from the config.
+
+    peft 0.21.2 tuners/lora/layer.py ParamWrapper.update_layer: ``nn.Linear(in, r * num_experts)``;
+    PEFT refuses DoRA and lora_bias on these wrappers.
+    """
+    declared = spec.module_rank(config, param)
+    problems = []
+    if rows % declared:
+        message = (
+            f"wrapper of parameter {param}: lora_A has {rows} rows, not a multiple of the declared r={declared} "
+            "(PEFT stores one rank-r block per expert; check r / rank_pattern)"
+        )
+        problems.append(Problem("rank-config-mismatch", where, message))
+    for flag in ("use_dora", "lora_bias"):
+        if config.get(flag):
+            problems.append(Problem("config-schema", flag, f"is true, but PEFT supports no {flag} on target_parameters ({param})"))
     return problems
 
 

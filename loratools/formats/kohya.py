@@ -206,6 +206,8 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
     te_prefix = "lora_te1_" if multi_te or adapter.metadata.get(META_PREFIX, "").startswith("lora_te1_") else "lora_te_"
     tensors: dict[str, torch.Tensor] = {}
     for module, m in adapter.modules.items():
+        if m.kind == "parameter":
+            raise FormatError("kohya files cannot hold PEFT target_parameters (fused MoE experts); convert to peft instead", key=module)
         if m.kind == "embedding" or m.bias is not None:
             raise FormatError("kohya files hold linear and conv LoRA only (no embeddings, no lora_B.bias)", key=module)
         name = kohya_name(module, te_prefix=te_prefix, bare_prefix=adapter.metadata.get(META_PREFIX))

@@ -6,8 +6,10 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
   patterns), wᵢ the weight given to adapter i (it multiplies s, as PEFT's ``scale_layer`` does).
   ΔW is stored transposed, (BA)ᵀ, for ``fan_in_fan_out`` layers (GPT-2 Conv1D) and embeddings; conv
   factors are flattened, ΔW[o] = B[o]·A, whatever the kernel size.
-  PEFT rounds an embedding's ΔW to the stored dtype before adding it (and only an embedding's);
-  so do we, to stay bit-identical.
+  PEFT rounds an embedding's ΔW to the stored dtype before adding it, and a ``target_parameters``
+  ΔW (fused MoE experts, routers; ParamWrapper.merge); so do we, to stay bit-identical.  A fused
+  expert parameter's ΔW[e] = s·B[e]·A[e] lands on the fused base tensor (:class:`ExpertRowTerm`) or
+  on the slice of each per-expert weight it was fused from (see :mod:`loratools.io.layouts`).
 * ``lora_bias``: the base bias gains Σᵢ wᵢ·sᵢ·b_i.
 * DoRA: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output feature: per row of linear and conv
   weights, per column of ``fan_in_fan_out`` weights and of embeddings (PEFT's conventions).
@@ -67,6 +69,21 @@ class RowTerm:
 
     def to(self, device: torch.device) -> RowTerm:
         return replace(self, B=self.B.to(device), A=self.A.to(device))
+
+
+@dataclass(frozen=True)
+class ExpertRowTerm(RowTerm):
+    """``scale·B[e]·A[e]`` for a fused 3-D expert tensor (E, d1, d2), streamed as E rows of d1·d2.
+
+    B (E, out, r), A (E, r, in); ``swapped``: the base stores ΔW[e]ᵀ (gpt-oss).  ``transposed``
+    stays False: it speaks of the stored 2-D view, where row e is expert e either way.
+    """
+
+    swapped: bool = False
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        delta = torch.bmm(self.B[r0:r1], self.A[r0:r1])
+        return (delta.transpose(1, 2) if self.swapped else delta).reshape(r1 - r0, -1).mul_(self.scale)
 
 
 @dataclass(frozen=True)
@@ -167,8 +184,11 @@ def kernel(edit: TensorEdit) -> Kernel:
         if t.bias is not None:
             terms.append(RowTerm(t.bias.float().reshape(-1, 1), torch.ones(1, 1), scale))
             continue
+        rounded = (t.lora.kind == "embedding" and t.lora.magnitude is None) or t.rounded
+        if t.lora.kind == "parameter":
+            terms.append(ExpertRowTerm(t.lora.B.float(), t.lora.A.float(), scale, False, rounded, swapped=t.transposed))
+            continue
         B, A = flat(t.lora.B.float(), t.lora.A.float())
-        rounded = t.lora.kind == "embedding" and t.lora.magnitude is None
         terms.append(RowTerm(B, A, scale, t.transposed, rounded))
     rows = values = None
     if edit.tokens is not None:

@@ -45,6 +45,7 @@ _REWRITTEN = (
     "rank_pattern",
     "alpha_pattern",
     "target_modules",
+    "target_parameters",
     "layers_to_transform",
     "layers_pattern",
     "exclude_modules",
@@ -99,8 +100,8 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: Dtype
         like = terms[0][1]
         modules[name] = _rebuild(
             like,
-            torch.cat([B for B, _, _ in parts], 1),
-            torch.cat([A for _, A, _ in parts], 0),
+            torch.cat([B for B, _, _ in parts], -1),  # rank is B's last and A's second-to-last dim, per expert too
+            torch.cat([A for _, A, _ in parts], -2),
             torch.stack(biases).sum(0) if biases else None,
             cast or like.dtype,
         )
@@ -141,6 +142,8 @@ def resize(
 
     def one(item: tuple[str, LoraModule]) -> tuple[LoraModule, ResizeRow]:
         name, m = item
+        if m.kind == "parameter":
+            return _resize_experts(name, m, criterion, value, cast or m.dtype)
         svd = factored_svd(m.B, m.A, m.scale)
         k = choose_rank(svd.S, criterion, value)
         B, A = svd.factors(k)
@@ -151,6 +154,29 @@ def resize(
     done = per_item(one, list(adapter.modules.items()))
     modules = {row.module: module for module, row in done}
     return _derive([adapter], modules), [row for _, row in done]
+
+
+def _resize_experts(name: str, m: LoraModule, criterion: str, value: float, dtype: torch.dtype) -> tuple[LoraModule, ResizeRow]:
+    """Resize a ``parameter`` module expert by expert, to one rank k for all (PEFT stores one r per parameter).
+
+    k is the largest rank any expert needs to meet the criterion, so every expert meets it; the row
+    reports the worst expert's kept energy and relative error at k.
+    """
+    svds = [factored_svd(m.B[e], m.A[e], m.scale) for e in range(m.experts)]
+    k = max(choose_rank(svd.S, criterion, value) for svd in svds)
+    pairs = [_padded(*svd.factors(k), k) for svd in svds]
+    B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
+    energy = min(float(kept_energy(svd.S)[k - 1]) for svd in svds)
+    error = max(float(tail_errors(svd.S)[k - 1]) for svd in svds)
+    return _rebuild(m, B, A, None, dtype), ResizeRow(name, m.rank, k, energy, error)
+
+
+def _padded(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-k factors with zero columns/rows added where an expert's ΔW has fewer than k singular values."""
+    short = k - int(B.shape[1])
+    if short <= 0:
+        return B, A
+    return torch.cat([B, B.new_zeros(B.shape[0], short)], 1), torch.cat([A, A.new_zeros(short, A.shape[1])], 0)
 
 
 def _criterion(**given: float | None) -> tuple[str, float]:
@@ -220,9 +246,9 @@ def _refuse_weighted_full(adapter: Adapter, weight: float, which: str) -> None:
 def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
     """Every input holding ``name`` must have the same kind and ΔW shape."""
     first_i, first = modules[0]
-    want = (first.kind, first.B.shape[0], first.A.shape[1:])
+    want = (first.kind, first.delta_shape())
     for i, m in modules[1:]:
-        got = (m.kind, m.B.shape[0], m.A.shape[1:])
+        got = (m.kind, m.delta_shape())
         if got != want:
             raise ShapeError(
                 f"input {first_i} has a {want[0]} ΔW of shape {_shape(first)} but input {i} has a {got[0]} ΔW of shape {_shape(m)}; "
@@ -232,12 +258,13 @@ def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
 
 
 def _shape(m: LoraModule) -> str:
-    return " x ".join(str(d) for d in (m.B.shape[0], *m.A.shape[1:]))
+    dims = m.delta_shape() if m.kind == "parameter" else (m.B.shape[0], *m.A.shape[1:])
+    return " x ".join(str(d) for d in dims)
 
 
 def _fold(m: LoraModule, c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Flat factors (B, A) with c = weight·scale split as sign(c)·√|c| into B and √|c| into A; bias·c."""
-    B, A = flat(m.B, m.A)
+    B, A = (m.B, m.A) if m.kind == "parameter" else flat(m.B, m.A)
     dtype = torch.float64 if B.dtype == torch.float64 else torch.float32
     root = math.sqrt(abs(c))
     bias = None if m.bias is None else m.bias.to(dtype) * c
@@ -246,7 +273,7 @@ def _fold(m: LoraModule, c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Te
 
 def _rebuild(like: LoraModule, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> LoraModule:
     """A scale-1 module (alpha = r, no rsLoRA) from flat factors, reshaped back to ``like``'s layout."""
-    k = int(A.shape[0])
+    k = int(A.shape[-2])
     if like.kind == "conv":
         A = A.reshape(k, *like.A.shape[1:])
         B = B.reshape(B.shape[0], k, *like.B.shape[2:])

@@ -62,7 +62,8 @@ def diff(a: Adapter | str | Path, b: Adapter | str | Path, *, base: str | Path |
 
 
 def _compare(name: str, ma: LoraModule, mb: LoraModule) -> ModuleDiff:
-    cross = ma.scale * mb.scale * inner(ma.B, ma.A, mb.B, mb.A)
-    na, nb = abs(ma.scale) * frobenius_norm(ma.B, ma.A), abs(mb.scale) * frobenius_norm(mb.B, mb.A)
+    cross = ma.scale * mb.scale * sum(inner(*x, *y) for x, y in zip(ma.blocks(), mb.blocks(), strict=True))
+    na = abs(ma.scale) * sum(frobenius_norm(*x) ** 2 for x in ma.blocks()) ** 0.5
+    nb = abs(mb.scale) * sum(frobenius_norm(*y) ** 2 for y in mb.blocks()) ** 0.5
     cosine = max(-1.0, min(1.0, cross / (na * nb))) if na > 0 and nb > 0 else None
     return ModuleDiff(name, cosine, na, nb, na / nb if nb > 0 else None, ma.rank, mb.rank)

@@ -43,9 +43,11 @@ class ModuleSpectrum:
 
 def spectra(adapter: Adapter) -> list[ModuleSpectrum]:
     """One :class:`ModuleSpectrum` per module, in the adapter's module order."""
-    return [
-        ModuleSpectrum(name, m.rank, tuple(float(s) for s in singular_values(m.B, m.A, m.scale))) for name, m in adapter.modules.items()
-    ]
+    out = []
+    for name, m in adapter.modules.items():  # a parameter module's σ are all its experts' σ
+        values = torch.cat([singular_values(B, A, m.scale) for B, A in m.blocks()]).sort(descending=True).values
+        out.append(ModuleSpectrum(name, m.rank, tuple(float(s) for s in values)))
+    return out
 
 
 def plot_spectrum(spectra: Sequence[ModuleSpectrum], path: str | Path, *, force: bool = False) -> Path:

@@ -55,12 +55,12 @@ def summarize(adapter: Adapter) -> Summary:
             ModuleSummary(
                 module=name,
                 kind=m.kind,
-                shape=(out, inp) if m.kind != "conv" else (out, *m.A.shape[1:]),
+                shape=m.delta_shape() if m.kind == "parameter" else (out, inp) if m.kind != "conv" else (out, *m.A.shape[1:]),
                 rank=m.rank,
                 alpha=m.alpha,
                 scale=m.scale,
                 dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
-                delta_norm=m.scale * frobenius_norm(m.B, m.A),
+                delta_norm=m.scale * sum(frobenius_norm(B, A) ** 2 for B, A in m.blocks()) ** 0.5,
                 dora=m.magnitude is not None,
             )
         )
