@@ -50,8 +50,8 @@ _ROLE_RE = re.compile(r"^(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) fo
 BIAS_VALUES = ("none", "all", "lora_only")
 
 # Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
-Format = Literal["peft", "kohya"]
-FORMATS: tuple[Format, ...] = ("peft", "kohya")  # what writers produce; kohya and diffusers are read
+Format = Literal["peft", "kohya", "gguf"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya", "gguf")  # what writers produce; kohya and diffusers are read
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]
