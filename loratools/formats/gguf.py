@@ -111,6 +111,11 @@ def write(adapter: Adapter, path: Path, *, force: bool, base: str | Path | None 
     return path
 
 
+def write_gguf(adapter: Adapter, path: str | Path, *, base: str | Path, force: bool = False) -> Path:
+    """Export ``adapter`` to a llama.cpp GGUF LoRA at ``path`` for the model whose ``config.json`` ``base`` holds."""
+    return write(adapter, Path(path), force=force, base=base)
+
+
 def _refuse(adapter: Adapter) -> Adapter:
     """``adapter`` if llama.cpp can apply every part of it; else one line naming the first part it cannot."""
     if adapter.extra_tensors:

@@ -24,7 +24,7 @@ import torch
 
 from .. import spec
 from ..adapter import Adapter, LoraModule
-from ..errors import InvalidAdapterError, Problem
+from ..errors import ArgumentError, InvalidAdapterError, Problem
 from .profile import Feature, Layout, Profile, View
 from .registry import profiles as resolve
 
@@ -111,6 +111,14 @@ def problems(adapter: Adapter, profile: Profile) -> list[Problem]:
                 )
             )
     return found
+
+
+def runtime_factors(adapter: Adapter, runtime: str) -> dict[str, float]:
+    """Per module, the factor by which the named runtime's ΔW differs from the adapter's (1: exact)."""
+    if runtime == "all":
+        raise ArgumentError("runtime_factors takes one runtime, not 'all'")
+    (profile,) = resolve([runtime])
+    return factors(adapter, profile)
 
 
 def check(adapter: Adapter, runtimes: Iterable[str]) -> list[Problem]:
