@@ -122,8 +122,9 @@ def runtime_factors(adapter: Adapter, runtime: str) -> dict[str, float]:
 
 
 def check(adapter: Adapter, runtimes: Iterable[str]) -> list[Problem]:
-    """:func:`problems` for every runtime named (``all`` for every profile)."""
-    return [p for profile in resolve(runtimes) for p in problems(adapter, profile)]
+    """:func:`problems` for every runtime named (``all``: every profile reading the adapter's layout)."""
+    layout: Layout = "kohya" if adapter.metadata.get(spec.META_SOURCE) == "kohya" else "peft"
+    return [p for profile in resolve(runtimes, layout=layout) for p in problems(adapter, profile)]
 
 
 def conform(adapter: Adapter, runtimes: Sequence[str] = (), *, layout: Layout = "peft") -> Adapter:
@@ -142,8 +143,9 @@ def conform(adapter: Adapter, runtimes: Sequence[str] = (), *, layout: Layout = 
     With mixed ranks and runtimes needing both, every module is zero-padded to the largest rank
     (A gets zero rows, B zero columns: ΔW unchanged) and both conventions coincide.  Raises
     :class:`~loratools.errors.InvalidAdapterError` listing what no rewrite fixes (DoRA for vLLM, ...).
+    ``all`` names every runtime that reads ``layout``.
     """
-    chosen = resolve(runtimes)
+    chosen = resolve(runtimes, layout=layout)
     needs = {p.needs for p in chosen} | ({"alpha"} if layout == "kohya" else set())
     ranks = {m.rank for m in adapter.modules.values()}
     modules = dict(adapter.modules)

@@ -10,7 +10,7 @@ from .diffusers import DIFFUSERS
 from .kohya import KOHYA
 from .llamacpp import LLAMA_CPP
 from .peft import PEFT, TRANSFORMERS
-from .profile import Profile
+from .profile import Layout, Profile
 from .sglang import SGLANG
 from .vllm import VLLM
 
@@ -18,12 +18,16 @@ PROFILES: dict[str, Profile] = {p.name: p for p in (PEFT, TRANSFORMERS, VLLM, SG
 RUNTIME_CHOICES: tuple[str, ...] = (*PROFILES, "all")
 
 
-def profiles(names: Iterable[str]) -> list[Profile]:
-    """The profiles named (``all``: every one), in order, each once; :class:`ArgumentError` for an unknown name."""
+def profiles(names: Iterable[str], *, layout: Layout | None = None) -> list[Profile]:
+    """The profiles named, in order, each once; :class:`ArgumentError` for an unknown name.
+
+    ``all`` means every profile, or with ``layout`` every one that reads that layout (vLLM does not
+    read kohya files, so ``--for all`` on a kohya output asks nothing of it).
+    """
     chosen: dict[str, Profile] = {}
     for name in names:
         if name == "all":
-            chosen.update(PROFILES)
+            chosen.update({n: p for n, p in PROFILES.items() if layout is None or p.layout == layout})
         elif name in PROFILES:
             chosen[name] = PROFILES[name]
         else:

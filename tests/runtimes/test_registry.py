@@ -60,3 +60,7 @@ def test_names():
     assert [p.name for p in profiles(["vllm", "all"])][0] == "vllm" and len(profiles(["all", "vllm"])) == len(PROFILES)
     with pytest.raises(ArgumentError, match="unknown runtime 'tgi'"):
         profiles(["tgi"])
+
+
+def test_all_for_a_layout_names_its_readers():
+    assert [p.name for p in profiles(["all"], layout="kohya")] == ["diffusers", "kohya", "comfyui"]
