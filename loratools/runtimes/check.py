@@ -76,8 +76,8 @@ def problems(adapter: Adapter, profile: Profile) -> list[Problem]:
     where = f"[{profile.name}]"
     for feature, names in features(adapter).items():
         if feature in profile.refuses:
-            more = f" and {len(names) - 1} more" if len(names) > 1 else ""
-            message = f"{profile.name} {profile.refuses[feature]} ({names[0]}{more})"
+            more = f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+            message = f"{profile.name} {profile.refuses[feature]}{more}"
             found.append(Problem("runtime-unsupported", f"{names[0]} {where}", message))
     if profile.layout == "peft":
         kohya = [n for n in adapter.modules if spec.KOHYA_NAME.match(n)]
