@@ -149,3 +149,28 @@ def test_refuses_modules_to_save_and_needs_base(tmp_path, llama_base):
         bad.mkdir()
         (bad / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "num_hidden_layers": 2}))
         write(adapter, tmp_path / "x.gguf", force=False, base=bad)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "LlamaForCausalLM",
+        "MistralForCausalLM",
+        "Qwen2ForCausalLM",
+        "Qwen3ForCausalLM",
+        "Gemma2ForCausalLM",
+        "Gemma3ForCausalLM",
+        "Phi3ForCausalLM",
+    ],
+)
+def test_every_family_names_its_tensors(tmp_path, arch):
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"architectures": [arch], "num_hidden_layers": 1, "num_attention_heads": 2}))
+    proj = "self_attn.qkv_proj" if arch.startswith("Phi3") else "self_attn.o_proj"
+    adapter = loratools.Adapter(
+        {f"model.layers.0.{proj}": random_module(16, 16, 2), "model.layers.0.mlp.down_proj": random_module(16, 16, 2)}, {}
+    )
+    reader = gguf.GGUFReader(write(adapter, tmp_path / "a.gguf", force=False, base=base))
+    want = {"attn_qkv" if arch.startswith("Phi3") else "attn_output", "ffn_down"}
+    assert {t.name.split(".")[2] for t in reader.tensors} == want

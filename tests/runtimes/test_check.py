@@ -6,6 +6,8 @@ from dataclasses import replace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loratools.adapter import Adapter
 from loratools.errors import InvalidAdapterError
@@ -103,3 +105,19 @@ def test_conform_refuses_what_no_rewrite_fixes():
     with pytest.raises(InvalidAdapterError, match="vllm refuses DoRA"):
         conform(dora, ("vllm",))
     assert conform(dora, ("peft",)) is dora  # plain scale-2 DoRA: nothing to rewrite
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    specs=st.lists(st.tuples(st.integers(1, 6), st.sampled_from([1.0, 2.0, 4.0, 16.0]), st.booleans()), min_size=1, max_size=4),
+    runtimes=st.sampled_from([(), ("llama.cpp",), ("vllm",), ("sglang", "llama.cpp"), ("all",)]),
+)
+def test_conform_never_changes_delta(specs, runtimes):
+    modules = {f"model.layers.{i}.mlp.up_proj": rm(r, alpha=a, rslora=rs, seed=i) for i, (r, a, rs) in enumerate(specs)}
+    if len({rs for _, _, rs in specs}) > 1:  # one use_rslora per adapter
+        modules = {n: replace(m, rslora=False) for n, m in modules.items()}
+    a = fitted(modules)
+    out = conform(a, runtimes)
+    for name, m in a.modules.items():
+        torch.testing.assert_close(dense(out.modules[name]), dense(m), rtol=1e-5, atol=1e-5)
+    assert [p for p in check(out, runtimes or ["peft", "vllm", "sglang"]) if p.severity == "error"] == []
