@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from loratools import load
 from loratools.cli import main
@@ -168,8 +169,6 @@ def test_kohya_inputs_stay_kohya_unless_to_says_otherwise(inputs, tmp_path):
 
 def test_resize_to_kohya_writes_one_alpha(tmp_path):
     """The kohya output convention: one .alpha for every module, scales folded into lora_up."""
-    from safetensors import safe_open
-
     src = peft_adapter(tmp_path / "src", r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
     out = tmp_path / "k.safetensors"
     result = CliRunner().invoke(main, ["resize", str(src), "--energy", "0.9", "--to", "kohya", "-o", str(out)])

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 
 from loratools.cli import main
 
+from ..conftest import peft_adapter
 from ..test_validation import write
 
 
@@ -34,8 +35,6 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 def test_validate_for_reports_resize_misscaling_and_none_after_for(runner, tmp_path):
     """The issue's case: a 14-tensor adapter after resize --energy 0.9 is mis-scaled in llama.cpp; --for all fixes it."""
-    from ..conftest import peft_adapter
-
     src = peft_adapter(tmp_path / "src", r=8, lora_alpha=16, target_modules=ALL_LINEAR)
     resized, fixed = tmp_path / "resized", tmp_path / "fixed"
     assert runner.invoke(main, ["resize", str(src), "--energy", "0.9", "-o", str(resized)]).exit_code == 0
@@ -51,8 +50,6 @@ def test_validate_for_reports_resize_misscaling_and_none_after_for(runner, tmp_p
 
 
 def test_validate_for_rslora_and_dora(runner, tmp_path):
-    from ..conftest import peft_adapter
-
     rs = peft_adapter(tmp_path / "rs", use_rslora=True)
     result = runner.invoke(main, ["validate", str(rs), "--for", "sglang"])
     assert result.exit_code == 1 and "sglang applies ΔW x 0.5" in result.output  # 8/4 instead of 8/2: 1/sqrt(4)
