@@ -51,7 +51,9 @@ _EXPORTS: dict[str, str] = {
     "Plan": "planner",
     "plan": "planner",
     "SPEC_VERSION": "spec",
-    **dict.fromkeys(("Report", "validate"), "validation"),
+    **dict.fromkeys(("Report", "check_runtimes", "validate"), "validation"),
+    **dict.fromkeys(("conform", "runtime_factors"), "runtimes.check"),
+    "write_gguf": "formats.gguf",
 }
 
 if TYPE_CHECKING:
@@ -72,6 +74,7 @@ if TYPE_CHECKING:
         ShapeError,
         SpecError,
     )
+    from .formats.gguf import write_gguf
     from .hub import PullResult, PushResult, pull, push
     from .io.checkpoint import Checkpoint, open_checkpoint
     from .linalg import FactoredSVD, factored_svd, singular_values
@@ -82,8 +85,9 @@ if TYPE_CHECKING:
     from .ops.spectrum import ModuleSpectrum, plot_spectrum, spectra
     from .ops.summary import Summary, summarize
     from .planner import Plan, plan
+    from .runtimes.check import conform, runtime_factors
     from .spec import SPEC_VERSION
-    from .validation import Report, validate
+    from .validation import Report, check_runtimes, validate
 
     __version__: str
 
@@ -142,6 +146,8 @@ __all__ = [
     "Summary",
     "__version__",
     "add",
+    "check_runtimes",
+    "conform",
     "convert",
     "diff",
     "extract",
@@ -154,6 +160,7 @@ __all__ = [
     "pull",
     "push",
     "resize",
+    "runtime_factors",
     "save",
     "save_as",
     "save_kohya",
@@ -165,4 +172,5 @@ __all__ = [
     "summarize",
     "unmerge",
     "validate",
+    "write_gguf",
 ]

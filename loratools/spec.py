@@ -58,8 +58,8 @@ _ROLE_RE = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for
 BIAS_VALUES = ("none", "all", "lora_only")
 
 # Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
-Format = Literal["peft", "kohya", "diffusers"]
-FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers")  # what writers produce
+Format = Literal["peft", "kohya", "diffusers", "gguf"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers", "gguf")  # what writers produce
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]

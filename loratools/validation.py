@@ -9,6 +9,7 @@ error-level problems into one :class:`~loratools.errors.InvalidAdapterError` for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from .io.checkpoint import open_checkpoint
 from .io.remote import local_path
 from .io.tensorfile import DTYPE_NAMES, data_sha256, header_layout_sha256
 from .planner import plan
+from .runtimes.check import check as runtime_problems
 
 
 @dataclass(frozen=True)
@@ -49,8 +51,9 @@ class Report:
         return {"source": self.source, "valid": self.ok, "problems": [asdict(p) for p in self.problems]}
 
 
-def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Report:
-    """Check an adapter (a path or an :class:`Adapter`) against spec v1, and against ``base`` if given."""
+def validate(target: str | Path | Adapter, base: str | Path | None = None, *, runtimes: Sequence[str] = ()) -> Report:
+    """Check an adapter (a path or an :class:`Adapter`) against spec v1, against ``base`` if given, and
+    for each runtime in ``runtimes`` (``"all"`` for every profile): see :func:`check_runtimes`."""
     if isinstance(target, (str, Path)):
         source = str(target)
         try:
@@ -67,6 +70,8 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None) -> Re
         problems += check_base(from_raw(raw), base)
     elif base is None:
         problems += variant_warnings(raw)
+    if runtimes and not any(p.severity == "error" for p in problems):
+        problems += check_runtimes(from_raw(raw), runtimes)
     return Report(source, problems)
 
 
@@ -81,6 +86,14 @@ def variant_warnings(raw: RawAdapter) -> list[Problem]:
         return []
     found = spec.variant_problems(raw.config) + spec.variant_warnings(raw.config)
     return [Problem(code, field, why, "warning") for code, field, why in found]
+
+
+def check_runtimes(adapter: Adapter, runtimes: Sequence[str]) -> list[Problem]:
+    """How each runtime named would apply ``adapter`` (:mod:`loratools.runtimes`): every module whose
+    ΔW it scales differently (``runtime-misscaled``, with the factor), every feature it refuses or
+    drops (``runtime-unsupported``), kohya names for a PEFT reader (``runtime-layout``): errors, since
+    each means a wrong or unusable model there; a rank above its default limit is a warning."""
+    return runtime_problems(adapter, runtimes)
 
 
 def _read_problem(err: LoratoolsError) -> Problem:

@@ -10,8 +10,11 @@ from rich.table import Table
 import loratools
 
 from ..io.atomic import check_output
+from ..runtimes.registry import RUNTIME_CHOICES
 from ..spec import DTYPE_CHOICES, FORMATS, DtypeChoice, Format
 from .console import emit_json, out, safe, say
+
+ADAPTER_FORMATS = tuple(f for f in FORMATS if f != "gguf")  # GGUF needs a base: `loratools convert OUT --to gguf --base BASE`
 
 if TYPE_CHECKING:
     from ..adapter import Adapter
@@ -19,11 +22,14 @@ if TYPE_CHECKING:
 
 
 def _output_options(f: Any) -> Any:
-    """-o/--output, --dtype, --force and --json, shared by every command that writes an adapter."""
+    """-o/--output, --dtype, --to, --for, --force and --json, shared by every command that writes an adapter."""
     f = click.option("--json", "as_json", is_flag=True, help="Print the result (and any resize report) as JSON.")(f)
+    f = for_option(f)
     f = click.option("--force", is_flag=True, help="Replace OUT if it exists.")(f)
     f = click.option(
-        "--to", type=click.Choice(FORMATS), help="Output format (default: the first input's: kohya and diffusers files stay so, else PEFT)."
+        "--to",
+        type=click.Choice(ADAPTER_FORMATS),
+        help="Output format (default: the first input's: kohya and diffusers files stay so, else PEFT).",
     )(f)
     f = click.option(
         "--dtype",
@@ -37,8 +43,35 @@ def _output_options(f: Any) -> Any:
     )(f)
 
 
-def _write(result: Adapter, output: str, to: Format | None, force: bool, as_json: bool, rows: list[ResizeRow] | None = None) -> None:
-    loratools.save_as(result, output, to=to, force=force)
+def for_option(f: Any) -> Any:
+    """--for RUNTIME (repeatable, or all): write the output so those runtimes apply it exactly."""
+    return click.option(
+        "--for",
+        "runtimes",
+        type=click.Choice(RUNTIME_CHOICES),
+        multiple=True,
+        help="Make the output exact in this runtime too (repeatable; all: every runtime); refused if it cannot be.",
+    )(f)
+
+
+def write_for(result: Adapter, output: str, to: Format | None, runtimes: tuple[str, ...], force: bool) -> Adapter:
+    """Save ``result`` in the output convention (:func:`loratools.conform`) for ``runtimes``; returns what was written."""
+    fmt = to or loratools.source_format(result)
+    result = loratools.conform(result, runtimes, layout="kohya" if fmt == "kohya" else "peft")
+    loratools.save_as(result, output, to=fmt, force=force)
+    return result
+
+
+def _write(
+    result: Adapter,
+    output: str,
+    to: Format | None,
+    runtimes: tuple[str, ...],
+    force: bool,
+    as_json: bool,
+    rows: list[ResizeRow] | None = None,
+) -> None:
+    result = write_for(result, output, to, runtimes, force)
     ranks = sorted({m.rank for m in result.modules.values()})
     if as_json:
         emit_json(
@@ -74,6 +107,7 @@ def add(
     output: str,
     dtype: DtypeChoice,
     to: Format | None,
+    runtimes: tuple[str, ...],
     force: bool,
     as_json: bool,
 ) -> None:
@@ -91,14 +125,16 @@ def add(
     rows = None
     if rank is not None:
         result, rows = loratools.resize(result, rank, dtype=dtype)
-    _write(result, output, to, force, as_json, rows)
+    _write(result, output, to, runtimes, force, as_json, rows)
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})
 @click.argument("adapter")
 @click.argument("factor", type=float)
 @_output_options
-def scale(adapter: str, factor: float, output: str, dtype: DtypeChoice, to: Format | None, force: bool, as_json: bool) -> None:
+def scale(
+    adapter: str, factor: float, output: str, dtype: DtypeChoice, to: Format | None, runtimes: tuple[str, ...], force: bool, as_json: bool
+) -> None:
     """Multiply the adapter's ΔW by FACTOR (negative allowed: `loratools scale a/ -0.5 -o b/`).
 
     \b
@@ -107,14 +143,16 @@ def scale(adapter: str, factor: float, output: str, dtype: DtypeChoice, to: Form
       loratools scale ./adapter -1 -o ./negated      (or: ... -o ./negated -- -1)
     """
     check_output(output, force=force)
-    _write(loratools.scale(loratools.load(adapter), factor, dtype=dtype), output, to, force, as_json)
+    _write(loratools.scale(loratools.load(adapter), factor, dtype=dtype), output, to, runtimes, force, as_json)
 
 
 @click.command("subtract")
 @click.argument("a")
 @click.argument("b")
 @_output_options
-def subtract(a: str, b: str, output: str, dtype: DtypeChoice, to: Format | None, force: bool, as_json: bool) -> None:
+def subtract(
+    a: str, b: str, output: str, dtype: DtypeChoice, to: Format | None, runtimes: tuple[str, ...], force: bool, as_json: bool
+) -> None:
     """Subtract adapters exactly: ΔW = ΔW_A − ΔW_B (rank r_A + r_B).
 
     \b
@@ -122,7 +160,7 @@ def subtract(a: str, b: str, output: str, dtype: DtypeChoice, to: Format | None,
       loratools subtract finetuned/ base-task/ -o difference/
     """
     check_output(output, force=force)
-    _write(loratools.subtract(loratools.load(a), loratools.load(b), dtype=dtype), output, to, force, as_json)
+    _write(loratools.subtract(loratools.load(a), loratools.load(b), dtype=dtype), output, to, runtimes, force, as_json)
 
 
 @click.command("resize")
@@ -141,6 +179,7 @@ def resize(
     output: str,
     dtype: DtypeChoice,
     to: Format | None,
+    runtimes: tuple[str, ...],
     force: bool,
     as_json: bool,
 ) -> None:
@@ -158,4 +197,4 @@ def resize(
     result, rows = loratools.resize(
         loratools.load(adapter), rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio, dtype=dtype
     )
-    _write(result, output, to, force, as_json, rows)
+    _write(result, output, to, runtimes, force, as_json, rows)

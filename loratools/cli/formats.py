@@ -7,7 +7,9 @@ from rich.table import Table
 
 import loratools
 
+from ..io.atomic import check_output
 from ..spec import DEVICES, FORMATS, Device, Format
+from .arith import ADAPTER_FORMATS, for_option, write_for
 from .console import emit_json, out, safe, say
 
 
@@ -18,14 +20,19 @@ from .console import emit_json, out, safe, say
     "to",
     type=click.Choice(FORMATS),
     required=True,
-    help="Output format: peft (spec v1; per component for diffusers files), kohya (sd-scripts file) or diffusers.",
+    help="Output format: peft (spec v1; per component for diffusers files), kohya (sd-scripts), diffusers, or gguf (llama.cpp).",
 )
-@click.option("--base", help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it.")
+@click.option(
+    "--base",
+    help="Base checkpoint: maps kohya's flattened names onto its module paths; every module must fit it. "
+    "For gguf: the base model directory (its config.json names the architecture and tensors).",
+)
 @click.option(
     "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
 )
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
-def convert(src: str, to: Format, base: str | None, output: str, force: bool) -> None:
+@for_option
+def convert(src: str, to: Format, base: str | None, output: str, force: bool, runtimes: tuple[str, ...]) -> None:
     """Convert the adapter at SRC (PEFT, kohya or diffusers) to another format.
 
     \b
@@ -33,8 +40,15 @@ def convert(src: str, to: Format, base: str | None, output: str, force: bool) ->
       loratools convert my_lora.safetensors --to peft --base ./unet.safetensors -o ./my-lora
       loratools convert ./my-lora --to kohya -o my_lora.safetensors
       loratools convert pytorch_lora_weights.safetensors --to peft -o ./peft-lora   (unet/, text_encoder/ if both)
+      loratools convert ./my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
     """
-    adapter = loratools.convert(src, output, to=to, base=base, force=force)
+    if to == "gguf":
+        if base is None:
+            raise click.UsageError("--to gguf needs --base: the base model directory whose config.json names the architecture")
+        adapter = loratools.conform(loratools.load(src), runtimes)
+        loratools.write_gguf(adapter, output, base=base, force=force)
+    else:
+        adapter = write_for(loratools.load(src, base=base), output, to, runtimes, force)
     say(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)")
 
 
@@ -46,7 +60,8 @@ def convert(src: str, to: Format, base: str | None, output: str, force: bool) ->
 @click.option(
     "-o", "--out", "--output", "output", required=True, help="Output adapter: directory or .safetensors (peft), .safetensors (kohya)."
 )
-@click.option("--to", "to", type=click.Choice(FORMATS), default="peft", show_default=True, help="Output format.")
+@click.option("--to", "to", type=click.Choice(ADAPTER_FORMATS), default="peft", show_default=True, help="Output format.")
+@for_option
 @click.option("--skip-modules-to-save", is_flag=True, help="Drop changed embeddings/norms instead of saving them whole.")
 @click.option(
     "--device",
@@ -66,6 +81,7 @@ def extract(
     to: Format,
     skip_modules_to_save: bool,
     device: Device,
+    runtimes: tuple[str, ...],
     force: bool,
     as_json: bool,
 ) -> None:
@@ -77,17 +93,11 @@ def extract(
       loratools extract base.safetensors tuned.safetensors --rank 64 --energy 0.9 -o lora.safetensors
       loratools extract sd15.safetensors sd15-ft.safetensors --rank 32 --to kohya --skip-modules-to-save -o ft.safetensors
     """
-    _, report = loratools.extract(
-        base,
-        tuned,
-        rank=rank,
-        energy=energy,
-        out=output,
-        to=to,
-        force=force,
-        skip_modules_to_save=skip_modules_to_save,
-        device=device,
+    check_output(output, force=force)
+    adapter, report = loratools.extract(
+        base, tuned, rank=rank, energy=energy, to=to, skip_modules_to_save=skip_modules_to_save, device=device
     )
+    write_for(adapter, output, to, runtimes, force)
     if as_json:
         emit_json(report.to_dict())
         return

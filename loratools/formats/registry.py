@@ -16,11 +16,16 @@ from ..adapter import Adapter, RawAdapter
 from ..errors import FormatError, SpecError
 from ..io.files import require_file_or_dir
 from ..io.tensorfile import Header, read_header
-from . import diffusers, kohya, lycoris, peft
+from . import diffusers, gguf, kohya, lycoris, peft
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
-WRITERS: dict[spec.Format, Callable[..., Path]] = {"peft": peft.write, "kohya": kohya.write, "diffusers": diffusers.write}
+WRITERS: dict[spec.Format, Callable[..., Path]] = {
+    "peft": peft.write,
+    "kohya": kohya.write,
+    "diffusers": diffusers.write,
+    "gguf": gguf.write,
+}
 
 
 def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 
 from loratools import load
 from loratools.cli import main
@@ -164,3 +165,16 @@ def test_kohya_inputs_stay_kohya_unless_to_says_otherwise(inputs, tmp_path):
     assert unmapped.exit_code == 3 and "--base" in unmapped.stderr and not (tmp_path / "peft").exists()
     wrong = run("resize", kohya, "--rank", "2", "-o", tmp_path / "kdir")
     assert wrong.exit_code == 2 and ".safetensors" in wrong.stderr and not (tmp_path / "kdir").exists()
+
+
+def test_resize_to_kohya_writes_one_alpha(tmp_path):
+    """The kohya output convention: one .alpha for every module, scales folded into lora_up."""
+    src = peft_adapter(tmp_path / "src", r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    out = tmp_path / "k.safetensors"
+    result = CliRunner().invoke(main, ["resize", str(src), "--energy", "0.9", "--to", "kohya", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    with safe_open(out, "pt") as f:
+        alphas = {float(f.get_tensor(k)) for k in f.keys() if k.endswith(".alpha")}
+        ranks = {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith(".lora_down.weight")}
+    assert len(alphas) == 1 and len(ranks) > 1
+    assert CliRunner().invoke(main, ["validate", str(out), "--for", "all"]).exit_code == 0
