@@ -5,9 +5,9 @@ PEFT matches config regexes with the stdlib ``re`` (peft 0.21.2, ``peft/utils/ot
 key ``k`` with ``re.match(rf"(.*\\.)?({k})$", key)``).  A backtracking engine takes exponential time
 on patterns such as ``(.*a){25}`` or ``(a+)+$`` against long names, and a config is hostile input,
 so every match here runs the same ``re`` (so the answers are PEFT's, bit for bit) under a budget of
-:data:`BUDGET_S` seconds of matching per pattern, summed over all names; a pattern that exceeds it
-is refused with a :class:`~loratools.errors.SpecError` (code ``pattern-too-slow``) naming the field
-and the pattern.
+:data:`BUDGET_S` seconds of matching per pattern, summed over all names, and :data:`FIELD_BUDGET_S`
+for all the regex patterns of one field; a pattern or field that exceeds it is refused with a
+:class:`~loratools.errors.SpecError` (code ``pattern-too-slow``) naming the field (and the pattern).
 
 The budget is CPU time (a ``SIGVTALRM`` interval timer, so a busy machine does not refuse a good
 pattern): ``re`` checks for signals while it backtracks, so the handler's exception stops the match.
@@ -36,6 +36,9 @@ from dataclasses import dataclass
 from .errors import LoratoolsError, SpecError
 
 BUDGET_S = 1.0  # seconds of matching one pattern may use over all names (normal patterns: microseconds per name)
+# Seconds all regex patterns of one field may use together: 1000 benign regex keys over 100k module
+# names are 10^8 matches (about 140 s), which PEFT's first-match rule makes unavoidable with ``re``.
+FIELD_BUDGET_S = 10.0
 CODE = "pattern-too-slow"
 SUFFIX_TEMPLATE = r"(.*\.)?({})$"  # peft 0.21.2 peft/utils/other.py get_pattern_key
 # A pattern key made only of these tokens matches a fixed-length suffix and is looked up by hash.
@@ -88,12 +91,20 @@ def first_matches(job: Job) -> list[int]:
 def _solve(job: Job) -> list[int]:
     best = _plain_matches(job) if job.template == SUFFIX_TEMPLATE else [-1] * len(job.names)
     plain = _plain_indices(job) if job.template == SUFFIX_TEMPLATE else set()
+    deadline = time.process_time() + FIELD_BUDGET_S
     for i, key in enumerate(job.patterns):
         if i in plain:
             continue
         todo = [n for n, b in enumerate(best) if b < 0 or b > i]
         if not todo:
             break
+        if time.process_time() > deadline:
+            raise SpecError(
+                f"its {len(job.patterns) - len(plain)} regex patterns take over {FIELD_BUDGET_S:g} s together to match "
+                f"{len(job.names)} module names; write plain module names (dots escaped) or fewer, broader patterns",
+                key=job.field,
+                code=CODE,
+            )
         try:
             compiled = re.compile(job.template.format(key))
         except re.error as err:
@@ -183,7 +194,7 @@ def _plain_matches(job: Job) -> list[int]:
 def _in_child(job: Job) -> list[int]:
     """:func:`_solve` in a child Python (whose main thread can take the signal); same answers, same refusals."""
     payload = json.dumps({"path": sys.path, "job": job.__dict__ | {"patterns": list(job.patterns), "names": list(job.names)}})
-    limit = BUDGET_S * (len(job.patterns) + 1) + 30  # backstop only: the child enforces the budget itself
+    limit = min(BUDGET_S * (len(job.patterns) + 1), FIELD_BUDGET_S + BUDGET_S) + 30  # backstop only: the child enforces both budgets
     try:
         done = subprocess.run([sys.executable, "-c", _CHILD], input=payload, capture_output=True, text=True, timeout=limit, check=False)
     except subprocess.TimeoutExpired:

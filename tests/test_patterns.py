@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from peft.utils.other import get_pattern_key, match_target_against_key
 
-from loratools import spec
+from loratools import patterns, spec
 from loratools.errors import SpecError
 from loratools.patterns import BUDGET_S, CODE, Job, first_matches, matches
 
@@ -126,3 +126,12 @@ def test_someone_elses_timer_and_handler_survive():
 
 def test_budget_is_one_second():
     assert BUDGET_S == 1.0  # the spec text and the refusal message say 1 s
+
+
+def test_a_field_of_many_regexes_is_bounded_in_total(monkeypatch):
+    monkeypatch.setattr(patterns, "FIELD_BUDGET_S", 0.02)
+    names = tuple(f"model.layers.{i}.self_attn.q_proj" for i in range(20_000))
+    keys = tuple(rf"layers\.{i}\.(self|cross)_attn\.q_proj" for i in range(400))  # regexes: no hash lookup
+    with pytest.raises(SpecError, match=r"its 400 regex patterns take over 0.02 s together") as info:
+        patterns.first_matches(patterns.Job("rank_pattern", keys, names, template=patterns.SUFFIX_TEMPLATE))
+    assert info.value.code == "pattern-too-slow" and info.value.key == "rank_pattern"
