@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import spec
+from . import spec, variants
 from .adapter import Adapter, from_raw
 from .errors import ArgumentError, SpecError
 from .formats import diffusers
@@ -122,7 +122,7 @@ def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
 
 def _refuse_variants(adapter: Adapter, fmt: str, path: Path) -> None:
     """Formats without a PEFT config cannot carry aLoRA, layer_replication or a residual init: refuse, never drop them."""
-    variants = spec.variant_problems(adapter.config)
-    if variants:
-        code, field, why = variants[0]
+    found = variants.variant_problems(adapter.config)
+    if found:
+        code, field, why = found[0]
         raise SpecError(f"a {fmt} file cannot carry {field}, so it would be applied as a plain LoRA: {why}", path=path, code=code)

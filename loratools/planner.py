@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import fulltensors as full
-from . import spec
+from . import spec, variants
 from .adapter import Adapter, LoraModule
 from .errors import Problem
 from .io.checkpoint import Checkpoint, ModuleIndex, module_index
@@ -257,14 +257,14 @@ def replaced_key(key: str, tensors: dict[str, TensorInfo], index: ModuleIndex, l
 
 
 def variant_problems(adapter: Adapter, label: str = "") -> list[Problem]:
-    """Errors for config features (:func:`loratools.spec.variant_problems`) under which no exact merge exists.
+    """Errors for config features (:func:`loratools.variants.variant_problems`) under which no exact merge exists.
 
     PiSSA/OLoRA/CorDA/LoftQ saved without weight conversion, aLoRA and ``layer_replication``: the
     merge is refused in one line that says why and what would work.  Otherwise the warnings of
-    :func:`loratools.spec.variant_warnings` (an unconverted LoRA-GA adapter).
+    :func:`loratools.variants.variant_warnings` (an unconverted LoRA-GA adapter).
     """
-    errors = [Problem(code, f"{label}{field}", why) for code, field, why in spec.variant_problems(adapter.config)]
-    return errors or [Problem(code, f"{label}{field}", why, "warning") for code, field, why in spec.variant_warnings(adapter.config)]
+    errors = [Problem(code, f"{label}{field}", why) for code, field, why in variants.variant_problems(adapter.config)]
+    return errors or [Problem(code, f"{label}{field}", why, "warning") for code, field, why in variants.variant_warnings(adapter.config)]
 
 
 def orientations(
@@ -275,7 +275,7 @@ def orientations(
     PEFT ignores ``fan_in_fan_out`` where it contradicts the layer: it forces the flag to false on
     an ``nn.Linear`` and to true on a ``Conv1D``, with a warning (peft 0.21.2,
     peft/tuners/lora/layer.py ``dispatch_default``).  Without the model class the layer is known from
-    the base's config.json (:func:`loratools.spec.layer_type`: built-in model types), else from the
+    the base's config.json (:func:`loratools.variants.layer_type`: built-in model types), else from the
     base tensor's shape when out != in ((out, in) is a Linear, (in, out) a Conv1D).  A square
     layer that neither tells is taken as an nn.Linear only when the flag is false, its name is
     not one transformers gives Conv1D layers (``c_attn``, ``c_proj``, ...) and no other layer
@@ -295,7 +295,7 @@ def orientations(
             layouts[name] = module.transposed(fan_in_fan_out=flag)
             continue
         out, inp = int(module.B.shape[0]), int(module.A.shape[1])
-        kind = spec.layer_type(model_config, name)
+        kind = variants.layer_type(model_config, name)
         if kind is not None:
             conv1d = kind == "conv1d"
             why = f"{model_config['model_type'] if model_config else ''} builds it as {'a Conv1D' if conv1d else 'an nn.Linear'}"
@@ -322,7 +322,7 @@ def orientations(
         problems.append(Problem("fan-in-fan-out-overridden", f"{label}fan_in_fan_out", message, "warning"))
     for name in square:
         leaf = name.rsplit(".", 1)[-1]
-        if not flag and not overridden and leaf not in spec.CONV1D_NAMES:
+        if not flag and not overridden and leaf not in variants.CONV1D_NAMES:
             layouts[name] = False  # the default flag on a layer no built-in model makes a Conv1D
             continue
         if overridden:

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import spec
+from . import spec, variants
 from .adapter import Adapter, RawAdapter, from_raw
 from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError, Problem, SpecError
 from .formats.registry import read_raw
@@ -76,7 +76,7 @@ def validate(target: str | Path | Adapter, base: str | Path | None = None, *, ru
 
 
 def variant_warnings(raw: RawAdapter) -> list[Problem]:
-    """Warnings, without a base, for config features under which merging is refused (:func:`loratools.spec.variant_problems`).
+    """Warnings, without a base, for config features under which merging is refused (:func:`loratools.variants.variant_problems`).
 
     The adapter is valid (PEFT loads it) but is not W + ΔW on its base, so a merge, a kohya
     conversion or arithmetic that cannot carry the feature will refuse it; with ``--base`` the
@@ -84,7 +84,7 @@ def variant_warnings(raw: RawAdapter) -> list[Problem]:
     """
     if not isinstance(raw.config, dict):
         return []
-    found = spec.variant_problems(raw.config) + spec.variant_warnings(raw.config)
+    found = variants.variant_problems(raw.config) + variants.variant_warnings(raw.config)
     return [Problem(code, field, why, "warning") for code, field, why in found]
 
 

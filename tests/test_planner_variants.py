@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from loratools import spec
+from loratools import spec, variants
 from loratools.adapter import Adapter
 from loratools.api import save_as
 from loratools.errors import SpecError
@@ -53,7 +53,7 @@ def _codes(problems) -> list[tuple[str, str]]:
     + [(v, None) for v in (True, False, "gaussian", "eva", "orthogonal", "mica", "lora_ga")],
 )
 def test_residual_init_families(init, family):
-    assert spec.residual_init({"init_lora_weights": init}) == family
+    assert variants.residual_init({"init_lora_weights": init}) == family
 
 
 VARIANT_CONFIGS = {
@@ -72,11 +72,11 @@ def test_variants_are_one_error_and_no_edit(tmp_path, code):
 
 
 def test_variant_messages_say_what_works():
-    messages = {code: spec.variant_problems(config)[0][2] for code, config in VARIANT_CONFIGS.items()}
+    messages = {code: variants.variant_problems(config)[0][2] for code, config in VARIANT_CONFIGS.items()}
     assert "path_initial_model_for_weight_conversion" in messages["residual-init"]
     assert "PEFT refuses to merge it too" in messages["alora-unmergeable"] and "unmerged" in messages["alora-unmergeable"]
     assert "expanded checkpoint" in messages["layer-replication"]
-    assert "LoftQ backbone" in spec.variant_problems({"init_lora_weights": "loftq"})[0][2]
+    assert "LoftQ backbone" in variants.variant_problems({"init_lora_weights": "loftq"})[0][2]
 
 
 def test_converted_residual_adapter_is_plain_lora(tmp_path):

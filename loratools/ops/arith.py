@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .. import spec
+from .. import variants
 from ..adapter import Adapter, LoraModule, check_weights
 from ..compute import per_item
 from ..errors import ArgumentError, ShapeError, SpecError
@@ -214,7 +214,7 @@ def _refuse_dora(adapter: Adapter, which: str) -> None:
 
 def _refuse_residual(adapter: Adapter, which: str) -> None:
     """PiSSA/OLoRA/CorDA/LoftQ saved unconverted: PEFT rebuilds the base from r and alpha on load, so new factors mean another model."""
-    for code, _, why in spec.variant_problems(adapter.config):
+    for code, _, why in variants.variant_problems(adapter.config):
         if code == "residual-init":
             raise SpecError(f"{which} cannot be combined or resized in factored form: {why}", code=code)
 

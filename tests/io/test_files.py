@@ -17,7 +17,7 @@ from loratools.errors import FormatError
 from loratools.formats.registry import read_raw
 from loratools.io.checkpoint import INDEX_NAME, open_checkpoint
 from loratools.io.files import MAX_JSON_BYTES, copy_regular, human_bytes, read_text, tree_files
-from loratools.io.streaming import side_files
+from loratools.io.mirror import side_files
 from loratools.io.tensorfile import read_header, write_file
 
 

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from loratools.errors import DiskSpaceError
 from loratools.io.checkpoint import open_checkpoint
-from loratools.io.streaming import FilePlan, WriteOptions, check_free_space, side_files, stream_files, write_checkpoint, write_index
+from loratools.io.mirror import check_free_space, side_files, write_index
+from loratools.io.streaming import FilePlan, WriteOptions, stream_files, write_checkpoint
 
 
 def _negate(src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -319,11 +319,11 @@ def test_failure_mid_merge_leaves_no_output_and_no_temp(tmp_path: Path) -> None:
 
 
 def test_too_little_free_space_is_refused_up_front(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import loratools.io.streaming as streaming
+    import loratools.io.mirror as mirror
 
     base = _save_base(_llama(), tmp_path / "base")
     adapter = _make_adapter(_llama(), tmp_path / "a", **LLAMA_CASES["plain"])
-    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    monkeypatch.setattr(mirror.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
     with pytest.raises(DiskSpaceError, match=r"needs \d+\.\d KiB free for the output but only 1000 B is"):  # not "0.00 GiB"
         merge(base, [adapter], out=tmp_path / "out")
     assert not (tmp_path / "out").exists()
