@@ -36,7 +36,7 @@ from .io.tensorfile import TensorInfo
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 # Problems that are conflicts between inputs rather than misfits with the base.
-CONFLICTS = frozenset({"dora-shared-tensor", "saved-conflict", "saved-weighted", "tokens-overlap", "tokens-replaced"})
+CONFLICTS = frozenset({"dora-shared-tensor", "saved-conflict", "saved-weighted", "tokens-overlap", "tokens-replaced", "residual-shared"})
 # Problems that say no exact merge exists for the adapter at all (see variant_problems).
 VARIANTS = frozenset({"residual-init", "alora-unmergeable", "layer-replication", "fan-in-fan-out-undecidable"})
 
@@ -56,6 +56,21 @@ class Term:
     transposed: bool
     bias: torch.Tensor | None = None
     rounded: bool = False  # ΔW is rounded to the stored dtype before it is added (PEFT's ParamWrapper.merge)
+    residual: str | None = None  # "pissa"/"olora": the base first loses what that init moved into the adapter
+
+
+@dataclass(frozen=True)
+class Residual:
+    """What a PiSSA/OLoRA init moved out of a base weight, to take away before ΔW is added.
+
+    ``family``: ``pissa`` (the top-``rank`` SVD part) or ``olora`` (``scale``·Q_r·R_r);
+    ``transposed``: the base stores the weight transposed (``fan_in_fan_out``).
+    """
+
+    family: str
+    rank: int
+    scale: float
+    transposed: bool
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class TensorEdit:
     tokens: full.Tokens | None = None
     source: str | None = None
     shape: tuple[int, ...] | None = None
+    residual: Residual | None = None
 
 
 @dataclass(frozen=True)
@@ -118,9 +134,9 @@ def plan(
     model_config = checkpoint.model_config()
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         label = f"{labels[i]}: " if labels is not None and len(adapters) > 1 else ""
-        variants = variant_problems(adapter, label)
-        problems += variants
-        if any(p.severity == "error" for p in variants):  # the modules do not mean W + ΔW on this base: plan nothing of it
+        refused = variant_problems(adapter, label)
+        problems += refused
+        if any(p.severity == "error" for p in refused):  # the modules do not mean W + ΔW on this base: plan nothing of it
             continue
         matched = {
             name: key
@@ -151,7 +167,14 @@ def plan(
             if problem is not None:
                 problems.append(problem)
                 continue
-            terms.setdefault(key, []).append(Term(i, name, module, weight, transposed))
+            residual = variants.rebuilt_init(adapter.config)
+            if residual is not None and (module.kind != "linear" or module.magnitude is not None or (residual == "olora" and transposed)):
+                message = (
+                    f"a {residual} init is rebuilt for plain linear layers only (PEFT's {residual}_init), not for this {module.kind} module"
+                )
+                problems.append(Problem("residual-init", where, message))
+                continue
+            terms.setdefault(key, []).append(Term(i, name, module, weight, transposed, residual=residual))
             if module.magnitude is not None:
                 magnitudes[key] = module.magnitude.reshape(-1).float()
             if module.bias is not None:
@@ -201,14 +224,39 @@ def plan(
         if one is not None:
             merged_tokens[key] = one
     keys = terms.keys() | replacements.keys() | merged_tokens.keys()
+    residuals, found = _residuals(terms)
+    problems += found
     edits = {
-        k: TensorEdit(k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k), merged_tokens.get(k), None, grown.get(k))
+        k: TensorEdit(
+            k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k), merged_tokens.get(k), None, grown.get(k), residuals.get(k)
+        )
         for k in keys
     }
     config = full.resolve_tied(edits, tied, lambda key: TensorEdit(key))
     problems += full.mixed_problems(edits)
     found, sizes = full.vocab_problems(edits, checkpoint.tensors, tensors, vocab)
     return Plan(edits, problems + found, {**config, **sizes})
+
+
+def _residuals(terms: dict[str, list[Term]]) -> tuple[dict[str, Residual], list[Problem]]:
+    """The residual each base tensor loses before its terms apply; a tensor with a residual takes no other term.
+
+    PEFT rebuilds one residual per adapter layer on load, so a second adapter on the same tensor
+    would see another base: no exact result.
+    """
+    residuals: dict[str, Residual] = {}
+    problems = []
+    for key, found in terms.items():
+        own = [t for t in found if t.residual is not None]
+        if not own:
+            continue
+        if len(found) > 1:
+            message = f"{own[0].residual} module {own[0].module} rebuilds the residual of {key}, which other terms also change"
+            problems.append(Problem("residual-shared", key, message + "; merge that adapter alone"))
+            continue
+        t = own[0]
+        residuals[key] = Residual(str(t.residual), t.lora.rank, t.lora.scale, t.transposed)
+    return residuals, problems
 
 
 def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -263,7 +311,9 @@ def variant_problems(adapter: Adapter, label: str = "") -> list[Problem]:
     merge is refused in one line that says why and what would work.  Otherwise the warnings of
     :func:`loratools.variants.variant_warnings` (an unconverted LoRA-GA adapter).
     """
-    errors = [Problem(code, f"{label}{field}", why) for code, field, why in variants.variant_problems(adapter.config)]
+    rebuilt = variants.rebuilt_init(adapter.config) is not None  # merged exactly: see Residual
+    found = [v for v in variants.variant_problems(adapter.config) if not (rebuilt and v[0] == "residual-init")]
+    errors = [Problem(code, f"{label}{field}", why) for code, field, why in found]
     return errors or [Problem(code, f"{label}{field}", why, "warning") for code, field, why in variants.variant_warnings(adapter.config)]
 
 

@@ -35,6 +35,19 @@ _LOFTQ_FIX = (
 )
 
 
+# Residual inits a merge rebuilds exactly from the base weight, as PEFT does on load: PiSSA's full
+# SVD and OLoRA's QR are deterministic in W (the top-r part U_r·S_r·V_rᵀ, and Q_r·R_r, do not
+# depend on the signs LAPACK picks).  pissa_niter_K uses a randomized SVD, CorDA activation
+# covariances and LoftQ a quantised backbone, none of which the files hold.
+REBUILT = frozenset({"pissa", "olora"})
+
+
+def rebuilt_init(config: Mapping[str, Any]) -> str | None:
+    """``pissa`` or ``olora`` when the residual base is rebuilt exactly by a merge (see :data:`REBUILT`), else None."""
+    init = config.get("init_lora_weights")
+    return init.lower() if isinstance(init, str) and init.lower() in REBUILT else None
+
+
 def residual_init(config: Mapping[str, Any]) -> str | None:
     """The family (``pissa``, ``olora``, ``corda``, ``loftq``) whose init makes PEFT rewrite the base on load, or None."""
     init = config.get("init_lora_weights")
@@ -58,6 +71,11 @@ def variant_problems(config: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     family = residual_init(config)
     if family is not None:
         fix = _LOFTQ_FIX if family == "loftq" else _CONVERT
+        if rebuilt_init(config):
+            fix = (
+                "loratools merges it exactly (rebuilding that residual as PEFT does), but other formats and arithmetic cannot carry it: "
+                + fix
+            )
         why = f"init_lora_weights is {config['init_lora_weights']!r}: {_RESIDUAL_WHY[family]}, so W + ΔW would be the wrong model; {fix}"
         problems.append(("residual-init", "init_lora_weights", why))
     tokens = config.get("alora_invocation_tokens")

@@ -57,7 +57,7 @@ def test_residual_init_families(init, family):
 
 
 VARIANT_CONFIGS = {
-    "residual-init": {"init_lora_weights": "pissa"},
+    "residual-init": {"init_lora_weights": "pissa_niter_4"},  # randomized: not rebuilt (plain pissa and olora are)
     "alora-unmergeable": {"alora_invocation_tokens": [5, 6]},
     "layer-replication": {"layer_replication": [[0, 1], [0, 1]]},
 }
@@ -77,6 +77,16 @@ def test_variant_messages_say_what_works():
     assert "PEFT refuses to merge it too" in messages["alora-unmergeable"] and "unmerged" in messages["alora-unmergeable"]
     assert "expanded checkpoint" in messages["layer-replication"]
     assert "LoftQ backbone" in variants.variant_problems({"init_lora_weights": "loftq"})[0][2]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_plan_a_residual_on_each_tensor(tmp_path, init):
+    base = _checkpoint(tmp_path / "base", {f"{Q}.weight": (8, 8)})
+    result = plan(open_checkpoint(base), [_adapter({Q: (8, 8)}, init_lora_weights=init)])
+    residual = result.edits[f"{Q}.weight"].residual
+    assert result.ok and residual is not None and residual.family == init and residual.rank == 2 and residual.scale == 2.0
+    two = plan(open_checkpoint(base), [_adapter({Q: (8, 8)}, init_lora_weights=init), _adapter({Q: (8, 8)})])
+    assert [p.code for p in two.errors] == ["residual-shared"]
 
 
 def test_converted_residual_adapter_is_plain_lora(tmp_path):

@@ -36,7 +36,7 @@ import torch
 
 from ..io.streaming import Transform
 from ..linalg import flat
-from ..planner import TensorEdit
+from ..planner import Residual, TensorEdit
 
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
 _scratch = threading.local()  # per-thread float32 work buffer for CPU row blocks: no page faults per block
@@ -96,6 +96,7 @@ class Kernel:
     replacement: torch.Tensor | None = None
     token_rows: torch.Tensor | None = None  # long (k,): rows replaced by token_values (k, cols) float32
     token_values: torch.Tensor | None = None
+    residual: Residual | None = None  # taken from the whole base tensor before the rows are merged
 
     @property
     def trivial(self) -> bool:
@@ -118,6 +119,7 @@ class Kernel:
             move(self.replacement),
             move(self.token_rows),
             move(self.token_values),
+            self.residual,
         )
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -151,6 +153,8 @@ class Kernel:
             rows = dst.shape[0]
             if rows != src.shape[0]:  # a grown vocabulary: the replacement gives every row, src only its dtype
                 src = src[:0]
+            if edit.residual is not None:  # needs the whole tensor (an SVD or QR of it), then merges as usual
+                src = residual_base(src.to(device), edit.residual)
             if device.type != "cpu":
                 dst.copy_(edit.rows(src.to(device, non_blocking=True), 0, rows))  # waits for the GPU
                 return
@@ -194,4 +198,28 @@ def kernel(edit: TensorEdit) -> Kernel:
     if edit.tokens is not None:
         rows = torch.tensor(edit.tokens.indices, dtype=torch.long)
         values = edit.tokens.values.float().reshape(len(edit.tokens.indices), -1)
-    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values)
+    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual)
+
+
+def residual_base(W: torch.Tensor, residual: Residual) -> torch.Tensor:
+    """The base weight PEFT builds when it loads a PiSSA/OLoRA adapter saved without conversion, in ``W``'s dtype.
+
+    The same float32 operations in the same order as peft 0.21.2 tuners/lora/layer.py ``pissa_init``
+    (an SVD of W, transposed under fan_in_fan_out; W − s·B₀A₀ with B₀ = V_r·√(S_r/s), A₀ = √(S_r/s)·U_rᵀ)
+    and ``olora_init`` (a QR of W; W − s·Q_r·R_r), then rounded to the stored dtype as PEFT stores
+    it, so the LoRA terms that follow are added to exactly the residual PEFT runs the adapter on.
+    """
+    w = W.to(torch.float32)
+    k, s = residual.rank, residual.scale
+    if residual.family == "pissa":
+        w = w.T if residual.transposed else w
+        V, S, Uh = torch.linalg.svd(w, full_matrices=False)
+        Sr = S[:k] / s
+        A0 = torch.diag(torch.sqrt(Sr)) @ Uh[:k]
+        B0 = V[:, :k] @ torch.diag(torch.sqrt(Sr))
+        w = w - s * B0 @ A0
+        w = w.T if residual.transposed else w
+    else:
+        Q, R = torch.linalg.qr(w)
+        w = w - s * Q[:, :k].contiguous() @ R[:k].contiguous()
+    return w.to(W.dtype).contiguous()

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .. import spec
+from .. import spec, variants
 from ..adapter import Adapter, check_weights
 from ..api import load
 from ..compute import resolve_device, single_threaded
@@ -145,6 +145,12 @@ def unmerge(
 
 
 def _unmerge(merged, loaded, label, out, device, dtype, options, pool) -> MergeResult:  # type: ignore[no-untyped-def]
+    if variants.rebuilt_init(loaded.config):
+        raise MergeError(
+            f"cannot unmerge a {variants.rebuilt_init(loaded.config)} adapter: its merge took the top singular part of W "
+            "out of the base, which the merged weights no longer tell",
+            path=label,
+        )
     dora = sorted(n for n, m in loaded.modules.items() if m.magnitude is not None)
     if dora:
         raise MergeError(

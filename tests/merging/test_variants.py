@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
-from loratools import InvalidAdapterError, load, merge, save, scale, validate
+from loratools import InvalidAdapterError, MergeError, load, merge, save, scale, unmerge, validate
 
 from ..conftest import tiny_llama_config
 
@@ -65,7 +66,7 @@ def _edit_config(adapter: Path, **fields: object) -> Path:
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_residual_init_default_save_is_refused_and_converted_save_merges_exactly(tmp_path: Path, init: str) -> None:
+def test_residual_init_default_and_converted_saves_merge_exactly(tmp_path: Path, init: str) -> None:
     base = tmp_path / "base"
     _llama().save_pretrained(base)
     with warnings.catch_warnings():
@@ -79,12 +80,13 @@ def test_residual_init_default_save_is_refused_and_converted_save_merges_exactly
         pm.save_pretrained(tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "initial"))
     reference = _peft_logits(LlamaForCausalLM, base, tmp_path / "default")  # PEFT rebuilds the residual base on load
 
-    report = validate(tmp_path / "default")
+    report = validate(tmp_path / "default")  # arithmetic and other formats still cannot carry it: a warning
     assert report.ok and [p.code for p in report.warnings] == ["residual-init"]
-    assert [(p.code, p.severity) for p in validate(tmp_path / "default", base=base).problems] == [("residual-init", "error")]
-    with pytest.raises(InvalidAdapterError, match="path_initial_model_for_weight_conversion") as refused:
-        merge(base, [tmp_path / "default"], out=tmp_path / "refused")
-    assert "\n" not in str(refused.value) and not (tmp_path / "refused").exists()
+    assert validate(tmp_path / "default", base=base).problems == []
+    exact = merge(base, [tmp_path / "default"], out=tmp_path / "exact")  # the residual base rebuilt as PEFT does on load
+    assert (_logits(LlamaForCausalLM, exact.out) - reference).abs().max() < 1e-4
+    with pytest.raises(MergeError, match="cannot unmerge"):
+        unmerge(exact.out, tmp_path / "default", out=tmp_path / "back")
 
     converted = load(tmp_path / "converted")
     assert converted.config["init_lora_weights"] is True and converted.config["r"] == 8
@@ -180,3 +182,33 @@ def test_unconverted_lora_ga_merges_as_peft_loads_it(tmp_path: Path) -> None:
     result = merge(base, [adapter], out=tmp_path / "merged")
     assert (_logits(LlamaForCausalLM, result.out) - reference).abs().max() < 1e-4
     assert [w.split(":")[0] for w in result.warnings] == ["init_lora_weights"]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_init_bf16_merge_is_bit_identical_to_peft(tmp_path: Path, init: str) -> None:
+    base = tmp_path / "base"
+    _llama().to(torch.bfloat16).save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+        pm = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=init))
+        _train(pm)
+        pm.save_pretrained(tmp_path / "adapter")
+        theirs = PeftModel.from_pretrained(LlamaForCausalLM.from_pretrained(base, dtype=torch.bfloat16), tmp_path / "adapter")
+        theirs.merge_and_unload().save_pretrained(tmp_path / "peft")
+    merge(base, [tmp_path / "adapter"], out=tmp_path / "ours")
+    ours, peft_merged = load_file(tmp_path / "ours" / "model.safetensors"), load_file(tmp_path / "peft" / "model.safetensors")
+    changed = [k for k in ours if not torch.equal(ours[k], load_file(base / "model.safetensors")[k])]
+    assert changed and all(torch.equal(ours[k], peft_merged[k]) for k in ours if k in peft_merged)
+
+
+def test_randomized_pissa_is_still_refused(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    _llama().save_pretrained(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = get_peft_model(_llama(), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="pissa_niter_2"))
+        pm.save_pretrained(tmp_path / "adapter")
+    assert [(p.code, p.severity) for p in validate(tmp_path / "adapter", base=base).problems] == [("residual-init", "error")]
+    with pytest.raises(InvalidAdapterError, match="path_initial_model_for_weight_conversion"):
+        merge(base, [tmp_path / "adapter"], out=tmp_path / "refused")
