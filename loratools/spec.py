@@ -27,7 +27,7 @@ META_VERSION = "loratools.spec_version"
 META_SHA256 = "loratools.sha256"
 META_LAYOUT = "loratools.sha256_layout"  # the tensor table META_SHA256 was computed over (io.tensorfile.layout_sha256)
 META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
-META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the layout an adapter was read from
+META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers" / "mlx": the layout an adapter was read from
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
 OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
@@ -58,8 +58,8 @@ _ROLE_RE = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for
 BIAS_VALUES = ("none", "all", "lora_only")
 
 # Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
-Format = Literal["peft", "kohya", "diffusers", "gguf"]
-FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers", "gguf")  # what writers produce
+Format = Literal["peft", "kohya", "diffusers", "gguf", "mlx"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers", "gguf", "mlx")  # what writers produce
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from loratools import spec
 from loratools.errors import FormatError, SpecError
-from loratools.formats import diffusers, gguf, kohya, peft
+from loratools.formats import diffusers, gguf, kohya, mlx, peft
 from loratools.formats.registry import WRITERS, read_raw, writer
 
 A_KEY = "base_model.model.layers.0.q.lora_A.weight"
@@ -83,6 +83,6 @@ def test_lycoris_layouts_are_refused_by_name(tmp_path, key, what):
 def test_writers_cover_every_output_format():
     assert set(WRITERS) == set(spec.FORMATS)
     assert writer("peft") is peft.write and writer("kohya") is kohya.write and writer("gguf") is gguf.write
-    assert writer("diffusers") is diffusers.write
-    with pytest.raises(SpecError, match="unknown output format 'mlx'; choose one of peft, kohya, diffusers, gguf"):
-        writer("mlx")
+    assert writer("diffusers") is diffusers.write and writer("mlx") is mlx.write
+    with pytest.raises(SpecError, match="unknown output format 'onnx'; choose one of peft, kohya, diffusers, gguf, mlx"):
+        writer("onnx")
