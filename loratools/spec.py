@@ -189,6 +189,17 @@ def scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
     return alpha / math.sqrt(rank) if rslora else alpha / rank
 
 
+def alpha_for(scale: float, rank: int) -> float:
+    """An alpha whose alpha/r is ``scale``: exactly where such a float exists (scale·r or a neighbour),
+    else the nearest (0.1 at r = 3 has none; within one ulp, the same float32 scale kernels multiply by)."""
+    alpha = scale * rank
+    up, down = [alpha], [alpha]
+    for _ in range(2):
+        up.append(math.nextafter(up[-1], math.inf))
+        down.append(math.nextafter(down[-1], -math.inf))
+    return min((alpha, *up[1:], *down[1:]), key=lambda a: abs(scaling(a, rank) - scale))
+
+
 def targets(config: Mapping[str, Any], module: str) -> bool:
     """Whether PEFT's ``target_modules`` selects ``module`` (regex string: fullmatch; list: suffix).
 

@@ -1,28 +1,75 @@
-"""LyCORIS layouts, which are not plain LoRA: recognised by their tensor names and refused, in one place.
+"""LyCORIS files (kohya-named): LoHa and LoKr modules read exactly as plain LoRA; Tucker LoCon refused.
 
-LoHa (Hadamard product of two low-rank pairs), LoKr (Kronecker product) and LoCon/Tucker conv
-factors (``lora_mid``) have no single B·A factorisation, so reading one as LoRA would be wrong.
+A LyCORIS file names modules as kohya does (``lora_unet_...``) and may mix kinds module by module:
+LoHa (``hada_*``, :mod:`.loha`), LoKr (``lokr_*``, :mod:`.lokr`) and LoCon/plain LoRA
+(``lora_down``/``lora_up``, read by :mod:`.kohya`'s rules).  LoHa and LoKr become exact LoRA factors
+of rank r1·r2, so validation, merge, arithmetic and every writer treat them as any LoRA.
+
+Refused in one line: ``lora_mid`` (Tucker conv LoCon, whose up·mid·down is not yet read) and
+``dora_scale`` on LoHa/LoKr modules (DoRA re-normalises W + ΔW; not read yet), and any tensor none of
+these layouts names.
 """
 
 from __future__ import annotations
 
-from ..errors import FormatError
-from ..io.tensorfile import Header
+import re
+from collections.abc import Iterable
+from pathlib import Path
 
-_LAYOUTS = (
-    (("hada_w1", "hada_w2"), "a LyCORIS LoHa adapter (hada_* tensors)", "LoHa is not LoRA: it has no B·A factorisation loratools can use"),
-    (("lokr_w1", "lokr_w2"), "a LyCORIS LoKr adapter (lokr_* tensors)", "LoKr is not LoRA: it has no B·A factorisation loratools can use"),
-    (
-        (".lora_mid.",),
-        "a LyCORIS LoCon/Tucker adapter (lora_mid tensors)",
-        "its conv factors are not a plain up·down product; loratools reads plain LoRA only",
-    ),
-)
+from ..adapter import LoraModule, RawAdapter
+from ..errors import FormatError
+from ..io.tensorfile import Header, load_tensors
+from . import kohya, loha, lokr
+
+_OTHER = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
+_SUFFIX = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for s in (*loha.SUFFIXES, *lokr.SUFFIXES, *_OTHER)) + ")")
+
+
+def is_lycoris(names: Iterable[str]) -> bool:
+    """Whether tensor ``names`` hold any LoHa or LoKr module."""
+    return any(".hada_w" in n or ".lokr_w" in n for n in names)
 
 
 def refuse(header: Header) -> None:
-    """Raise :class:`FormatError` (code ``foreign-format``) naming the layout if ``header`` is a LyCORIS file."""
-    for needles, what, why in _LAYOUTS:
-        key = next((name for name in header.tensors if any(n in name for n in needles)), None)
-        if key is not None:
-            raise FormatError(f"this is {what}; {why}", path=header.path, key=key, code="foreign-format")
+    """Raise :class:`FormatError` (``foreign-format``) for Tucker LoCon (``lora_mid``), which no reader takes yet."""
+    key = next((name for name in header.tensors if ".lora_mid." in name), None)
+    if key is not None:
+        raise FormatError(
+            "this is a LyCORIS LoCon/Tucker adapter (lora_mid tensors); its conv factors are not a plain up·down product, "
+            "and loratools does not read them yet",
+            path=header.path,
+            key=key,
+            code="foreign-format",
+        )
+
+
+def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
+    """The LyCORIS file behind ``header`` as a spec v1 :class:`RawAdapter` (kohya names mapped with ``base``)."""
+    refuse(header)
+    parts: dict[str, dict[str, str]] = {}
+    for key in header.tensors:
+        match = _SUFFIX.fullmatch(key)
+        if match is None:
+            raise FormatError("LyCORIS file holds a tensor that is not a LoHa, LoKr or LoRA factor", path=header.path, key=key)
+        parts.setdefault(match["module"], {})[match["suffix"]] = key
+    tensors = load_tensors(header)
+    modules: dict[str, LoraModule] = {}
+    for name, p in parts.items():
+        if "lora_down.weight" in p or "lora_up.weight" in p:
+            kparts = {"." + s: k for s, k in p.items()}
+            modules[name] = kohya.lora_module(tensors, header.path, name, kparts)
+            continue
+        alpha = kohya.alpha_value(tensors[p["alpha"]], path=header.path, key=p["alpha"]) if "alpha" in p else None
+        if "dora_scale" in p:
+            raise FormatError(
+                "dora_scale on a LoHa/LoKr module (DoRA re-normalises W + ΔW) is not read yet", path=header.path, key=p["dora_scale"]
+            )
+        local = {s: tensors[k] for s, k in p.items() if s != "alpha"}
+        kind = loha if any(s.startswith("hada_") for s in local) else lokr
+        if kind is loha and any(s.startswith("lokr_") for s in local):
+            raise FormatError("module mixes LoHa (hada_*) and LoKr (lokr_*) tensors", path=header.path, key=name)
+        module, why = kind.module(local, alpha)
+        if module is None:
+            raise FormatError(why or "not a LyCORIS module", path=header.path, key=name, code="bad-shape")
+        modules[name] = module
+    return kohya.from_modules(header, modules, base=base)

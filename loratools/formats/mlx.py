@@ -79,21 +79,10 @@ def read(header: Header, config_path: Path) -> RawAdapter:
             why = f"lora_a has rank {a.shape[1]} (its columns) but lora_b has rank {b.shape[0]} (its rows)"
         if why:
             raise FormatError(f"lora_a {list(a.shape)} and lora_b {list(b.shape)}: {why}", path=header.path, key=name, code="bad-shape")
-        modules[name] = LoraModule(A, B, alpha_for(scale, int(A.shape[0])))
+        modules[name] = LoraModule(A, B, spec.alpha_for(scale, int(A.shape[0])))
     metadata = dict(header.metadata)
     metadata[spec.META_SOURCE] = "mlx"
     return raw_from_modules(modules, header, metadata)
-
-
-def alpha_for(scale: float, rank: int) -> float:
-    """An alpha whose alpha/r is ``scale``: exactly where such a float exists (scale·r or a neighbour),
-    else the nearest (within one ulp of ``scale``, the same float32 scale every kernel multiplies by)."""
-    alpha = scale * rank
-    up, down = [alpha], [alpha]
-    for _ in range(2):
-        up.append(math.nextafter(up[-1], math.inf))
-        down.append(math.nextafter(down[-1], -math.inf))
-    return min((alpha, *up[1:], *down[1:]), key=lambda a: abs(spec.scaling(a, rank) - scale))
 
 
 def _config(header: Header, config_path: Path) -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """Which format a path holds, read into a :class:`~loratools.adapter.RawAdapter`; and which writer an output gets.
 
-Reading recognises, in this order: pickles (refused, never opened), LyCORIS files (refused by
-name), mlx-lm files (``lora_a``/``lora_b``, their config beside them), kohya files
-(``lora_down``/``lora_up``), diffusers files (no PEFT config, diffusers key layouts) and PEFT's
-own layout.  Writers are one function per output format in :data:`WRITERS`.
+Reading recognises, in this order: pickles (refused, never opened), Tucker LoCon (refused by
+name), LyCORIS LoHa/LoKr files (read as exact LoRA), mlx-lm files (``lora_a``/``lora_b``, their
+config beside them), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config,
+diffusers key layouts) and PEFT's own layout.  Writers are one function per output format in :data:`WRITERS`.
 Local files only: ``hf://`` references are fetched before they get here.
 """
 
@@ -43,7 +43,10 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
         return _read_dir(path, base)
     if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refused(path)
-    header = _header(path)
+    header = read_header(path)
+    if lycoris.is_lycoris(header.tensors):
+        return lycoris.read(header, base=base)
+    lycoris.refuse(header)
     config_path = path.parent / spec.CONFIG_NAME
     if mlx.is_mlx(header.tensors):
         return mlx.read(header, config_path)
@@ -80,8 +83,12 @@ def _read_dir(path: Path, base: str | Path | None) -> RawAdapter:
 
 
 def _header(weights: Path) -> Header:
-    """The weights file's header, once LyCORIS layouts (not LoRA at all) have been refused by name."""
+    """The weights file's header, once LyCORIS layouts (a PEFT or mlx-lm directory never holds them) are refused by name."""
     header = read_header(weights)
+    if lycoris.is_lycoris(header.tensors):
+        raise FormatError(
+            "a LyCORIS LoHa/LoKr file inside an adapter directory; pass the .safetensors file itself", path=weights, code="foreign-format"
+        )
     lycoris.refuse(header)
     return header
 

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 import loratools
 from loratools.errors import FormatError
-from loratools.formats.mlx import alpha_for
+from loratools.spec import alpha_for
 
 from ..factories import make_adapter, random_module
 
