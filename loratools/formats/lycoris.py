@@ -12,12 +12,15 @@ these layouts names.
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from ..adapter import LoraModule, RawAdapter
 from ..errors import FormatError
+from ..io.checkpoint import find_weight, module_index, open_checkpoint
 from ..io.tensorfile import Header, load_tensors
 from . import kohya, loha, lokr
 
@@ -54,6 +57,7 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
         parts.setdefault(match["module"], {})[match["suffix"]] = key
     tensors = load_tensors(header)
     modules: dict[str, LoraModule] = {}
+    lycoris_names = []
     for name, p in parts.items():
         if "lora_down.weight" in p or "lora_up.weight" in p:
             kparts = {"." + s: k for s, k in p.items()}
@@ -72,4 +76,24 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
         if module is None:
             raise FormatError(why or "not a LyCORIS module", path=header.path, key=name, code="bad-shape")
         modules[name] = module
+        lycoris_names.append(name)
+    if base is not None:
+        modules |= _conv_shaped({n: modules[n] for n in lycoris_names}, base)
     return kohya.from_modules(header, modules, base=base)
+
+
+def _conv_shaped(modules: Mapping[str, LoraModule], base: str | Path) -> dict[str, LoraModule]:
+    """Modules whose base weight is a conv, shaped as it: without a Tucker core LyCORIS builds conv halves
+    with the kernel flattened into the input axis (``lycoris/modules/loha.py``: w_shape = (out, in·kh·kw))
+    and reshapes ΔW to the conv weight, which is exactly a conv LoRA whose down is (r, in, kh, kw)."""
+    mapped, _ = kohya.map_names(modules, base)
+    tensors = open_checkpoint(base).tensors
+    index = module_index(tensors)
+    out = {}
+    for name, m in modules.items():
+        key = find_weight(mapped[name], index) if name in mapped else None
+        shape = tensors[key].shape if key is not None else ()
+        rank, rows = m.rank, int(m.B.shape[0])
+        if m.kind == "linear" and len(shape) == 4 and shape[0] == rows and math.prod(shape[1:]) == m.A.shape[1]:
+            out[name] = replace(m, A=m.A.reshape(rank, *shape[1:]), B=m.B.reshape(rows, rank, 1, 1), kind="conv")
+    return out

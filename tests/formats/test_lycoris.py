@@ -184,6 +184,32 @@ def test_convert_to_peft_and_kohya_is_exact(tmp_path):
     assert torch.equal(peft.modules["down_blocks.0.attentions.0.proj_in"].delta(), source.modules[LIN].delta())
 
 
+@pytest.mark.parametrize("kind", ["loha", "lokr"])
+def test_flattened_conv_halves_take_the_base_kernel_shape(tmp_path, kind):
+    """Without Tucker cores LyCORIS stores conv halves as (r, in·kh·kw); with --base they become conv modules."""
+    base = _base(tmp_path / "base.safetensors")
+    conv = "down_blocks.0.resnets.0.conv1.weight"
+    if kind == "loha":
+        t = {
+            "hada_w1_a": _randn(8, 2, seed=50),
+            "hada_w1_b": _randn(2, 36, seed=51),
+            "hada_w2_a": _randn(8, 2, seed=52),
+            "hada_w2_b": _randn(2, 36, seed=53),
+        }
+        reference = _loha_reference(t, 1.0, (8, 4, 3, 3))
+    else:  # kron((2 x 2), (4 x 2·3·3)) with w2 factorised, as lycoris/modules/lokr.py's conv-not-tucker branch builds it
+        t = {"lokr_w1": _randn(2, 2, seed=54), "lokr_w2_a": _randn(4, 2, seed=55), "lokr_w2_b": _randn(2, 18, seed=56)}
+        reference = _lokr_reference(t, 1.0, (8, 4, 3, 3))
+    src = _write(tmp_path / "flat.safetensors", {CONV: (t, 1.0)})
+    assert loratools.load(src).modules[CONV].A.dim() == 2  # no base: the kernel shape is unknown
+    m = loratools.load(src, base=tmp_path / "base.safetensors").modules["down_blocks.0.resnets.0.conv1"]
+    assert m.kind == "conv" and tuple(m.A.shape[1:]) == (4, 3, 3)
+    loratools.merge(tmp_path / "base.safetensors", [src], out=tmp_path / "merged.safetensors")
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        merged = f.get_tensor(conv)
+    assert (merged.double() - base[conv].double() - reference).abs().max() < 1e-5
+
+
 def test_mixed_file_reads_plain_lora_modules_too(tmp_path):
     down, up = _randn(2, 12, seed=40), _randn(8, 2, seed=41)
     tensors = {f"{LIN}.lora_down.weight": down, f"{LIN}.lora_up.weight": up, f"{LIN}.alpha": torch.tensor(1.0)}
