@@ -1,13 +1,13 @@
-"""LyCORIS files (kohya-named): LoHa and LoKr modules read exactly as plain LoRA; Tucker LoCon refused.
+"""LyCORIS files (kohya-named): LoHa, LoKr and Tucker LoCon modules read exactly as plain LoRA.
 
 A LyCORIS file names modules as kohya does (``lora_unet_...``) and may mix kinds module by module:
 LoHa (``hada_*``, :mod:`.loha`), LoKr (``lokr_*``, :mod:`.lokr`) and LoCon/plain LoRA
-(``lora_down``/``lora_up``, read by :mod:`.kohya`'s rules).  LoHa and LoKr become exact LoRA factors
-of rank r1·r2, so validation, merge, arithmetic and every writer treat them as any LoRA.
+(``lora_down``/``lora_up``, read by :mod:`.kohya`'s rules, a Tucker ``lora_mid`` folded into the
+down).  LoHa and LoKr become exact LoRA factors of rank r1·r2, so validation, merge, arithmetic and
+every writer treat them as any LoRA.
 
-Refused in one line: ``lora_mid`` (Tucker conv LoCon, whose up·mid·down is not yet read) and
-``dora_scale`` on LoHa/LoKr modules (DoRA re-normalises W + ΔW; not read yet), and any tensor none of
-these layouts names.
+Refused in one line: ``dora_scale`` on LoHa/LoKr modules (DoRA re-normalises W + ΔW; not read yet)
+and any tensor none of these layouts names.
 """
 
 from __future__ import annotations
@@ -17,6 +17,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from ..adapter import LoraModule, RawAdapter
 from ..errors import FormatError
@@ -29,26 +31,12 @@ _SUFFIX = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for 
 
 
 def is_lycoris(names: Iterable[str]) -> bool:
-    """Whether tensor ``names`` hold any LoHa or LoKr module."""
-    return any(".hada_w" in n or ".lokr_w" in n for n in names)
-
-
-def refuse(header: Header) -> None:
-    """Raise :class:`FormatError` (``foreign-format``) for Tucker LoCon (``lora_mid``), which no reader takes yet."""
-    key = next((name for name in header.tensors if ".lora_mid." in name), None)
-    if key is not None:
-        raise FormatError(
-            "this is a LyCORIS LoCon/Tucker adapter (lora_mid tensors); its conv factors are not a plain up·down product, "
-            "and loratools does not read them yet",
-            path=header.path,
-            key=key,
-            code="foreign-format",
-        )
+    """Whether tensor ``names`` hold any LoHa, LoKr or Tucker LoCon (``lora_mid``) module."""
+    return any(".hada_w" in n or ".lokr_w" in n or ".lora_mid." in n for n in names)
 
 
 def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     """The LyCORIS file behind ``header`` as a spec v1 :class:`RawAdapter` (kohya names mapped with ``base``)."""
-    refuse(header)
     parts: dict[str, dict[str, str]] = {}
     for key in header.tensors:
         match = _SUFFIX.fullmatch(key)
@@ -61,8 +49,14 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     for name, p in parts.items():
         if "lora_down.weight" in p or "lora_up.weight" in p:
             kparts = {"." + s: k for s, k in p.items()}
-            modules[name] = kohya.lora_module(tensors, header.path, name, kparts)
+            local = tensors
+            if "lora_mid.weight" in p:
+                local = _tucker_locon(tensors, header.path, name, p)
+                kparts = {s: name + s for s in (kohya.DOWN, kohya.UP, kohya.ALPHA, kohya.DORA) if s in kparts}
+            modules[name] = kohya.lora_module(local, header.path, name, kparts)
             continue
+        if "lora_mid.weight" in p:
+            raise FormatError("lora_mid without lora_down/lora_up", path=header.path, key=p["lora_mid.weight"], code="bad-shape")
         alpha = kohya.alpha_value(tensors[p["alpha"]], path=header.path, key=p["alpha"]) if "alpha" in p else None
         if "dora_scale" in p:
             raise FormatError(
@@ -80,6 +74,27 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     if base is not None:
         modules |= _conv_shaped({n: modules[n] for n in lycoris_names}, base)
     return kohya.from_modules(header, modules, base=base)
+
+
+def _tucker_locon(tensors: Mapping[str, torch.Tensor], path: Path, name: str, p: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """A Tucker LoCon module's tensors with lora_mid folded into lora_down: an exact conv LoRA of the same rank.
+
+    LyCORIS 4.1.3 ``functional/locon.py`` ``_diff_weight``: ΔW[o, i, ...] = scale·Σ_ab mid[a, b, ...]·up[o, a]·down[b, i]
+    (``rebuild_tucker``), so up stays B and A[a, i, ...] = Σ_b mid[a, b, ...]·down[b, i].
+    """
+    down, mid = tensors[p["lora_down.weight"]], tensors[p["lora_mid.weight"]]
+    if "lora_up.weight" not in p:
+        raise FormatError("Tucker LoCon module has no lora_up", path=path, key=name, code="lora-b-missing")
+    if mid.dim() != 4 or down.shape[0] != mid.shape[1] or mid.shape[0] != mid.shape[1]:
+        raise FormatError(
+            f"lora_mid {list(mid.shape)} does not chain with lora_down {list(down.shape)}", path=path, key=name, code="bad-shape"
+        )
+    folded = torch.einsum("ab...,bi->ai...", mid.float(), down.reshape(down.shape[0], -1).float())
+    out = {name + kohya.DOWN: folded.contiguous(), name + kohya.UP: tensors[p["lora_up.weight"]]}
+    for suffix in ("alpha", "dora_scale"):
+        if suffix in p:
+            out[f"{name}.{suffix}"] = tensors[p[suffix]]
+    return out
 
 
 def _conv_shaped(modules: Mapping[str, LoraModule], base: str | Path) -> dict[str, LoraModule]:

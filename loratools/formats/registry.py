@@ -1,7 +1,7 @@
 """Which format a path holds, read into a :class:`~loratools.adapter.RawAdapter`; and which writer an output gets.
 
-Reading recognises, in this order: pickles (refused, never opened), Tucker LoCon (refused by
-name), LyCORIS LoHa/LoKr files (read as exact LoRA), mlx-lm files (``lora_a``/``lora_b``, their
+Reading recognises, in this order: pickles (refused, never opened), LyCORIS
+LoHa/LoKr/Tucker LoCon files (read as exact LoRA), mlx-lm files (``lora_a``/``lora_b``, their
 config beside them), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config,
 diffusers key layouts) and PEFT's own layout.  Writers are one function per output format in :data:`WRITERS`.
 Local files only: ``hf://`` references are fetched before they get here.
@@ -46,7 +46,6 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
     header = read_header(path)
     if lycoris.is_lycoris(header.tensors):
         return lycoris.read(header, base=base)
-    lycoris.refuse(header)
     config_path = path.parent / spec.CONFIG_NAME
     if mlx.is_mlx(header.tensors):
         return mlx.read(header, config_path)
@@ -87,9 +86,10 @@ def _header(weights: Path) -> Header:
     header = read_header(weights)
     if lycoris.is_lycoris(header.tensors):
         raise FormatError(
-            "a LyCORIS LoHa/LoKr file inside an adapter directory; pass the .safetensors file itself", path=weights, code="foreign-format"
+            "a LyCORIS (LoHa/LoKr/Tucker LoCon) file inside an adapter directory; pass the .safetensors file itself",
+            path=weights,
+            code="foreign-format",
         )
-    lycoris.refuse(header)
     return header
 
 

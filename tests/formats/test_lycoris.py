@@ -210,6 +210,24 @@ def test_flattened_conv_halves_take_the_base_kernel_shape(tmp_path, kind):
     assert (merged.double() - base[conv].double() - reference).abs().max() < 1e-5
 
 
+def test_tucker_locon_folds_its_core_into_the_down(tmp_path):
+    """lora_down (r, in, 1, 1), lora_mid (r, r, 3, 3), lora_up (out, r, 1, 1): ΔW = alpha/r · mid ×₀ up ×₁ down."""
+    down, mid, up = _randn(2, 4, 1, 1, seed=60), _randn(2, 2, 3, 3, seed=61), _randn(8, 2, 1, 1, seed=62)
+    tensors = {
+        f"{CONV}.lora_down.weight": down,
+        f"{CONV}.lora_mid.weight": mid,
+        f"{CONV}.lora_up.weight": up,
+        f"{CONV}.alpha": torch.tensor(1.0),
+    }
+    save_file(tensors, str(tmp_path / "locon.safetensors"))
+    m = loratools.load(tmp_path / "locon.safetensors").modules[CONV]
+    reference = 0.5 * torch.einsum("ij...,pi,jr->pr...", mid.double(), up.double().reshape(8, 2), down.double().reshape(2, 4))
+    assert m.rank == 2 and m.kind == "conv"
+    assert (m.delta().double() - reference).abs().max() < 1e-5
+    locon_fn = pytest.importorskip("lycoris.functional.locon")
+    assert torch.allclose(m.delta(), locon_fn.diff_weight(down, up, mid, gamma=0.5), rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_file_reads_plain_lora_modules_too(tmp_path):
     down, up = _randn(2, 12, seed=40), _randn(8, 2, seed=41)
     tensors = {f"{LIN}.lora_down.weight": down, f"{LIN}.lora_up.weight": up, f"{LIN}.alpha": torch.tensor(1.0)}
