@@ -31,6 +31,20 @@ def half(w_a: torch.Tensor, w_b: torch.Tensor, t: torch.Tensor | None) -> tuple[
     return w_a.float().T, torch.einsum("ij...,jq->iq...", t.float(), w_b.float())
 
 
+def factor_numel(t: Mapping[str, torch.Tensor]) -> int:
+    """How many elements :func:`module`'s factors will hold, from the shapes alone (0 if they are malformed)."""
+    try:
+        total_rank, rows, cols = 1, 0, 0
+        for n in ("1", "2"):
+            a, b, core = t[f"hada_w{n}_a"], t[f"hada_w{n}_b"], t.get(f"hada_t{n}")
+            total_rank *= int(b.shape[0])
+            rows = int(a.shape[1] if core is not None else a.shape[0])
+            cols = int(b.shape[1]) * (int(core[0, 0].numel()) if core is not None else int(b[0].numel()) // int(b.shape[1]))
+        return total_rank * (rows + cols)
+    except (KeyError, IndexError):
+        return 0
+
+
 def module(t: Mapping[str, torch.Tensor], alpha: float | None) -> tuple[LoraModule | None, str | None]:
     """The exact LoRA module of LoHa tensors ``t`` (suffix -> tensor), or why they are not a LoHa module."""
     missing = [s for s in SUFFIXES[:4] if s not in t]

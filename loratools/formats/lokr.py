@@ -45,6 +45,24 @@ def _half(t: Mapping[str, torch.Tensor], n: str) -> tuple[torch.Tensor, torch.Te
     return a, b, int(b.shape[0])
 
 
+def factor_numel(t: Mapping[str, torch.Tensor]) -> int:
+    """How many elements :func:`module`'s factors will hold, from the shapes alone (0 if they are malformed)."""
+    try:
+        rank, rows, cols = 1, 1, 1
+        for n in ("1", "2"):
+            if f"lokr_w{n}" in t:
+                w = t[f"lokr_w{n}"]
+                r, o, i = min(int(w.shape[0]), int(w[0].numel())), int(w.shape[0]), int(w[0].numel())
+            else:
+                a, b, core = t[f"lokr_w{n}_a"], t[f"lokr_w{n}_b"], t.get("lokr_t2") if n == "2" else None
+                r, o = int(b.shape[0]), int(a.shape[1] if core is not None else a.shape[0])
+                i = int(b.shape[1]) * int(core[0, 0].numel()) if core is not None else int(b[0].numel())
+            rank, rows, cols = rank * r, rows * o, cols * i
+        return rank * (rows + cols)
+    except (KeyError, IndexError):
+        return 0
+
+
 def module(t: Mapping[str, torch.Tensor], alpha: float | None) -> tuple[LoraModule | None, str | None]:
     """The exact LoRA module of LoKr tensors ``t`` (suffix -> tensor), or why they are not a LoKr module."""
     for n in ("1", "2"):

@@ -23,7 +23,7 @@ import torch
 from ..adapter import LoraModule, RawAdapter
 from ..errors import FormatError
 from ..io.checkpoint import find_weight, module_index, open_checkpoint
-from ..io.tensorfile import Header, load_tensors
+from ..io.tensorfile import Header, load_tensors, memory_bytes
 from . import kohya, loha, lokr
 
 _OTHER = ("lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha", "dora_scale")
@@ -44,6 +44,7 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
             raise FormatError("LyCORIS file holds a tensor that is not a LoHa, LoKr or LoRA factor", path=header.path, key=key)
         parts.setdefault(match["module"], {})[match["suffix"]] = key
     tensors = load_tensors(header)
+    _refuse_amplification(header, parts, tensors)
     modules: dict[str, LoraModule] = {}
     lycoris_names = []
     for name, p in parts.items():
@@ -74,6 +75,25 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     if base is not None:
         modules |= _conv_shaped({n: modules[n] for n in lycoris_names}, base)
     return kohya.from_modules(header, modules, base=base)
+
+
+def _refuse_amplification(header: Header, parts: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse, before forming any, LoHa/LoKr factors larger than this machine's memory (kron of a few
+    kilobytes can claim terabytes: a hostile file must cost a line, not the machine)."""
+    need = 0
+    for p in parts.values():
+        local = {s: tensors[k] for s, k in p.items()}
+        if any(s.startswith("hada_") for s in local):
+            need += 4 * loha.factor_numel(local)
+        elif any(s.startswith("lokr_") for s in local):
+            need += 4 * lokr.factor_numel(local)
+    limit = memory_bytes()
+    if limit is not None and need > limit:
+        raise FormatError(
+            f"its LoHa/LoKr modules expand to {need / 2**30:.1f} GiB of exact LoRA factors, more than this machine's "
+            f"{limit / 2**30:.1f} GiB of memory; refusing to form them",
+            path=header.path,
+        )
 
 
 def _tucker_locon(tensors: Mapping[str, torch.Tensor], path: Path, name: str, p: Mapping[str, str]) -> dict[str, torch.Tensor]:

@@ -228,6 +228,25 @@ def test_tucker_locon_folds_its_core_into_the_down(tmp_path):
     assert torch.allclose(m.delta(), locon_fn.diff_weight(down, up, mid, gamma=0.5), rtol=1e-5, atol=1e-5)
 
 
+def test_factor_sizes_are_predicted_from_shapes():
+    from loratools.formats import loha, lokr
+
+    for t, _ in (_loha_linear(), _loha_tucker()):
+        m = loha.module(t, 1.0)[0]
+        assert loha.factor_numel(t) == m.A.numel() + m.B.numel()
+    for t, alpha, _ in LOKR_CASES.values():
+        m = lokr.module(t, alpha)[0]
+        assert lokr.factor_numel(t) == m.A.numel() + m.B.numel()
+
+
+def test_kron_amplification_is_refused_before_forming(tmp_path):
+    """A 2 MB file whose kron would be 2 x 10^6 x 10^6 ... elements: one line, nothing allocated."""
+    t = {"lokr_w1": torch.ones(700, 700), "lokr_w2_a": torch.ones(400000, 1), "lokr_w2_b": torch.ones(1, 400000)}
+    save_file({f"{LIN}.{k}": v for k, v in t.items()}, str(tmp_path / "bomb.safetensors"))
+    with pytest.raises(FormatError, match="more than this machine's"):
+        loratools.load(tmp_path / "bomb.safetensors")
+
+
 def test_mixed_file_reads_plain_lora_modules_too(tmp_path):
     down, up = _randn(2, 12, seed=40), _randn(8, 2, seed=41)
     tensors = {f"{LIN}.lora_down.weight": down, f"{LIN}.lora_up.weight": up, f"{LIN}.alpha": torch.tensor(1.0)}
