@@ -134,6 +134,12 @@ def mlx_state(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[str, Any]
     tensors: dict[str, torch.Tensor] = {}
     keys: set[str] = set()
     for name, m in adapter.modules.items():
+        if spec.KOHYA_NAME.match(name):  # mlx-lm loads weights non-strictly: an unknown name would be dropped silently
+            raise FormatError(
+                "module still has its kohya name (read without a base), which mlx-lm would silently ignore; "
+                "map the names with `loratools convert FILE --to mlx --base BASE`",
+                key=name,
+            )
         if m.kind != "linear" or m.magnitude is not None or m.bias is not None:
             raise FormatError("mlx-lm adapters hold plain linear LoRA only (no conv, embedding, DoRA, lora_B.bias)", key=name)
         tensors[name + LORA_A] = m.A.T.contiguous()

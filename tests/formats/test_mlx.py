@@ -170,4 +170,7 @@ def test_writer_refuses_what_mlx_cannot_load(tmp_path):
     conv = make_adapter({"unet.conv": random_module(kernel=(3, 3))})
     with pytest.raises(FormatError, match="plain linear LoRA only"):
         loratools.save_as(conv, tmp_path / "conv", to="mlx")
-    assert not (tmp_path / "mixed").exists() and not (tmp_path / "conv").exists()
+    kohya = make_adapter({"lora_te_text_model_encoder_layers_0_self_attn_q_proj": random_module()})
+    with pytest.raises(FormatError, match="kohya name"):
+        loratools.save_as(kohya, tmp_path / "kohya", to="mlx")
+    assert not any((tmp_path / n).exists() for n in ("mixed", "conv", "kohya"))
