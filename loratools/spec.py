@@ -27,7 +27,7 @@ META_VERSION = "loratools.spec_version"
 META_SHA256 = "loratools.sha256"
 META_LAYOUT = "loratools.sha256_layout"  # the tensor table META_SHA256 was computed over (io.tensorfile.layout_sha256)
 META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
-META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers": the layout an adapter was read from
+META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers" / "mlx": the layout an adapter was read from
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
 OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
@@ -58,8 +58,8 @@ _ROLE_RE = re.compile(r"(?P<module>.+)\.(?P<suffix>" + "|".join(re.escape(s) for
 BIAS_VALUES = ("none", "all", "lora_only")
 
 # Choices every command and function shares, torch-free so the CLI can offer them without loading torch.
-Format = Literal["peft", "kohya", "diffusers", "gguf"]
-FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers", "gguf")  # what writers produce
+Format = Literal["peft", "kohya", "diffusers", "gguf", "mlx"]
+FORMATS: tuple[Format, ...] = ("peft", "kohya", "diffusers", "gguf", "mlx")  # what writers produce
 Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]
@@ -187,6 +187,17 @@ def module_alphas(config: Mapping[str, Any], modules: Sequence[str]) -> list[flo
 def scaling(alpha: float, rank: int, *, rslora: bool = False) -> float:
     """s = alpha/r, or alpha/sqrt(r) with rsLoRA; ΔW = s·B·A."""
     return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def alpha_for(scale: float, rank: int) -> float:
+    """An alpha whose alpha/r is ``scale``: exactly where such a float exists (scale·r or a neighbour),
+    else the nearest (0.1 at r = 3 has none; within one ulp, the same float32 scale kernels multiply by)."""
+    alpha = scale * rank
+    up, down = [alpha], [alpha]
+    for _ in range(2):
+        up.append(math.nextafter(up[-1], math.inf))
+        down.append(math.nextafter(down[-1], -math.inf))
+    return min((alpha, *up[1:], *down[1:]), key=lambda a: abs(scaling(a, rank) - scale))
 
 
 def targets(config: Mapping[str, Any], module: str) -> bool:

@@ -64,11 +64,11 @@ def test_unsupported_peft_type_is_named(tmp_path):
     "suffix,what",
     [("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr")],
 )
-def test_foreign_formats_get_a_hint(tmp_path, suffix, what):
+def test_incomplete_lycoris_modules_are_named(tmp_path, suffix, what):
     path = tmp_path / "f.safetensors"
     save_file({f"lora_unet_down_blocks_0.{suffix}": torch.ones(2, 2)}, path)
     report = validate(path)
-    assert codes(report) == ["foreign-format"] and what in report.problems[0].message
+    assert codes(report) == ["bad-shape"] and what in report.problems[0].message
 
 
 def test_kohya_file_is_read_and_checked(tmp_path):

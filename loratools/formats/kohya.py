@@ -109,22 +109,31 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     name, so validation against ``base`` lists each of them.  ``ss_*`` metadata passes through.
     """
     parts = _module_parts(header)
+    tensors = load_tensors(header)
+    return from_modules(header, {name: lora_module(tensors, header.path, name, p) for name, p in parts.items()}, base=base)
+
+
+def from_modules(header: Header, modules: Mapping[str, LoraModule], *, base: str | Path | None = None) -> RawAdapter:
+    """kohya-named ``modules`` read from ``header``'s file (kohya or LyCORIS) as a spec v1 :class:`RawAdapter`.
+
+    With ``base``, names are mapped onto base module paths; names that do not map keep their kohya
+    name, so validation against ``base`` lists each of them.  ``ss_*`` metadata passes through.
+    """
     mapped: dict[str, str] = {}
     if base is not None:
-        mapped, _ = map_names(parts, base)
-    modules: dict[str, LoraModule] = {}
-    tensors = load_tensors(header)
-    for name, p in parts.items():
+        mapped, _ = map_names(modules, base)
+    out: dict[str, LoraModule] = {}
+    for name, module in modules.items():
         target = mapped.get(name, name)
-        if target in modules:
+        if target in out:
             raise FormatError(f"two kohya modules map to base module {target}", path=header.path, key=name)
-        modules[target] = _module(tensors, header.path, name, p)
+        out[target] = module
     metadata = dict(header.metadata)
     metadata[META_SOURCE] = "kohya"
     bare = {kp for name, path in mapped.items() for kp in _BARE_PREFIXES if name == kp + flatten(path)}
     if len(bare) == 1:
         metadata[META_PREFIX] = bare.pop()
-    return raw_from_modules(modules, header, metadata)
+    return raw_from_modules(out, header, metadata)
 
 
 def _module_parts(header: Header) -> dict[str, dict[str, str]]:
@@ -147,7 +156,7 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
     return parts
 
 
-def _module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str]) -> LoraModule:
+def lora_module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str]) -> LoraModule:
     """One module from its ``tensors``; a missing alpha, or alpha 0, means alpha = r (scale 1), as in sd-scripts."""
     A, B = tensors[parts[DOWN]], tensors[parts[UP]]
     why = spec.factor_shape_problem(A.shape, B.shape)

@@ -1,8 +1,9 @@
 """Which format a path holds, read into a :class:`~loratools.adapter.RawAdapter`; and which writer an output gets.
 
-Reading recognises, in this order: pickles (refused, never opened), LyCORIS files (refused by
-name), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config, diffusers key
-layouts) and PEFT's own layout.  Writers are one function per output format in :data:`WRITERS`.
+Reading recognises, in this order: pickles (refused, never opened), LyCORIS
+LoHa/LoKr/Tucker LoCon files (read as exact LoRA), mlx-lm files (``lora_a``/``lora_b``, their
+config beside them), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config,
+diffusers key layouts) and PEFT's own layout.  Writers are one function per output format in :data:`WRITERS`.
 Local files only: ``hf://`` references are fetched before they get here.
 """
 
@@ -16,7 +17,7 @@ from ..adapter import Adapter, RawAdapter
 from ..errors import FormatError, SpecError
 from ..io.files import require_file_or_dir
 from ..io.tensorfile import Header, read_header
-from . import diffusers, gguf, kohya, lycoris, peft
+from . import diffusers, gguf, kohya, lycoris, mlx, peft
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -25,6 +26,7 @@ WRITERS: dict[spec.Format, Callable[..., Path]] = {
     "kohya": kohya.write,
     "diffusers": diffusers.write,
     "gguf": gguf.write,
+    "mlx": mlx.write,
 }
 
 
@@ -41,8 +43,12 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
         return _read_dir(path, base)
     if path.suffix in PICKLE_SUFFIXES:
         raise pickle_refused(path)
-    header = _header(path)
+    header = read_header(path)
+    if lycoris.is_lycoris(header.tensors):
+        return lycoris.read(header, base=base)
     config_path = path.parent / spec.CONFIG_NAME
+    if mlx.is_mlx(header.tensors):
+        return mlx.read(header, config_path)
     foreign = _read_foreign(header, base, has_config=peft.has_config(header, config_path))
     if foreign is not None:
         return foreign
@@ -50,9 +56,9 @@ def read_raw(path: str | Path, *, base: str | Path | None = None) -> RawAdapter:
 
 
 def source_format(adapter: Adapter) -> spec.Format:
-    """The format to write ``adapter`` back in: the one it was read from (kohya, diffusers), else ``peft``."""
+    """The format to write ``adapter`` back in: the one it was read from (kohya, diffusers, mlx), else ``peft``."""
     source = adapter.metadata.get(spec.META_SOURCE)
-    return source if source in ("kohya", "diffusers") else "peft"  # type: ignore[return-value]
+    return source if source in ("kohya", "diffusers", "mlx") else "peft"  # type: ignore[return-value]
 
 
 def writer(to: str) -> Callable[..., Path]:
@@ -64,6 +70,8 @@ def writer(to: str) -> Callable[..., Path]:
 
 def _read_dir(path: Path, base: str | Path | None) -> RawAdapter:
     weights = path / spec.WEIGHTS_NAME
+    if not weights.exists() and (path / mlx.WEIGHTS_NAME).exists():
+        return mlx.read(_header(path / mlx.WEIGHTS_NAME), path / spec.CONFIG_NAME)
     if not weights.exists() and (path / spec.DIFFUSERS_WEIGHTS_NAME).exists():
         return read_raw(path / spec.DIFFUSERS_WEIGHTS_NAME, base=base)
     if not weights.exists():
@@ -74,9 +82,14 @@ def _read_dir(path: Path, base: str | Path | None) -> RawAdapter:
 
 
 def _header(weights: Path) -> Header:
-    """The weights file's header, once LyCORIS layouts (not LoRA at all) have been refused by name."""
+    """The weights file's header, once LyCORIS layouts (a PEFT or mlx-lm directory never holds them) are refused by name."""
     header = read_header(weights)
-    lycoris.refuse(header)
+    if lycoris.is_lycoris(header.tensors):
+        raise FormatError(
+            "a LyCORIS (LoHa/LoKr/Tucker LoCon) file inside an adapter directory; pass the .safetensors file itself",
+            path=weights,
+            code="foreign-format",
+        )
     return header
 
 

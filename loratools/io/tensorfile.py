@@ -259,7 +259,7 @@ def load_tensors(header: Header) -> dict[str, torch.Tensor]:
     kilobytes of disk; such a claim is refused against the machine's memory before anything is
     allocated, and a failure of the reader itself (an mmap refused) is one line naming the file.
     """
-    need, limit = sum(t.nbytes for t in header.tensors.values()), _memory_bytes()
+    need, limit = sum(t.nbytes for t in header.tensors.values()), memory_bytes()
     if limit is not None and need > limit:
         raise FormatError(
             f"its tensors claim {need / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB of memory; refusing to load them",
@@ -273,7 +273,7 @@ def load_tensors(header: Header) -> dict[str, torch.Tensor]:
         raise FormatError(f"cannot read the tensor data ({spec.clip(reason)[1:-1]})", path=header.path) from None
 
 
-def _memory_bytes() -> int | None:
+def memory_bytes() -> int | None:
     """Physical memory in bytes, or None where the platform does not say."""
     try:
         return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
