@@ -6,8 +6,8 @@ import pytest
 
 from loratools import ArgumentError
 from loratools.methods import METHOD_NAMES, MethodOptions, get_method
-from loratools.spec import MAJORITY_SIGN_CHOICES, METHOD_CHOICES
 from loratools.methods.base import MAJORITY_SIGNS
+from loratools.spec import MAJORITY_SIGN_CHOICES, METHOD_CHOICES
 
 
 def test_registry_names_are_specs_choices():
