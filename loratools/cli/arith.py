@@ -117,6 +117,13 @@ def _rank(value: str | None) -> int | str | None:
 )
 @click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
 @click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
+@click.option(
+    "--weight-pattern",
+    "weight_patterns",
+    multiple=True,
+    metavar="REGEX=W",
+    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per module, reproducible).")
 @click.option("--rank", "rank_text", metavar="N|full", help="Compress the result to this rank (truncated SVD; full: exact).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F².")
@@ -129,6 +136,7 @@ def add(
     density: float | None,
     majority_sign: str | None,
     seed: int,
+    weight_patterns: tuple[str, ...],
     rank_text: str | None,
     energy: float | None,
     max_rel_error: float | None,
@@ -162,6 +170,7 @@ def add(
         density=density,
         majority_sign=majority_sign,
         seed=seed,
+        weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
         rank=rank,
         energy=energy,
         max_rel_error=max_rel_error,

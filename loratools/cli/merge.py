@@ -113,6 +113,13 @@ def _run(
 )
 @click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
 @click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
+@click.option(
+    "--weight-pattern",
+    "weight_patterns",
+    multiple=True,
+    metavar="REGEX=W",
+    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
+)
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per tensor, reproducible).")
 @_merge_options
 def merge(
@@ -124,6 +131,7 @@ def merge(
     density: float | None,
     majority_sign: str | None,
     seed: int,
+    weight_patterns: tuple[str, ...],
     **options: Any,
 ) -> None:
     """Bake ADAPTER(s) into the BASE checkpoint: W' = W + Σ w·s·B·A, streamed tensor by tensor.
@@ -149,6 +157,7 @@ def merge(
         density=density,
         majority_sign=majority_sign,
         seed=seed,
+        weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
     )
     _run("merge", call, **options)
 

@@ -30,7 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..methods import MethodOptions, get_method
+from ..methods import MethodOptions, get_method, module_weights
 from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, Plan, TensorEdit, plan
 from .kernels import Kernel, kernel
 
@@ -102,12 +102,14 @@ def merge(
     density: float | None = None,
     majority_sign: str | None = None,
     seed: int = 0,
+    weight_patterns: Sequence[tuple[str, float]] = (),
 ) -> MergeResult:
     """Write ``base`` with ``adapters`` baked in (W' = W + Σ wᵢ·ΔWᵢ) to ``out``; returns what was done.
 
     ``method`` (:mod:`loratools.methods`; ``density``, ``majority_sign``, ``seed`` as there) replaces
     the sum per base tensor, exactly (no SVD): W' = W + method(ΔW₁..ΔWₙ; w), each ΔWᵢ the whole
-    tensor's, so results do not depend on how rows are streamed.
+    tensor's, so results do not depend on how rows are streamed.  ``weight_patterns``: (regex, W)
+    pairs multiplying every adapter's weight on the modules a regex finds first (:mod:`loratools.methods.weights`).
 
     ``base`` is a HF model directory (``model.safetensors`` or shards + index) or one ``.safetensors``
     file; ``out`` (default :func:`default_out`) mirrors it: same files, tensor order, dtypes (unless
@@ -125,6 +127,8 @@ def merge(
     chosen.check(options, density_given=density is not None, sign_given=majority_sign is not None)
     with single_threaded(pause_gc=True) as pool:
         loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
+        factors = module_weights(weight_patterns, list(dict.fromkeys(n for a in loaded for n in a.modules)))
+        loaded = [a.reweighted(factors) for a in loaded] if factors else loaded
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
         write = WriteOptions(force, direct, fsync, progress)
         return _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))

@@ -10,5 +10,16 @@ from __future__ import annotations
 
 from .base import MAJORITY_SIGNS, Method, MethodOptions, module_generator
 from .registry import METHOD_NAMES, METHODS, get_method
+from .weights import module_weights, parse_weight_pattern
 
-__all__ = ["MAJORITY_SIGNS", "METHODS", "METHOD_NAMES", "Method", "MethodOptions", "get_method", "module_generator"]
+__all__ = [
+    "MAJORITY_SIGNS",
+    "METHODS",
+    "METHOD_NAMES",
+    "Method",
+    "MethodOptions",
+    "get_method",
+    "module_generator",
+    "module_weights",
+    "parse_weight_pattern",
+]

@@ -25,7 +25,7 @@ from ..compute import per_item
 from ..errors import ArgumentError, SpecError
 from ..io.tensorfile import DtypeLike, torch_dtype
 from ..linalg import choose_rank, flat, kept_energy, tail_errors
-from ..methods import MethodOptions, get_method, module_generator
+from ..methods import MethodOptions, get_method, module_generator, module_weights
 from . import arith
 from .arith import ResizeRow
 from .extract import low_rank
@@ -43,6 +43,7 @@ def combine(
     rank: int | str | None = None,
     energy: float | None = None,
     max_rel_error: float | None = None,
+    weight_patterns: Sequence[tuple[str, float]] = (),
     dtype: DtypeLike = None,
 ) -> tuple[Adapter, list[ResizeRow]]:
     """Combine adapters module by module with ``method``, compressed to LoRA factors by exactly one criterion.
@@ -52,6 +53,8 @@ def combine(
     :class:`~loratools.ResizeRow` per module: old rank = Σ input ranks, the kept fraction of the
     combined ΔW's ‖·‖_F² and its relative error.  ``task_arithmetic`` runs the exact factored sum
     (:func:`loratools.add`), then :func:`loratools.resize` when a criterion is given.
+    ``weight_patterns``: (regex, W) pairs; W multiplies every input's weight on the modules whose
+    name the regex finds first (:mod:`loratools.methods.weights`).
     """
     chosen = get_method(method)
     options = MethodOptions(1.0 if density is None else density, majority_sign or "total", seed)
@@ -59,6 +62,7 @@ def combine(
     if not adapters:
         raise ArgumentError("add needs at least one adapter")
     weights = check_weights(weights, len(adapters))
+    adapters = reweight(adapters, weight_patterns)
     if chosen.name == "task_arithmetic":
         return _exact_sum(adapters, weights, rank, energy, max_rel_error, dtype)
     criterion, value = _criterion(rank, energy, max_rel_error)
@@ -85,6 +89,13 @@ def combine(
     done = per_item(one, names)
     modules = {row.module: module for module, row in done}
     return arith.derive(adapters, modules), [row for _, row in done]
+
+
+def reweight(adapters: Sequence[Adapter], patterns: Sequence[tuple[str, float]]) -> tuple[Adapter, ...]:
+    """Each adapter with the pattern weights folded into its modules (one match over the union of names)."""
+    names = list(dict.fromkeys(name for a in adapters for name in a.modules))
+    factors = module_weights(patterns, names)
+    return tuple(a.reweighted(factors) if factors else a for a in adapters)
 
 
 def _exact_sum(
