@@ -95,9 +95,8 @@ def bench_add(cores: int) -> None:
         )
         ours_s += ours_t * count * layers
         peft_s += peft_t * count * layers
-    print(
-        f"add --method ties --rank 16, 224 modules (scaled): ours {ours_s:.0f} s, PEFT ties_svd {peft_s:.0f} s, speed-up {peft_s / ours_s:.1f}x"
-    )
+    print(f"add --method ties --rank 16, 224 modules (scaled): ours {ours_s:.0f} s, PEFT ties_svd {peft_s:.0f} s")
+    print(f"speed-up {peft_s / ours_s:.1f}x")
 
 
 def main() -> None:
