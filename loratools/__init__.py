@@ -43,6 +43,8 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("FactoredSVD", "factored_svd", "singular_values"), "linalg"),
     **dict.fromkeys(("MergeResult", "merge", "unmerge"), "merging"),
     **dict.fromkeys(("ResizeRow", "add", "resize", "scale", "subtract"), "ops.arith"),
+    "combine": "ops.combine",
+    **dict.fromkeys(("METHODS", "Method", "MethodOptions", "parse_weight_pattern"), "methods"),
     **dict.fromkeys(("DiffReport", "diff"), "ops.diff"),
     **dict.fromkeys(("ExtractReport", "extract"), "ops.extract"),
     **dict.fromkeys(("ModuleSpectrum", "plot_spectrum", "spectra"), "ops.spectrum"),
@@ -79,7 +81,9 @@ if TYPE_CHECKING:
     from .io.checkpoint import Checkpoint, open_checkpoint
     from .linalg import FactoredSVD, factored_svd, singular_values
     from .merging import MergeResult, merge, unmerge
+    from .methods import METHODS, Method, MethodOptions, parse_weight_pattern
     from .ops.arith import ResizeRow, add, resize, scale, subtract
+    from .ops.combine import combine
     from .ops.diff import DiffReport, diff
     from .ops.extract import ExtractReport, extract
     from .ops.spectrum import ModuleSpectrum, plot_spectrum, spectra
@@ -130,8 +134,11 @@ __all__ = [
     "InvalidAdapterError",
     "LoraModule",
     "LoratoolsError",
+    "METHODS",
     "MergeError",
     "MergeResult",
+    "Method",
+    "MethodOptions",
     "ModuleSpectrum",
     "OutputExistsError",
     "Plan",
@@ -147,6 +154,7 @@ __all__ = [
     "__version__",
     "add",
     "check_runtimes",
+    "combine",
     "conform",
     "convert",
     "diff",
@@ -155,6 +163,7 @@ __all__ = [
     "load",
     "merge",
     "open_checkpoint",
+    "parse_weight_pattern",
     "plan",
     "plot_spectrum",
     "pull",

@@ -200,6 +200,15 @@ class Adapter:
         meta[spec.META_VERSION] = spec.SPEC_VERSION
         return meta
 
+    def reweighted(self, factors: Mapping[str, float]) -> Adapter:
+        """The same adapter with module ``name``'s ΔW multiplied by ``factors[name]`` (folded into its alpha).
+
+        s = alpha/r (or alpha/√r) is linear in alpha, so the factor reaches every use of ΔW: sums,
+        methods, merges and the lora_bias term alike.
+        """
+        modules = {n: replace(m, alpha=m.alpha * factors[n]) if n in factors else m for n, m in self.modules.items()}
+        return replace(self, modules=modules)
+
     def with_dtype(self, dtype: torch.dtype) -> Adapter:
         """A copy with every floating tensor cast to ``dtype``."""
 

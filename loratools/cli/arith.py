@@ -11,7 +11,7 @@ import loratools
 
 from ..io.atomic import check_output
 from ..runtimes.registry import RUNTIME_CHOICES
-from ..spec import DTYPE_CHOICES, FORMATS, DtypeChoice, Format
+from ..spec import DTYPE_CHOICES, FORMATS, MAJORITY_SIGN_CHOICES, METHOD_CHOICES, DtypeChoice, Format
 from .console import emit_json, out, safe, say
 
 ADAPTER_FORMATS = tuple(f for f in FORMATS if f != "gguf")  # GGUF needs a base: `loratools convert OUT --to gguf --base BASE`
@@ -95,15 +95,51 @@ def _write(
     say(f"wrote {output}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters")
 
 
+def _rank(value: str | None) -> int | str | None:
+    """--rank N or --rank full (min(m, n): the method's result exactly, up to round-off)."""
+    if value is None or value == "full":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise click.BadParameter(f"expected an integer or 'full', got {value!r}", param_hint="--rank") from None
+
+
 @click.command("add")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each input, in order (one per input; default 1).")
-@click.option("--rank", type=int, help="Compress the sum to this rank (exact truncated SVD).")
+@click.option(
+    "--method",
+    type=click.Choice(METHOD_CHOICES),
+    default="task_arithmetic",
+    show_default=True,
+    help="How ΔWs combine: the exact sum, or per module on the dense ΔW (then compressed by SVD).",
+)
+@click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
+@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
+@click.option(
+    "--weight-pattern",
+    "weight_patterns",
+    multiple=True,
+    metavar="REGEX=W",
+    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per module, reproducible).")
+@click.option("--rank", "rank_text", metavar="N|full", help="Compress the result to this rank (truncated SVD; full: exact).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F².")
+@click.option("--max-rel-error", type=float, help="Per module, the smallest rank with ‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= this.")
 @_output_options
 def add(
     adapters: tuple[str, ...],
     weights: tuple[float, ...],
-    rank: int | None,
+    method: str,
+    density: float | None,
+    majority_sign: str | None,
+    seed: int,
+    weight_patterns: tuple[str, ...],
+    rank_text: str | None,
+    energy: float | None,
+    max_rel_error: float | None,
     output: str,
     dtype: DtypeChoice,
     to: Format | None,
@@ -111,21 +147,36 @@ def add(
     force: bool,
     as_json: bool,
 ) -> None:
-    """Add adapters exactly: ΔW = Σ wᵢ·ΔWᵢ, by concatenating factors (rank = Σ rᵢ).
+    """Add adapters: exactly (ΔW = Σ wᵢ·ΔWᵢ, factors concatenated, rank = Σ rᵢ) or by a merge method.
+
+    With --method ties, magnitude_prune, dare or dare_ties each module's ΔWᵢ are formed densely,
+    combined, and compressed back to LoRA factors: give --rank (N or full), --energy or
+    --max-rel-error; the report gives each module's rank and relative error.
 
     \b
     Examples:
       loratools add style/ subject/ -o combined/
       loratools add a/ b/ -w 0.7 -w 0.3 --rank 16 -o mix/
+      loratools add a/ b/ --method ties --density 0.5 --rank 16 -o ties/
     """
     if len(adapters) < 2:
         raise click.UsageError("add needs at least two adapters (use `loratools scale` for one)")
+    rank = _rank(rank_text)
     check_output(output, force=force)
-    result = loratools.add(*(loratools.load(p) for p in adapters), weights=weights or None, dtype=dtype)
-    rows = None
-    if rank is not None:
-        result, rows = loratools.resize(result, rank, dtype=dtype)
-    _write(result, output, to, runtimes, force, as_json, rows)
+    result, rows = loratools.combine(
+        *(loratools.load(p) for p in adapters),
+        method=method,
+        weights=weights or None,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
+        rank=rank,
+        energy=energy,
+        max_rel_error=max_rel_error,
+        dtype=dtype,
+    )
+    _write(result, output, to, runtimes, force, as_json, rows or None)  # no rows: the exact factored sum
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})

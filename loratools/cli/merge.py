@@ -12,7 +12,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import loratools
 
-from ..spec import DEVICES, DTYPE_CHOICES, Device, DtypeChoice
+from ..spec import DEVICES, DTYPE_CHOICES, MAJORITY_SIGN_CHOICES, METHOD_CHOICES, Device, DtypeChoice
 from .console import emit_json, err, safe, say
 
 if TYPE_CHECKING:
@@ -104,8 +104,36 @@ def _run(
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", "--output", "out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
+@click.option(
+    "--method",
+    type=click.Choice(METHOD_CHOICES),
+    default="task_arithmetic",
+    show_default=True,
+    help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, ties, magnitude_prune, dare, dare_ties.",
+)
+@click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
+@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
+@click.option(
+    "--weight-pattern",
+    "weight_patterns",
+    multiple=True,
+    metavar="REGEX=W",
+    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per tensor, reproducible).")
 @_merge_options
-def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[float, ...], **options: Any) -> None:
+def merge(
+    base: str,
+    adapters: tuple[str, ...],
+    out: str | None,
+    weights: tuple[float, ...],
+    method: str,
+    density: float | None,
+    majority_sign: str | None,
+    seed: int,
+    weight_patterns: tuple[str, ...],
+    **options: Any,
+) -> None:
     """Bake ADAPTER(s) into the BASE checkpoint: W' = W + Σ w·s·B·A, streamed tensor by tensor.
 
     BASE is a model directory (model.safetensors or shards + index) or one .safetensors file; the
@@ -117,8 +145,20 @@ def merge(base: str, adapters: tuple[str, ...], out: str | None, weights: tuple[
     Examples:
       loratools merge ./Llama-3-8B ./my-adapter
       loratools merge ./base ./a ./b -w 0.7 -w 0.3 -o ./base-ab --dtype bf16
+      loratools merge ./base ./a ./b --method ties --density 0.5 -o ./base-ties
     """
-    call = partial(loratools.merge, base, list(adapters), weights=weights or None, out=out)
+    call = partial(
+        loratools.merge,
+        base,
+        list(adapters),
+        weights=weights or None,
+        out=out,
+        method=method,
+        density=density,
+        majority_sign=majority_sign,
+        seed=seed,
+        weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
+    )
     _run("merge", call, **options)
 
 

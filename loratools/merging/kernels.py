@@ -18,6 +18,13 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
   (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
   every output row.
 
+With a merge method other than the exact sum (:mod:`loratools.methods`: TIES, DARE, ...), each
+adapter's whole ΔWᵢ for the tensor is formed first (the sum of its terms there, unweighted: s·B·A),
+the method combines them with the weights, and the result is added to W; trimming ranks magnitudes
+over the whole tensor, so this runs once per tensor, never per row block, and the row blocks then
+add slices of the one result (row-block streaming cannot change it).  Memory: a few float32 copies
+of the largest tensor.  PEFT's rounding of embedding and ``target_parameters`` ΔW does not apply there.
+
 Everything is computed in float32 from the stored values and rounded once to the output dtype.
 PEFT does the same, in the same order, when its adapter weights are float32 (its default: adapters
 are upcast on load), so bf16 and fp16 merges are bit-identical to PEFT's (measured for plain, DoRA,
@@ -34,8 +41,10 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..errors import SpecError
 from ..io.streaming import Transform
 from ..linalg import flat
+from ..methods import Method, MethodOptions, module_generator
 from ..planner import Residual, TensorEdit
 
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
@@ -87,6 +96,40 @@ class ExpertRowTerm(RowTerm):
 
 
 @dataclass(frozen=True)
+class DenseTerm(RowTerm):
+    """A whole precomputed ΔW (in ``B``, the stored layout) whose rows are added as they are."""
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        return self.B[r0:r1]
+
+
+@dataclass(frozen=True)
+class Combination:
+    """A merge method over one tensor's terms: term j belongs to adapter ``owners[j]`` of weight ``weights[j]``.
+
+    The terms then carry sᵢ only (no weight), because methods such as TIES elect signs on the
+    unweighted ΔWᵢ and apply the weights in the mean.
+    """
+
+    method: Method
+    options: MethodOptions
+    owners: tuple[int, ...]
+    weights: tuple[float, ...]
+
+    def delta(self, terms: tuple[RowTerm, ...], rows: int, key: str, device: torch.device) -> torch.Tensor:
+        """The combined ΔW of the whole tensor, float32, stored layout; DARE's drops seeded by (seed, ``key``)."""
+        per_adapter: dict[int, torch.Tensor] = {}
+        weight: dict[int, float] = {}
+        for term, owner, w in zip(terms, self.owners, self.weights, strict=True):
+            part = term.rows(0, rows)
+            per_adapter[owner] = per_adapter[owner] + part if owner in per_adapter else part
+            weight.setdefault(owner, w)
+        order = sorted(per_adapter)
+        generator = module_generator(self.options.seed, key, device) if self.method.random else None
+        return self.method.combine([per_adapter[i] for i in order], [weight[i] for i in order], self.options, generator)
+
+
+@dataclass(frozen=True)
 class Kernel:
     """One base tensor's planned edit in float32 on its device: the row-block merge step of :func:`loratools.merge`."""
 
@@ -97,6 +140,7 @@ class Kernel:
     token_rows: torch.Tensor | None = None  # long (k,): rows replaced by token_values (k, cols) float32
     token_values: torch.Tensor | None = None
     residual: Residual | None = None  # taken from the whole base tensor before the rows are merged
+    combination: Combination | None = None
 
     @property
     def trivial(self) -> bool:
@@ -120,6 +164,7 @@ class Kernel:
             move(self.token_rows),
             move(self.token_values),
             self.residual,
+            self.combination,
         )
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -147,10 +192,14 @@ class Kernel:
 
     def transform(self, device: torch.device, pool: ThreadPoolExecutor | None = None) -> Transform:
         """The streaming step: fill the output rows from the input rows; on CPU, row blocks run on ``pool``."""
-        edit = self.to(device)
+        moved = self.to(device)
 
         def run(src: torch.Tensor, dst: torch.Tensor) -> None:
             rows = dst.shape[0]
+            edit = moved
+            if edit.combination is not None:  # the method sees the whole tensor's ΔWᵢ once; blocks add slices of its result
+                combined = edit.combination.delta(edit.terms, rows, edit.key, device)
+                edit = replace(edit, terms=(DenseTerm(combined, combined.new_empty(0), 1.0),), combination=None)
             if rows != src.shape[0]:  # a grown vocabulary: the replacement gives every row, src only its dtype
                 src = src[:0]
             if edit.residual is not None:  # needs the whole tensor (an SVD or QR of it), then merges as usual
@@ -176,15 +225,20 @@ class Kernel:
         return run
 
 
-def kernel(edit: TensorEdit) -> Kernel:
+def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOptions | None = None) -> Kernel:
     """The float32 merge step for one planned edit: each term's factors flattened, weight·s folded into its scale.
 
     A bias term is B = b as a column and A = [[1]].  Non-DoRA embedding terms are rounded to the
-    stored dtype before they are added, as PEFT does.
+    stored dtype before they are added, as PEFT does.  With a ``method`` other than task arithmetic
+    the weights stay out of the terms and a :class:`Combination` combines them; DoRA and lora_bias
+    terms are refused there (the methods are defined on a plain ΔW).
     """
+    combining = method is not None and method.name != "task_arithmetic" and bool(edit.terms)
+    if combining:
+        _refuse_for_method(edit, method.name)  # type: ignore[union-attr]
     terms = []
     for t in edit.terms:
-        scale = t.weight * t.lora.scale
+        scale = t.lora.scale if combining else t.weight * t.lora.scale
         if t.bias is not None:
             terms.append(RowTerm(t.bias.float().reshape(-1, 1), torch.ones(1, 1), scale))
             continue
@@ -198,7 +252,19 @@ def kernel(edit: TensorEdit) -> Kernel:
     if edit.tokens is not None:
         rows = torch.tensor(edit.tokens.indices, dtype=torch.long)
         values = edit.tokens.values.float().reshape(len(edit.tokens.indices), -1)
-    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual)
+    combination = None
+    if combining:
+        owners, weights = tuple(t.adapter for t in edit.terms), tuple(t.weight for t in edit.terms)
+        combination = Combination(method, options or MethodOptions(), owners, weights)  # type: ignore[arg-type]
+    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination)
+
+
+def _refuse_for_method(edit: TensorEdit, name: str) -> None:
+    if edit.magnitude is not None:
+        raise SpecError(f"DoRA modules cannot be merged with method {name}: DoRA renormalises W + ΔW row by row", key=edit.key)
+    biased = [t.module for t in edit.terms if t.bias is not None]
+    if biased:
+        raise SpecError(f"{biased[0]} has a lora_bias; method {name} is defined only for plain LoRA factors", key=edit.key)
 
 
 def residual_base(W: torch.Tensor, residual: Residual) -> torch.Tensor:

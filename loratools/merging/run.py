@@ -30,6 +30,7 @@ from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
+from ..methods import MethodOptions, get_method, module_weights
 from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, Plan, TensorEdit, plan
 from .kernels import Kernel, kernel
 
@@ -97,8 +98,18 @@ def merge(
     direct: bool = True,
     fsync: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    method: str = "task_arithmetic",
+    density: float | None = None,
+    majority_sign: str | None = None,
+    seed: int = 0,
+    weight_patterns: Sequence[tuple[str, float]] = (),
 ) -> MergeResult:
     """Write ``base`` with ``adapters`` baked in (W' = W + Σ wᵢ·ΔWᵢ) to ``out``; returns what was done.
+
+    ``method`` (:mod:`loratools.methods`; ``density``, ``majority_sign``, ``seed`` as there) replaces
+    the sum per base tensor, exactly (no SVD): W' = W + method(ΔW₁..ΔWₙ; w), each ΔWᵢ the whole
+    tensor's, so results do not depend on how rows are streamed.  ``weight_patterns``: (regex, W)
+    pairs multiplying every adapter's weight on the modules a regex finds first (:mod:`loratools.methods.weights`).
 
     ``base`` is a HF model directory (``model.safetensors`` or shards + index) or one ``.safetensors``
     file; ``out`` (default :func:`default_out`) mirrors it: same files, tensor order, dtypes (unless
@@ -111,10 +122,16 @@ def merge(
     it to stable storage first.  ``direct`` writes around the page cache where the file system
     allows (:mod:`loratools.sink` says why); ``progress`` is called with (bytes written, bytes total).
     """
+    chosen = get_method(method)
+    options = MethodOptions(1.0 if density is None else density, majority_sign or "total", seed)
+    chosen.check(options, density_given=density is not None, sign_given=majority_sign is not None)
     with single_threaded(pause_gc=True) as pool:
         loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
+        factors = module_weights(weight_patterns, list(dict.fromkeys(n for a in loaded for n in a.modules)))
+        loaded = [a.reweighted(factors) for a in loaded] if factors else loaded
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
-        return _merge(base, loaded, labels, weights, out, device, dtype, WriteOptions(force, direct, fsync, progress), pool)
+        write = WriteOptions(force, direct, fsync, progress)
+        return _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))
 
 
 def unmerge(
@@ -167,7 +184,7 @@ def _unmerge(merged, loaded, label, out, device, dtype, options, pool) -> MergeR
     return _merge(merged, [loaded], [label], [-1.0], out, device, dtype, options, pool)
 
 
-def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -> MergeResult:  # type: ignore[no-untyped-def]
+def _merge(base, adapters, labels, weights, out, device, dtype, options, pool, method=(None, None)) -> MergeResult:  # type: ignore[no-untyped-def]
     start = time.perf_counter()
     base = Path(base).resolve()  # "." has no name to build <base>-merged from
     if not adapters:
@@ -179,7 +196,7 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool) -
     _check_out(base, out, options.force)
     target = resolve_device(device)
     planned = _planned(checkpoint, adapters, weights, labels)
-    edits = {key: kernel(edit) for key, edit in planned.edits.items()}
+    edits = {key: kernel(edit, *method) for key, edit in planned.edits.items()}
     plans = [_file_plan(checkpoint.headers[s.name], planned.edits, edits, code, target, pool) for s in checkpoint.shards]
     total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda", config=planned.config)
     return MergeResult(

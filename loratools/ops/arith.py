@@ -84,28 +84,26 @@ def add(*adapters: Adapter, weights: Sequence[float] | None = None, dtype: Dtype
     weights = check_weights(weights, len(adapters))
     cast = torch_dtype(dtype)
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True), 1):
-        _refuse_dora(adapter, f"input {i}")
-        _refuse_residual(adapter, f"input {i}")
-        _refuse_weighted_full(adapter, weight, f"input {i}")
-    _check_variants_agree(adapters)
+        refuse_uncombinable(adapter, weight, f"input {i}")
+    check_variants_agree(adapters)
     if len({a.fan_in_fan_out for a in adapters}) > 1:
         raise SpecError("inputs disagree on fan_in_fan_out, so they were made for differently laid-out bases")
     names = list(dict.fromkeys(name for a in adapters for name in a.modules))
     modules = {}
     for name in names:
         terms = [(i, a.modules[name], w) for i, (a, w) in enumerate(zip(adapters, weights, strict=True), 1) if name in a.modules]
-        _check_shapes(name, [(i, m) for i, m, _ in terms])
+        check_shapes(name, [(i, m) for i, m, _ in terms])
         parts = [_fold(m, w * m.scale) for _, m, w in terms]
         biases = [bias for _, _, bias in parts if bias is not None]
         like = terms[0][1]
-        modules[name] = _rebuild(
+        modules[name] = rebuild(
             like,
             torch.cat([B for B, _, _ in parts], -1),  # rank is B's last and A's second-to-last dim, per expert too
             torch.cat([A for _, A, _ in parts], -2),
             torch.stack(biases).sum(0) if biases else None,
             cast or like.dtype,
         )
-    return _derive(adapters, modules)
+    return derive(adapters, modules)
 
 
 def scale(adapter: Adapter, factor: float, *, dtype: DtypeLike = None) -> Adapter:
@@ -135,7 +133,7 @@ def resize(
     Returns the new adapter and one :class:`ResizeRow` per module.  Modules run in parallel, one
     single-threaded worker per torch thread (:func:`loratools.compute.per_item`).
     """
-    criterion, value = _criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
+    criterion, value = check_criterion(rank=rank, energy=energy, max_rel_error=max_rel_error, sv_ratio=sv_ratio)
     _refuse_dora(adapter, "the adapter")
     _refuse_residual(adapter, "the adapter")
     cast = torch_dtype(dtype)
@@ -149,11 +147,11 @@ def resize(
         B, A = svd.factors(k)
         bias = None if m.bias is None else m.bias.float() * m.scale
         row = ResizeRow(name, m.rank, k, float(kept_energy(svd.S)[k - 1]), float(tail_errors(svd.S)[k - 1]))
-        return _rebuild(m, B, A, bias, cast or m.dtype), row
+        return rebuild(m, B, A, bias, cast or m.dtype), row
 
     done = per_item(one, list(adapter.modules.items()))
     modules = {row.module: module for module, row in done}
-    return _derive([adapter], modules), [row for _, row in done]
+    return derive([adapter], modules), [row for _, row in done]
 
 
 def _resize_experts(name: str, m: LoraModule, criterion: str, value: float, dtype: torch.dtype) -> tuple[LoraModule, ResizeRow]:
@@ -168,7 +166,7 @@ def _resize_experts(name: str, m: LoraModule, criterion: str, value: float, dtyp
     B, A = torch.stack([b for b, _ in pairs]), torch.stack([a for _, a in pairs])
     energy = min(float(kept_energy(svd.S)[k - 1]) for svd in svds)
     error = max(float(tail_errors(svd.S)[k - 1]) for svd in svds)
-    return _rebuild(m, B, A, None, dtype), ResizeRow(name, m.rank, k, energy, error)
+    return rebuild(m, B, A, None, dtype), ResizeRow(name, m.rank, k, energy, error)
 
 
 def _padded(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,7 +177,7 @@ def _padded(B: torch.Tensor, A: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     return torch.cat([B, B.new_zeros(B.shape[0], short)], 1), torch.cat([A, A.new_zeros(short, A.shape[1])], 0)
 
 
-def _criterion(**given: float | None) -> tuple[str, float]:
+def check_criterion(**given: float | None) -> tuple[str, float]:
     """The one resize criterion given, checked: (name, value)."""
     chosen = [(name, value) for name, value in given.items() if value is not None]
     if len(chosen) != 1:
@@ -203,6 +201,13 @@ def _criterion(**given: float | None) -> tuple[str, float]:
     return name, float(value)
 
 
+def refuse_uncombinable(adapter: Adapter, weight: float, which: str) -> None:
+    """The input checks every combination shares: no DoRA, no unconverted residual init, full tensors only under weight 1."""
+    _refuse_dora(adapter, which)
+    _refuse_residual(adapter, which)
+    _refuse_weighted_full(adapter, weight, which)
+
+
 def _refuse_dora(adapter: Adapter, which: str) -> None:
     dora = [name for name, m in adapter.modules.items() if m.magnitude is not None]
     if dora:
@@ -219,7 +224,7 @@ def _refuse_residual(adapter: Adapter, which: str) -> None:
             raise SpecError(f"{which} cannot be combined or resized in factored form: {why}", code=code)
 
 
-def _check_variants_agree(adapters: Sequence[Adapter]) -> None:
+def check_variants_agree(adapters: Sequence[Adapter]) -> None:
     """aLoRA's invocation tokens and layer_replication pass through to the output, so every input must hold the same ones.
 
     ΔW sums and scales are exact under both (aLoRA gates all of ΔW by the same token positions;
@@ -243,7 +248,7 @@ def _refuse_weighted_full(adapter: Adapter, weight: float, which: str) -> None:
         )
 
 
-def _check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
+def check_shapes(name: str, modules: list[tuple[int, LoraModule]]) -> None:
     """Every input holding ``name`` must have the same kind and ΔW shape."""
     first_i, first = modules[0]
     want = (first.kind, first.delta_shape())
@@ -271,7 +276,7 @@ def _fold(m: LoraModule, c: float) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return B.to(dtype) * math.copysign(root, c), A.to(dtype) * root, bias
 
 
-def _rebuild(like: LoraModule, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> LoraModule:
+def rebuild(like: LoraModule, B: torch.Tensor, A: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> LoraModule:
     """A scale-1 module (alpha = r, no rsLoRA) from flat factors, reshaped back to ``like``'s layout."""
     k = int(A.shape[-2])
     if like.kind == "conv":
@@ -281,7 +286,7 @@ def _rebuild(like: LoraModule, B: torch.Tensor, A: torch.Tensor, bias: torch.Ten
     return LoraModule(A.to(dtype).contiguous(), B.to(dtype).contiguous(), float(k), False, like.kind, None, cast)
 
 
-def _derive(inputs: Sequence[Adapter], modules: dict[str, LoraModule]) -> Adapter:
+def derive(inputs: Sequence[Adapter], modules: dict[str, LoraModule]) -> Adapter:
     """The output adapter: the first input's config and metadata, rank/alpha/targets refit to ``modules``."""
     first = inputs[0]
     config = {k: v for k, v in first.config.items() if k not in _REWRITTEN}

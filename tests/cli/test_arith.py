@@ -178,3 +178,47 @@ def test_resize_to_kohya_writes_one_alpha(tmp_path):
         ranks = {f.get_tensor(k).shape[0] for k in f.keys() if k.endswith(".lora_down.weight")}
     assert len(alphas) == 1 and len(ranks) > 1
     assert CliRunner().invoke(main, ["validate", str(out), "--for", "all"]).exit_code == 0
+
+
+def test_add_with_a_method_writes_the_compressed_result_and_its_report(inputs, tmp_path):
+    from loratools.methods import MethodOptions, get_method
+
+    a, b, _ = inputs
+    result = run(
+        "add",
+        a,
+        b,
+        "--method",
+        "ties",
+        "--density",
+        "0.5",
+        "--majority-sign",
+        "frequency",
+        "--rank",
+        "full",
+        "-o",
+        tmp_path / "t",
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    report = {r["module"]: r for r in json.loads(result.stdout)["report"]}
+    assert report[Q]["rel_error"] < 1e-6
+    la, lb = load(a), load(b)
+    want = get_method("ties").combine([dense(la.modules[Q]), dense(lb.modules[Q])], [1.0, 1.0], MethodOptions(0.5, "frequency"), None)
+    torch.testing.assert_close(dense(load(tmp_path / "t").modules[Q]), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--method", "ties", "--density", "0.5"), "give --rank"),
+        (("--density", "0.5", "--rank", "2"), "task_arithmetic has no density"),
+        (("--method", "ties", "--density", "2", "--rank", "2"), "density must be in"),
+        (("--method", "ties", "--rank", "most"), "expected an integer or 'full'"),
+    ],
+)
+def test_add_refuses_undefined_method_options_in_one_line(inputs, tmp_path, args, message):
+    a, b, _ = inputs
+    result = run("add", a, b, *args, "-o", tmp_path / "x")
+    assert result.exit_code in (1, 2) and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()

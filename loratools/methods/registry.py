@@ -1,0 +1,18 @@
+"""The merge methods by name: ``--method`` choices and :func:`get_method`."""
+
+from __future__ import annotations
+
+from ..errors import ArgumentError
+from . import dare, dare_ties, magnitude_prune, task_arithmetic, ties
+from .base import Method
+
+METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (task_arithmetic, ties, magnitude_prune, dare, dare_ties)}
+METHOD_NAMES = tuple(METHODS)
+
+
+def get_method(name: str) -> Method:
+    """The method called ``name``, or :class:`ArgumentError` listing the known ones."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ArgumentError(f"unknown merge method {name!r} (known: {', '.join(METHOD_NAMES)})") from None

@@ -1,0 +1,89 @@
+"""Each method on hand-worked tensors, against PEFT 0.21's merge_utils on the same inputs, and DARE's statistics."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from peft.utils import merge_utils
+
+from loratools.methods import MethodOptions, get_method, module_generator
+from loratools.methods.base import trim
+
+X = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
+Y = torch.tensor([[-2.0, 2.0], [1.0, 1.0]])
+
+
+def run(name: str, deltas, weights, density=1.0, sign="total", gen=None):
+    return get_method(name).combine(deltas, weights, MethodOptions(density, sign), gen)
+
+
+def test_trim_keeps_the_largest_magnitudes_over_the_whole_tensor():
+    # |X| = 3, 1, 0.5, 4: density 0.5 keeps k = 2 entries, 3 and -4
+    assert torch.equal(trim(X, 0.5), torch.tensor([[3.0, 0.0], [0.0, -4.0]]))
+    assert torch.equal(trim(X, 0.3), torch.tensor([[0.0, 0.0], [0.0, -4.0]]))  # k = floor(1.2) = 1
+    assert torch.equal(trim(X, 1.0), X)
+
+
+def test_ties_by_hand():
+    # trim 0.5: X -> [[3,0],[0,-4]], Y -> [[-2,2],[0,0]] (k = 2 of |Y| = 2, 2, 1, 1: both 2s)
+    # total sign: [[1, 2],[0,-4]] -> [[+,+],[+,-]]; weights 1, 0.5
+    # [0,0]: X agrees (3), Y disagrees -> 3/1; [0,1]: only Y (+2·0.5) -> 1; [1,0]: none -> 0; [1,1]: X (-4) -> -4
+    got = run("ties", [X, Y], [1.0, 0.5], 0.5)
+    assert torch.equal(got, torch.tensor([[3.0, 1.0], [0.0, -4.0]]))
+
+
+def test_ties_frequency_sign_by_hand():
+    # density 1: signs X [[+,-],[+,-]], Y [[-,+],[+,+]]; frequency votes [[0,0],[2,0]] -> all + (ties elect +)
+    # [0,0]: Y? no, + agrees with X: 3; [0,1]: Y: 2; [1,0]: both: (0.5+1)/2; [1,1]: Y: 1
+    got = run("ties", [X, Y], [1.0, 1.0], 1.0, "frequency")
+    assert torch.equal(got, torch.tensor([[3.0, 2.0], [0.75, 1.0]]))
+
+
+def test_magnitude_prune_and_task_arithmetic_by_hand():
+    assert torch.equal(run("task_arithmetic", [X, Y], [1.0, -1.0]), X - Y)
+    # density 0.25 keeps k = 1 entry of each: X's -4, Z's -2
+    Z = torch.tensor([[-2.0, 1.5], [1.0, 0.5]])
+    assert torch.equal(run("magnitude_prune", [X, Z], [2.0, 1.0], 0.25), torch.tensor([[-2.0, 0.0], [0.0, -8.0]]))
+
+
+@pytest.mark.parametrize("sign", ["total", "frequency"])
+@pytest.mark.parametrize("density", [0.1, 0.37, 0.5, 0.9, 1.0])
+def test_deterministic_methods_equal_peft_merge_utils(density, sign):
+    g = torch.Generator().manual_seed(3)
+    deltas = [torch.randn(24, 17, generator=g) for _ in range(3)]
+    weights = [0.7, -0.4, 1.3]
+    w = torch.tensor(weights)
+    peft_ties = merge_utils.ties(deltas, w, density, sign)
+    assert torch.allclose(run("ties", deltas, weights, density, sign), peft_ties, rtol=0, atol=1e-6)
+    peft_mag = merge_utils.magnitude_prune(deltas, w, density)
+    assert torch.allclose(run("magnitude_prune", deltas, weights, density), peft_mag, rtol=0, atol=1e-6)
+    assert torch.allclose(run("task_arithmetic", deltas, weights), merge_utils.task_arithmetic(deltas, w), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dare", "dare_ties"])
+def test_dare_is_reproducible_per_seed_and_module(name):
+    deltas = [torch.randn(40, 30, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    first = run(name, deltas, [1.0, 1.0], 0.3, gen=module_generator(7, "q"))
+    assert torch.equal(first, run(name, deltas, [1.0, 1.0], 0.3, gen=module_generator(7, "q")))
+    assert not torch.equal(first, run(name, deltas, [1.0, 1.0], 0.3, gen=module_generator(8, "q")))
+    assert not torch.equal(first, run(name, deltas, [1.0, 1.0], 0.3, gen=module_generator(7, "k")))
+
+
+def test_dare_drop_rate_and_rescaling_are_right_statistically():
+    # ΔW of all ones, 200k entries, p = 0.3: kept entries equal 1/p exactly; the kept count is
+    # Binomial(n, p), within 5 standard deviations of n·p; the mean stays 1 within 5 s.d. of the estimate
+    n, p = 200_000, 0.3
+    ones = torch.ones(n)
+    got = run("dare", [ones], [1.0], p, gen=module_generator(0, "m"))
+    kept = got != 0
+    assert torch.allclose(got[kept], torch.full_like(got[kept], 1 / p))
+    sd = math.sqrt(n * p * (1 - p))
+    assert abs(int(kept.sum()) - n * p) < 5 * sd
+    assert abs(float(got.double().mean()) - 1.0) < 5 * math.sqrt((1 - p) / p / n)
+
+
+def test_density_one_drops_nothing():
+    assert torch.equal(run("dare", [X], [2.0], 1.0, gen=module_generator(0, "m")), 2 * X)
+    assert torch.equal(run("dare_ties", [X, Y], [1.0, 1.0], 1.0, gen=module_generator(0, "m")), run("ties", [X, Y], [1.0, 1.0]))
