@@ -10,9 +10,9 @@ from rich.table import Table
 import loratools
 
 from ..io.atomic import check_output
-from ..runtimes.registry import RUNTIME_CHOICES
-from ..spec import DTYPE_CHOICES, FORMATS, MAJORITY_SIGN_CHOICES, METHOD_CHOICES, DtypeChoice, Format
+from ..spec import DTYPE_CHOICES, FORMATS, DtypeChoice, Format
 from .console import emit_json, out, safe, say
+from .options import for_option, method_options
 
 ADAPTER_FORMATS = tuple(f for f in FORMATS if f != "gguf")  # GGUF needs a base: `loratools convert OUT --to gguf --base BASE`
 
@@ -40,17 +40,6 @@ def _output_options(f: Any) -> Any:
     )(f)
     return click.option(
         "-o", "--out", "--output", "output", required=True, metavar="OUT", help="Output adapter directory (or .safetensors file)."
-    )(f)
-
-
-def for_option(f: Any) -> Any:
-    """--for RUNTIME (repeatable, or all): write the output so those runtimes apply it exactly."""
-    return click.option(
-        "--for",
-        "runtimes",
-        type=click.Choice(RUNTIME_CHOICES),
-        multiple=True,
-        help="Make the output exact in this runtime too (repeatable; all: every runtime); refused if it cannot be.",
     )(f)
 
 
@@ -108,23 +97,10 @@ def _rank(value: str | None) -> int | str | None:
 @click.command("add")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each input, in order (one per input; default 1).")
-@click.option(
-    "--method",
-    type=click.Choice(METHOD_CHOICES),
-    default="task_arithmetic",
-    show_default=True,
-    help="How ΔWs combine: the exact sum, or per module on the dense ΔW (then compressed by SVD).",
+@method_options(
+    method_help="How ΔWs combine: the exact sum, or per module on the dense ΔW (then compressed by SVD).",
+    seed_help="Seed of DARE's random drops (per module, reproducible).",
 )
-@click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
-@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
-@click.option(
-    "--weight-pattern",
-    "weight_patterns",
-    multiple=True,
-    metavar="REGEX=W",
-    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per module, reproducible).")
 @click.option("--rank", "rank_text", metavar="N|full", help="Compress the result to this rank (truncated SVD; full: exact).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F².")
 @click.option("--max-rel-error", type=float, help="Per module, the smallest rank with ‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= this.")

@@ -9,8 +9,9 @@ import loratools
 
 from ..io.atomic import check_output
 from ..spec import DEVICES, FORMATS, Device, Format
-from .arith import ADAPTER_FORMATS, for_option, write_for
+from .arith import ADAPTER_FORMATS, write_for
 from .console import emit_json, out, safe, say
+from .options import for_option
 
 
 @click.command()

@@ -12,8 +12,9 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 
 import loratools
 
-from ..spec import DEVICES, DTYPE_CHOICES, MAJORITY_SIGN_CHOICES, METHOD_CHOICES, Device, DtypeChoice
+from ..spec import DEVICES, DTYPE_CHOICES, Device, DtypeChoice
 from .console import emit_json, err, safe, say
+from .options import method_options
 
 if TYPE_CHECKING:
     from ..merging import MergeResult
@@ -104,23 +105,10 @@ def _run(
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--out", "--output", "out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
-@click.option(
-    "--method",
-    type=click.Choice(METHOD_CHOICES),
-    default="task_arithmetic",
-    show_default=True,
-    help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, ties, magnitude_prune, dare, dare_ties.",
+@method_options(
+    method_help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, ties, magnitude_prune, dare, dare_ties.",
+    seed_help="Seed of DARE's random drops (per tensor, reproducible).",
 )
-@click.option("--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties).")
-@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total).")
-@click.option(
-    "--weight-pattern",
-    "weight_patterns",
-    multiple=True,
-    metavar="REGEX=W",
-    help="Multiply every adapter's weight by W on modules whose name REGEX finds (first pattern wins; repeatable).",
-)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of DARE's random drops (per tensor, reproducible).")
 @_merge_options
 def merge(
     base: str,
