@@ -345,8 +345,10 @@ def _describe(err: BaseException, repo_id: str, revision: str, token: str | None
         return f"{repo_id}@{revision} is missing a file its listing announced; the repo changed during the pull, try again"
     if isinstance(err, httpx2.TooManyRedirects):
         return f"{repo_id}: the Hub redirected too many times (a redirect loop); refused, try again later"
-    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)):
+    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.ConnectTimeout)):
         return f"{repo_id}: cannot reach the Hub ({type(err).__name__}); check the network, or use --offline to read the cache"
+    if isinstance(err, httpx2.TimeoutException):  # connected, then no answer within the bounds of io.hubget
+        return f"{repo_id}: the Hub did not answer in time ({type(err).__name__}); try again later"
     if isinstance(err, httpx2.TransportError) or (isinstance(err, OSError) and "Consistency check failed" in str(err)):
         return f"{repo_id}@{revision}: the download was interrupted; nothing was written, run the command again"
     if isinstance(err, ValueError) and str(err).startswith("Invalid metadata in README.md"):
