@@ -11,6 +11,7 @@ LoRA) becomes that file, byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -90,11 +91,18 @@ def _pull_file(
     target = check_output(folder if folder.suffix == FILE_SUFFIX else folder / name, force=force)
     snapshot, sha, files = fetch(ref.repo_id, ref.revision, filename=filename, offline=offline, token=token, endpoint=endpoint)
     label = f"{SCHEME}{ref.repo_id}@{sha}/{filename}"
-    with atomic_output(target, force=force, directory=False) as tmp, tempfile.TemporaryDirectory() as scratch:
-        shutil.copyfile(snapshot / filename, tmp)
-        alone = Path(scratch) / name  # no neighbour (a stray adapter_config.json beside the output) may change how it reads
-        os.symlink(tmp.resolve(), alone)
-        _verify(validate(alone).problems, str(alone), label, lambda: evict(snapshot, files))
+    made = [p for p in (target.parent, *target.parent.parents) if not p.exists()]  # folders a failure must not leave behind
+    try:
+        with atomic_output(target, force=force, directory=False) as tmp, tempfile.TemporaryDirectory() as scratch:
+            shutil.copyfile(snapshot / filename, tmp)
+            alone = Path(scratch) / name  # no neighbour (a stray adapter_config.json beside the output) may change how it reads
+            os.symlink(tmp.resolve(), alone)
+            _verify(validate(alone).problems, str(alone), label, lambda: evict(snapshot, files))
+    except BaseException:
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: somebody else's now
+                folder.rmdir()
+        raise
     return PullResult(ref.repo_id, ref.revision or "main", sha, target, (filename,), offline)
 
 
