@@ -98,7 +98,10 @@ def section(summary: Summary, *, repo_id: str, checksum: str | None = None, fmt:
         ("parameters", f"{summary.num_params:,}"),
         ("dtype", ", ".join(dtypes)),
     ]
-    rows.append(("spec version", summary.spec_version) if filename is None else ("format", FORMAT_NAMES.get(fmt, fmt)))
+    if filename is None:
+        rows.append(("spec version", summary.spec_version))
+    else:  # not PEFT's file: its format instead of a PEFT type and spec version
+        rows = [("format", FORMAT_NAMES.get(fmt, fmt)), *rows[1:]]
     if checksum:
         rows.append(("tensor data sha256", f"`{checksum}`"))
     table = "\n".join(f"| {key} | {value} |" for key, value in rows)
@@ -111,7 +114,7 @@ def section(summary: Summary, *, repo_id: str, checksum: str | None = None, fmt:
         )
         return (
             f"{BEGIN}\n## Adapter summary\n\n| | |\n|---|---|\n{table}\n\n"
-            f"File: `{filename}`, uploaded as it was written ({FORMAT_NAMES.get(fmt, fmt)}; not converted).\n\n"
+            f"File: `{filename}`, uploaded byte for byte as it was written (not converted).\n\n"
             f"```bash\nloratools pull {repo_id} --file {filename}\nloratools inspect hf://{repo_id}/{filename}\n```\n\n"
             f"{python}{END}"
         )

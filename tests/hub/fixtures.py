@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import constants
-from safetensors.torch import save_file
 from huggingface_hub.utils import disable_progress_bars
+from safetensors.torch import save_file
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.api import save
