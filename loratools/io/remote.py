@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 from .. import spec
 from ..errors import HubError
@@ -109,9 +110,9 @@ def fetch(
         for name, want in expected.items():
             blob = storage / "blobs" / want.digest
             if not (blob.is_file() and not blob.is_symlink() and _matches(blob, want)):
-                url = f"{api.endpoint}/{repo_id}/resolve/{sha}/{name}"
+                url = f"{api.endpoint}/{repo_id}/resolve/{sha}/{quote(name)}"  # as huggingface_hub 2.4.0 hf_hub_url quotes it
                 _download_blob(url, blob, want, token=token, label=f"{label}: {name}")
-            _link(snapshot / name, blob)
+            _link(snapshot / name, blob, inside=snapshot, label=f"{label}: {name}")
         if revision != sha:
             _write_ref(storage / "refs" / (revision or "main"), sha)
     return snapshot, sha, files
@@ -192,8 +193,15 @@ def _download_blob(url: str, blob: Path, expected: hubget.Expected, *, token: st
         tmp.unlink(missing_ok=True)
 
 
-def _link(link: Path, blob: Path) -> None:
-    """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one."""
+def _link(link: Path, blob: Path, *, inside: Path, label: str) -> None:
+    """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one.
+
+    A folder on the way that resolves outside the snapshot ``inside`` (a symlink planted in the
+    cache) is refused before anything is written through it.
+    """
+    inside.mkdir(parents=True, exist_ok=True)
+    if not Path(os.path.realpath(link.parent)).is_relative_to(os.path.realpath(inside)):  # before any folder is made through it
+        raise HubError(f"{label}: the cached snapshot's folder {link.parent} leads outside the cache; refused, remove it and pull again")
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f"{TEMP_PREFIX}{link.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)

@@ -380,3 +380,24 @@ def test_pull_file_offline_reads_the_verified_cache(hub, tmp_path, hosted):
     assert len(hub.state.requests) == before and offline.path.read_bytes() == hosted
     with pytest.raises(HubError, match="the cached copy lacks other.safetensors; pull it again online"):
         loratools.pull(LORAS, filename="other.safetensors", out=tmp_path / "c", offline=True, endpoint=hub.url)
+
+
+def test_pull_file_through_a_planted_folder_link_is_refused(hub, tmp_path, hosted):
+    """A snapshot folder that is a symlink out of the cache (planted by hand or an older client) is never written through."""
+    sha = hub.state.repos[LORAS].refs["main"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    snapshot = tmp_path / "hf-home" / "hub" / "models--me--sd-loras" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot / "styles").symlink_to(outside)
+    with pytest.raises(HubError, match="leads outside the cache; refused"):
+        loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_pull_file_with_url_characters_in_its_name(hub, tmp_path):
+    name = "sets/my lora #2 (50%)?.safetensors"
+    data = kohya_file(tmp_path / "k.safetensors").read_bytes()
+    host(hub, LORAS, {name: data})
+    assert loratools.pull(LORAS, filename=name, out=tmp_path / "out", endpoint=hub.url).path.read_bytes() == data
+    assert loratools.validate(f"hf://{LORAS}/{name}").ok
