@@ -23,9 +23,21 @@ from .. import spec
 from ..errors import HubError
 from . import hubget
 from .atomic import TEMP_PREFIX
-from .hubref import SCHEME, HubRef, is_reference, is_unsafe, parse
+from .hubref import SCHEME, HubRef, check_filename, is_reference, is_unsafe, parse
 
-__all__ = ["ADAPTER_FILES", "SCHEME", "HubRef", "evict", "fetch", "file_set", "hub_errors", "is_unsafe", "local_path", "parse_ref"]
+__all__ = [
+    "ADAPTER_FILES",
+    "SCHEME",
+    "HubRef",
+    "evict",
+    "fetch",
+    "file_set",
+    "hub_errors",
+    "is_unsafe",
+    "local_path",
+    "parse_ref",
+    "resolve",
+]
 
 ADAPTER_FILES = (spec.CONFIG_NAME, spec.WEIGHTS_NAME)
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
@@ -75,6 +87,8 @@ def fetch(
     """
     from huggingface_hub import HfApi, constants
 
+    if filename is not None:
+        check_filename(filename)  # a library caller's name gets the checks a reference's does
     label = f"{repo_id}@{revision or 'main'}"
     if revision is not None and is_unsafe(revision.removeprefix("refs/")):
         raise HubError(f"{label}: the revision {revision!r} is not a branch, tag or commit name", repo_id=repo_id)
@@ -196,11 +210,12 @@ def _download_blob(url: str, blob: Path, expected: hubget.Expected, *, token: st
 def _link(link: Path, blob: Path, *, inside: Path, label: str) -> None:
     """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one.
 
-    A folder on the way that resolves outside the snapshot ``inside`` (a symlink planted in the
-    cache) is refused before anything is written through it.
+    A folder on the way that resolves outside the snapshot ``inside`` (the snapshot or a folder in it
+    a symlink planted in the cache) is refused before anything is written through it.
     """
     inside.mkdir(parents=True, exist_ok=True)
-    if not Path(os.path.realpath(link.parent)).is_relative_to(os.path.realpath(inside)):  # before any folder is made through it
+    storage = Path(os.path.realpath(inside.parent.parent))  # storage/snapshots/<sha>: the repo's own folder, wherever the cache lives
+    if not Path(os.path.realpath(link.parent)).is_relative_to(storage / "snapshots" / inside.name):  # before a folder is made through it
         raise HubError(f"{label}: the cached snapshot's folder {link.parent} leads outside the cache; refused, remove it and pull again")
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f"{TEMP_PREFIX}{link.name}.{os.getpid()}")
