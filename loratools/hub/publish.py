@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -88,8 +88,9 @@ def push(
         if single:  # what is validated is what is uploaded: a private copy, never the input itself
             source = _private_copy(source, Path(scratch), alone=to == "original")
         report = validate(source)
-        if not report.ok:
-            raise InvalidAdapterError(report.errors, path=adapter_path)
+        if not report.ok:  # named by the user's path, not the private copy's
+            errors = [replace(p, where=p.where.replace(str(source), str(adapter_path))) for p in report.errors]
+            raise InvalidAdapterError(errors, path=adapter_path)
         adapter = load(source)
         fmt = _file_format(adapter, source)
         keep = to == "original" or (to is None and single and fmt in SELF_CONTAINED)

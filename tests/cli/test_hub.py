@@ -238,3 +238,16 @@ def test_push_format_peft_keeps_the_old_conversion(run, hub, make_adapter):
     kept = json.loads(run("push", str(single), REPO, "--format", "original", "--json").stdout)
     assert kept["files"] == ["single.safetensors", spec.CARD_NAME]
     assert "--format [peft|original]" in run("push", "--help").stdout
+
+
+def test_pull_revision_option_for_a_peft_repo(run, hub, adapter_dir, tmp_path):
+    pushed = json.loads(run("push", str(adapter_dir), REPO, "--revision", "dev", "--json").stdout)
+    pulled = json.loads(run("pull", REPO, "--revision", "dev", "-o", str(tmp_path / "dev"), "--json").stdout)
+    assert pulled["commit_sha"] == pushed["commit_sha"] and pulled["revision"] == "dev"
+    result = run("pull", f"{REPO}@main", "--revision", "dev", code=EXIT_USAGE)
+    assert "names the revision 'main' but --revision says 'dev'; give one" in result.stderr
+
+
+def test_hostile_name_in_an_hf_path_exits_2(run, hub):
+    result = run("validate", f"hf://{LORAS}/sub/../../x.safetensors", code=EXIT_USAGE)
+    assert "is refused" in result.stderr and hub.state.requests == []

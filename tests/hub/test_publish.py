@@ -12,6 +12,7 @@ from pathlib import Path
 
 import httpx2
 import pytest
+import torch
 from huggingface_hub import constants
 from huggingface_hub.utils import get_session
 
@@ -20,6 +21,7 @@ from loratools import spec
 from loratools.errors import HubError
 from loratools.hub.card import BEGIN, END
 from loratools.hub.publish import CARD_LIMIT
+from loratools.io.atomic import TEMP_PREFIX
 from loratools.io.hubget import ANSWER_FACTOR
 
 from .fixtures import kohya_file
@@ -140,3 +142,11 @@ def test_a_client_timeout_the_user_set_is_kept(hub, adapter_dir):
     finally:
         client.timeout = httpx2.Timeout(None)
     assert ANSWER_FACTOR * 10 == 60  # the default bound a commit may wait for its answer
+
+
+def test_an_invalid_kohya_file_is_refused_naming_the_users_path(hub, tmp_path):
+    src = kohya_file(tmp_path / "half.safetensors", **{"lora_unet_x.lora_up.weight": torch.zeros(8, 2)})
+    with pytest.raises((loratools.InvalidAdapterError, loratools.FormatError)) as info:
+        loratools.push(src, REPO, endpoint=hub.url)
+    assert str(src) in str(info.value) and TEMP_PREFIX not in str(info.value)
+    assert hub.state.requests == []
