@@ -1,7 +1,8 @@
 """The checked public load and save: read any format, validate, and write any format.
 
 :func:`load` accepts a PEFT directory, a ``.safetensors`` file (PEFT, kohya or diffusers) or
-``hf://owner/name[@rev]`` (fetched into the huggingface_hub cache first, adapter files only), and
+``hf://owner/name[@rev]`` or ``hf://owner/name[@rev]/file.safetensors`` (fetched into the
+huggingface_hub cache first, verified; :mod:`loratools.io.hubref` has the grammar), and
 raises one :class:`~loratools.errors.InvalidAdapterError` listing every error.  :func:`save` and
 :func:`save_as` refuse to write anything that would not load back.  Commands that produce an
 adapter write it in the format their input came in (:func:`source_format`) unless told otherwise.
@@ -13,13 +14,13 @@ from pathlib import Path
 
 from . import spec, variants
 from .adapter import Adapter, from_raw
-from .errors import ArgumentError, SpecError
+from .errors import ArgumentError, FormatError, SpecError
 from .formats import diffusers
 from .formats.registry import read_raw, source_format, writer
 from .io.atomic import atomic_output
-from .io.remote import local_path
+from .io.remote import resolve
 from .io.tensorfile import DtypeLike, torch_dtype
-from .validation import check_base, check_raw, raise_errors
+from .validation import check_base, check_raw, raise_errors, validate
 
 __all__ = ["convert", "load", "save", "save_as", "save_kohya", "source_format"]
 
@@ -30,10 +31,18 @@ def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
     With ``base`` (a checkpoint), kohya's flattened names are mapped onto the base's module paths and
     the adapter must fit the base as the merge planner sees it.  Raises
     :class:`~loratools.errors.InvalidAdapterError` listing every error-level problem, e.g. each kohya
-    name that did not map (warnings do not stop a load).
+    name that did not map (warnings do not stop a load).  An ``hf://`` copy that is unreadable or
+    invalid on its own (without ``base``, as ``pull`` checks it) is evicted from the cache before the
+    error is raised, so it is fetched again next time, never reused.
     """
-    raw = read_raw(local_path(path), base=base)
-    raise_errors(check_raw(raw), path=path)
+    local, evict = resolve(path)
+    try:
+        raw = read_raw(local, base=base)
+        raise_errors(check_raw(raw), path=path)
+    except (FormatError, SpecError):
+        if evict is not None and (base is None or not validate(local).ok):  # a misfit with this base says nothing of the bytes
+            evict()
+        raise
     adapter = from_raw(raw)
     if base is not None:
         raise_errors(check_base(adapter, base), path=path)

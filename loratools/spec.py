@@ -64,6 +64,8 @@ Device = Literal["auto", "cpu", "cuda"]
 DEVICES: tuple[Device, ...] = ("auto", "cpu", "cuda")
 DtypeChoice = Literal["keep", "fp16", "bf16", "fp32"]
 DTYPE_CHOICES: tuple[DtypeChoice, ...] = ("keep", "fp16", "bf16", "fp32")
+PushFormat = Literal["peft", "original"]  # push --format: convert to a PEFT directory, or upload the input as it is
+PUSH_FORMATS: tuple[PushFormat, ...] = ("peft", "original")
 
 # Merge methods (--method) and sign-election rules (--majority-sign); defined in loratools/methods/,
 # named here so that `--help` needs no torch.  tests/methods/test_registry.py checks they agree.

@@ -18,11 +18,11 @@ import torch
 
 from . import spec, variants
 from .adapter import Adapter, RawAdapter, from_raw
-from .errors import ChecksumError, FormatError, HubError, InvalidAdapterError, LoratoolsError, Problem, SpecError
+from .errors import ChecksumError, FormatError, InvalidAdapterError, LoratoolsError, Problem, SpecError
 from .formats.registry import read_raw
 from .fulltensors import EMBED_SUFFIXES, TOKENS_SUFFIX
 from .io.checkpoint import open_checkpoint
-from .io.remote import local_path
+from .io.remote import resolve
 from .io.tensorfile import DTYPE_NAMES, data_sha256, header_layout_sha256
 from .planner import plan
 from .runtimes.check import check as runtime_problems
@@ -54,18 +54,22 @@ class Report:
 def validate(target: str | Path | Adapter, base: str | Path | None = None, *, runtimes: Sequence[str] = ()) -> Report:
     """Check an adapter (a path or an :class:`Adapter`) against spec v1, against ``base`` if given, and
     for each runtime in ``runtimes`` (``"all"`` for every profile): see :func:`check_runtimes`."""
+    evict = None
     if isinstance(target, (str, Path)):
         source = str(target)
+        local, evict = resolve(target)  # an hf:// adapter that cannot be fetched says nothing about the adapter: HubError
         try:
-            raw = read_raw(local_path(target), base=base)
-        except HubError:  # an hf:// adapter that could not be fetched says nothing about the adapter
-            raise
+            raw = read_raw(local, base=base)
         except LoratoolsError as err:
+            if evict is not None and base is None:
+                evict()
             return Report(source, [_read_problem(err)])
     else:
         raw = target.to_raw()
         source = raw.source
     problems = check_raw(raw)
+    if evict is not None and base is None and any(p.severity == "error" for p in problems):
+        evict()  # a fetched copy that fails on its own is never reused: the next look fetches it again
     if base is not None and not any(p.severity == "error" for p in problems):
         problems += check_base(from_raw(raw), base)
     elif base is None:

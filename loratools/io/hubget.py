@@ -3,7 +3,8 @@
 A Hub is treated as hostile.  Every GET here has a bound on each thing a server can stretch out:
 :data:`MAX_ATTEMPTS` tries in all (a broken or short body resumes with ``Range``), at most
 :data:`MAX_REDIRECTS` redirects and no URL twice, and no more than the stall limit
-(``HF_HUB_DOWNLOAD_TIMEOUT``, default 10 s) without a byte.  Nothing the server says names a file on
+(``HF_HUB_DOWNLOAD_TIMEOUT``, default 10 s) without a byte.  Pushes get bounds too
+(:func:`bounded_session`).  Nothing the server says names a file on
 disk: the caller picks the destination, and the bytes must match the size and hash the Hub listed
 before they are renamed into place.  The ``Authorization`` header goes only to the endpoint's origin,
 never to a CDN it redirects to (as huggingface_hub 2.4.0 ``utils/_http.py`` does for HEAD requests).  The Hub client (huggingface_hub,
@@ -17,6 +18,8 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -33,6 +36,7 @@ CHUNK = 1 << 20
 _RETRY_STATUS = (408, 429, 500, 502, 503, 504)
 _ETAG = re.compile(r'(?:W/)?"?([0-9a-f]{40}|[0-9a-f]{64})"?\Z')
 _ERROR_BODY_LIMIT = 64 << 10
+ANSWER_FACTOR = 6  # a write call (create_commit, ...) may wait this many stall limits for the Hub's answer: 60 s by default
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,40 @@ def stall_seconds() -> float:
     from huggingface_hub import constants
 
     return float(constants.HF_HUB_DOWNLOAD_TIMEOUT)
+
+
+def connect_seconds() -> float:
+    """The longest a connection to the Hub may take to open (``HF_HUB_ETAG_TIMEOUT``, default 10 s)."""
+    from huggingface_hub import constants
+
+    return float(constants.HF_HUB_ETAG_TIMEOUT)
+
+
+@contextmanager
+def bounded_session() -> Iterator[None]:
+    """Bound every request huggingface_hub's shared client sends while the body runs.
+
+    ``HfApi.create_repo``, ``create_branch`` and ``create_commit`` pass no timeout, and the client
+    huggingface_hub 2.4.0 builds (``utils/_http.py`` ``default_client_factory``) has ``timeout=None``:
+    a Hub that accepts the connection and never answers would hang a push forever.  Here the shared
+    client gets ``connect`` = :func:`connect_seconds` and ``read``/``write``/``pool`` =
+    :data:`ANSWER_FACTOR` x :func:`stall_seconds` (the Hub may think a while before answering a
+    commit), restored afterwards; a client the user configured with a timeout of its own is left as
+    it is.  The timeout is a client attribute, so other threads' requests meanwhile get it too.
+    """
+    import httpx2
+    from huggingface_hub.utils import get_session
+
+    client = get_session()
+    before = client.timeout
+    unbounded = all(t is None for t in (before.connect, before.read, before.write, before.pool))
+    if unbounded:
+        client.timeout = httpx2.Timeout(ANSWER_FACTOR * stall_seconds(), connect=connect_seconds())
+    try:
+        yield
+    finally:
+        if unbounded:
+            client.timeout = before
 
 
 def hasher(expected: Expected) -> hashlib._Hash:

@@ -14,53 +14,88 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
+from urllib.parse import quote
 
 from .. import spec
 from ..errors import HubError
 from . import hubget
 from .atomic import TEMP_PREFIX
+from .hubref import SCHEME, HubRef, check_filename, is_reference, is_unsafe, parse
 
-SCHEME = "hf://"
+__all__ = [
+    "ADAPTER_FILES",
+    "SCHEME",
+    "HubRef",
+    "evict",
+    "fetch",
+    "file_set",
+    "hub_errors",
+    "is_unsafe",
+    "local_path",
+    "parse_ref",
+    "resolve",
+]
+
 ADAPTER_FILES = (spec.CONFIG_NAME, spec.WEIGHTS_NAME)
 LOGIN_HINT = "log in with `hf auth login` (or `huggingface-cli login`), set HF_TOKEN, or pass --token"
-_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+\Z")
 _COMMIT = re.compile(r"[0-9a-f]{40}\Z")  # \Z, not $: "$" accepts a trailing newline
+_SHOWN_NAMES = 10  # .safetensors names a "no such file" error lists
 
 
 def parse_ref(text: str) -> tuple[str, str | None]:
-    """Split ``[hf://]owner/name[@revision]`` into repo id and revision (``None``: the default branch)."""
-    body = text.removeprefix(SCHEME)
-    repo_id, at, revision = body.partition("@")
-    if not _REPO_ID.fullmatch(repo_id) or (at and not revision):
-        raise HubError(f"{text!r} is not a Hub adapter reference; write owner/name or owner/name@revision", repo_id=repo_id)
-    return repo_id, revision or None
+    """Split ``[hf://]owner/name[@revision]`` (a repo, not a file in one) into repo id and revision (``None``: default branch)."""
+    ref = parse(text)
+    if ref.filename is not None:
+        raise HubError(f"{text!r} names a file inside a repo; give the repo as owner/name[@revision]", repo_id=ref.repo_id)
+    return ref.repo_id, ref.revision
+
+
+def file_set(filename: str | None, listed: Callable[[str], bool] = lambda name: False) -> tuple[str, ...]:
+    """The files a reference needs: the PEFT adapter files, or ``filename`` and, where listed, the config beside it.
+
+    A file is read as it sits in its repo, so an ``adapter_config.json`` in the same folder (a PEFT
+    or mlx-lm config) comes along; without it the read would depend on what else is cached.
+    """
+    if filename is None:
+        return ADAPTER_FILES
+    config = str(PurePosixPath(filename).with_name(spec.CONFIG_NAME))
+    return (filename, config) if listed(config) else (filename,)
 
 
 def fetch(
-    repo_id: str, revision: str | None, *, offline: bool = False, token: str | None = None, endpoint: str | None = None
-) -> tuple[Path, str]:
-    """The adapter files of ``repo_id`` at ``revision`` in the huggingface_hub cache: (snapshot dir, commit sha).
+    repo_id: str,
+    revision: str | None,
+    *,
+    filename: str | None = None,
+    offline: bool = False,
+    token: str | None = None,
+    endpoint: str | None = None,
+) -> tuple[Path, str, tuple[str, ...]]:
+    """The adapter files of ``repo_id`` at ``revision`` in the huggingface_hub cache: (snapshot dir, commit sha, files).
 
-    Online, the listing (``model_info`` with file metadata) is checked before anything touches the
-    cache: the commit must be 40 hex digits, no name may be absolute or climb out of the repo, both
-    adapter files must be listed with a size and a hash (LFS sha256, else git blob id).  Each file is
-    then downloaded to a temporary name in the cache, checked against that size and hash, and only
-    then named after the hash; loratools picks every name, the server none.  Offline, the cached
-    snapshot must be named by a commit sha, its files must resolve inside the cache, and each blob
-    must hash to its name.
+    ``filename`` (a ``.safetensors`` path in the repo, checked by :func:`loratools.io.hubref.check_filename`)
+    asks for that one file instead of the PEFT adapter files (:func:`file_set`).  Online, the listing
+    (``model_info`` with file metadata) is checked before anything touches the cache: the commit
+    must be 40 hex digits, no name may be absolute or climb out of the repo, every wanted file must
+    be listed with a size and a hash (LFS sha256, else git blob id).  Each file is then downloaded to
+    a temporary name in the cache, checked against that size and hash, and only then named after the
+    hash; loratools picks every name, the server none.  Offline, the cached snapshot must be named by
+    a commit sha, its files must resolve inside the cache, and each blob must hash to its name.
     """
     from huggingface_hub import HfApi, constants
 
+    if filename is not None:
+        check_filename(filename)  # a library caller's name gets the checks a reference's does
     label = f"{repo_id}@{revision or 'main'}"
     if revision is not None and is_unsafe(revision.removeprefix("refs/")):
         raise HubError(f"{label}: the revision {revision!r} is not a branch, tag or commit name", repo_id=repo_id)
     storage = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}"
     with hub_errors(repo_id, revision or "main", token):
         if offline:
-            return _cached(storage, repo_id, revision)
+            return _cached(storage, repo_id, revision, filename)
         api = HfApi(endpoint=endpoint, token=token)
         try:
             info = api.model_info(repo_id, revision=revision, files_metadata=True, timeout=hubget.stall_seconds())
@@ -78,23 +113,35 @@ def fetch(
                 f"{label}: the Hub sent a malformed file listing (a name that is not text); refusing to download", repo_id=repo_id
             )
         _refuse_unsafe(names, repo_id)
-        missing = [n for n in ADAPTER_FILES if n not in names]
-        if missing:
+        files = file_set(filename, siblings.__contains__)
+        missing = [n for n in files if n not in names]
+        if missing and filename is None:
             raise HubError(f"{label} has no {' or '.join(missing)}; it is not a PEFT adapter repo", repo_id=repo_id)
-        expected = {name: _expected(siblings[name], sha, f"{label}: {name}") for name in ADAPTER_FILES}
+        if missing:
+            raise HubError(f"{label} has no file {filename!r}; {_held(names)}", repo_id=repo_id)
+        expected = {name: _expected(siblings[name], sha, f"{label}: {name}") for name in files}
         snapshot = storage / "snapshots" / sha
         for name, want in expected.items():
             blob = storage / "blobs" / want.digest
             if not (blob.is_file() and not blob.is_symlink() and _matches(blob, want)):
-                url = f"{api.endpoint}/{repo_id}/resolve/{sha}/{name}"
+                url = f"{api.endpoint}/{repo_id}/resolve/{sha}/{quote(name)}"  # as huggingface_hub 2.4.0 hf_hub_url quotes it
                 _download_blob(url, blob, want, token=token, label=f"{label}: {name}")
-            _link(snapshot / name, blob)
+            _link(snapshot / name, blob, inside=snapshot, label=f"{label}: {name}")
         if revision != sha:
             _write_ref(storage / "refs" / (revision or "main"), sha)
-    return snapshot, sha
+    return snapshot, sha, files
 
 
-def evict(snapshot: Path) -> None:
+def _held(names: list[str]) -> str:
+    """What a repo holds instead, for a "no such file" error: its ``.safetensors`` names (at most :data:`_SHOWN_NAMES`)."""
+    found = sorted(n for n in names if n.endswith(".safetensors"))
+    if not found:
+        return "it holds no .safetensors file"
+    more = f" and {len(found) - _SHOWN_NAMES} more" if len(found) > _SHOWN_NAMES else ""
+    return f"it holds {', '.join(map(repr, found[:_SHOWN_NAMES]))}{more}"
+
+
+def evict(snapshot: Path, files: tuple[str, ...] = ADAPTER_FILES) -> None:
     """Drop the cached adapter files of ``snapshot`` (links and their blobs), never a path outside the cache.
 
     A link that resolves anywhere but this repo's ``blobs/`` inside the huggingface_hub cache (planted
@@ -105,7 +152,9 @@ def evict(snapshot: Path) -> None:
 
     root = Path(os.path.realpath(constants.HF_HUB_CACHE))
     blobs = Path(os.path.realpath(snapshot.parent.parent / "blobs"))  # storage/snapshots/<sha> -> storage/blobs
-    for name in ADAPTER_FILES:
+    for name in files:
+        if is_unsafe(name):
+            continue
         link = snapshot / name
         if not Path(os.path.realpath(link.parent)).is_relative_to(root):
             continue
@@ -158,8 +207,16 @@ def _download_blob(url: str, blob: Path, expected: hubget.Expected, *, token: st
         tmp.unlink(missing_ok=True)
 
 
-def _link(link: Path, blob: Path) -> None:
-    """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one."""
+def _link(link: Path, blob: Path, *, inside: Path, label: str) -> None:
+    """Point ``link`` at ``blob`` with a relative symlink, as huggingface_hub's cache does, replacing any old one.
+
+    A folder on the way that resolves outside the snapshot ``inside`` (the snapshot or a folder in it
+    a symlink planted in the cache) is refused before anything is written through it.
+    """
+    inside.mkdir(parents=True, exist_ok=True)
+    storage = Path(os.path.realpath(inside.parent.parent))  # storage/snapshots/<sha>: the repo's own folder, wherever the cache lives
+    if not Path(os.path.realpath(link.parent)).is_relative_to(storage / "snapshots" / inside.name):  # before a folder is made through it
+        raise HubError(f"{label}: the cached snapshot's folder {link.parent} leads outside the cache; refused, remove it and pull again")
     link.parent.mkdir(parents=True, exist_ok=True)
     tmp = link.with_name(f"{TEMP_PREFIX}{link.name}.{os.getpid()}")
     tmp.unlink(missing_ok=True)
@@ -174,8 +231,12 @@ def _write_ref(ref: Path, sha: str) -> None:
     os.replace(tmp, ref)
 
 
-def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, str]:
-    """The cached snapshot of ``revision``, checked: a commit-sha name, files inside the cache, blobs that hash to their names."""
+def _cached(storage: Path, repo_id: str, revision: str | None, filename: str | None) -> tuple[Path, str, tuple[str, ...]]:
+    """The cached snapshot of ``revision``, checked: a commit-sha name, files inside the cache, blobs that hash to their names.
+
+    Without the listing, a file's neighbouring config counts as listed when the snapshot has it (it
+    is then checked like the file); a cache holds only what an earlier listing named.
+    """
     label = f"{repo_id}@{revision or 'main'}"
     ref = storage / "refs" / (revision or "main")
     if revision is not None and _COMMIT.fullmatch(revision):
@@ -190,7 +251,8 @@ def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, st
         raise HubError(f"{label}: the cache names the commit {sha!r}, not a 40-digit hex sha; pull it again online", repo_id=repo_id)
     snapshot = storage / "snapshots" / sha
     root = Path(os.path.realpath(storage))
-    for name in ADAPTER_FILES:
+    files = file_set(filename, lambda name: os.path.lexists(snapshot / name))
+    for name in files:
         path = snapshot / name
         if not path.exists():
             raise HubError(f"{label}: the cached copy lacks {name}; pull it again online", repo_id=repo_id)
@@ -202,24 +264,28 @@ def _cached(storage: Path, repo_id: str, revision: str | None) -> tuple[Path, st
         size = blob.stat().st_size
         if not re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", digest) or not _matches(blob, hubget.Expected(size, algorithm, digest, sha)):
             raise HubError(f"{label}: the cached {name} does not hash to its blob name; refused, pull it again online", repo_id=repo_id)
-    return snapshot, sha
+    return snapshot, sha, files
 
 
 def local_path(path: str | Path) -> Path:
-    """``path`` itself, or for ``hf://owner/name[@rev]`` the snapshot directory of its adapter files.
+    """``path`` itself, or for an ``hf://`` reference the local copy of what it names (see :func:`resolve`)."""
+    return resolve(path)[0]
 
-    The Hub is asked with the environment's token and endpoint (``HF_TOKEN``, ``HF_ENDPOINT``).
+
+def resolve(path: str | Path) -> tuple[Path, Callable[[], None] | None]:
+    """``(path, None)``, or for an ``hf://`` reference (:mod:`loratools.io.hubref`) its verified local copy and an evictor.
+
+    The copy is the snapshot directory of a PEFT repo's adapter files, or the one file a
+    ``.../file.safetensors`` reference names.  The evictor drops exactly what was fetched from the
+    cache: a caller that finds the bytes unreadable or invalid calls it, so the next use fetches them
+    again (online) or refuses (offline) instead of trusting the copy.  The Hub is asked with the
+    environment's token and endpoint (``HF_TOKEN``, ``HF_ENDPOINT``).
     """
-    if isinstance(path, str) and path.startswith(SCHEME):
-        repo_id, revision = parse_ref(path)
-        return fetch(repo_id, revision, offline=offline_env())[0]
-    return Path(path)
-
-
-def is_unsafe(name: str) -> bool:
-    """Whether a listed file name could land outside the repo directory (absolute, ``..``, drive, NUL)."""
-    parts = name.replace("\\", "/").split("/")
-    return name.startswith(("/", "\\")) or bool(re.match(r"^[A-Za-z]:", name)) or "\0" in name or any(p in ("", ".", "..") for p in parts)
+    if not is_reference(path):
+        return Path(path), None
+    ref = parse(str(path))
+    snapshot, _, files = fetch(ref.repo_id, ref.revision, filename=ref.filename, offline=offline_env())
+    return (snapshot / ref.filename if ref.filename else snapshot), lambda: evict(snapshot, files)
 
 
 def _refuse_unsafe(names: list[str], repo_id: str) -> None:
@@ -302,8 +368,10 @@ def _describe(err: BaseException, repo_id: str, revision: str, token: str | None
         return f"{repo_id}@{revision} is missing a file its listing announced; the repo changed during the pull, try again"
     if isinstance(err, httpx2.TooManyRedirects):
         return f"{repo_id}: the Hub redirected too many times (a redirect loop); refused, try again later"
-    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.TimeoutException)):
+    if isinstance(err, (OfflineModeIsEnabled, httpx2.ConnectError, httpx2.ConnectTimeout)):
         return f"{repo_id}: cannot reach the Hub ({type(err).__name__}); check the network, or use --offline to read the cache"
+    if isinstance(err, httpx2.TimeoutException):  # connected, then no answer within the bounds of io.hubget
+        return f"{repo_id}: the Hub did not answer in time ({type(err).__name__}); try again later"
     if isinstance(err, httpx2.TransportError) or (isinstance(err, OSError) and "Consistency check failed" in str(err)):
         return f"{repo_id}@{revision}: the download was interrupted; nothing was written, run the command again"
     if isinstance(err, ValueError) and str(err).startswith("Invalid metadata in README.md"):

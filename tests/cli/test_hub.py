@@ -14,8 +14,9 @@ from click.testing import CliRunner
 from huggingface_hub import constants
 
 from loratools import spec
-from loratools.cli import EXIT_HUB, EXIT_INPUT, main
+from loratools.cli import EXIT_HUB, EXIT_INPUT, EXIT_USAGE, main
 
+from ..hub.fixtures import host, kohya_file, sd_base
 from ..hub.server import TOKEN
 
 pytest_plugins = ["tests.hub.fixtures"]  # the hub, hub_server and adapter_dir fixtures
@@ -164,3 +165,89 @@ def test_slow_hub_is_one_line(run, hub, adapter_dir, tmp_path, monkeypatch, capl
     result = run("pull", REPO, "-o", str(tmp_path / "out"), code=EXIT_HUB)
     assert result.stderr.count("\n") == 1 and "no data for 0.2 s, 3 attempts" in result.stderr
     assert result.stdout == "" and not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+# ----------------------------------------------------------------------------- issue 17: single-file LoRA repos
+
+LORAS = "me/sd-loras"
+
+
+@pytest.fixture
+def kohya(tmp_path) -> Path:
+    return kohya_file(tmp_path / "pixel.safetensors")
+
+
+def test_push_of_a_kohya_file_then_pull_file_round_trips_bytes(run, hub, kohya, tmp_path):
+    pushed = json.loads(run("push", str(kohya), LORAS, "--json").stdout)
+    assert pushed["files"] == ["pixel.safetensors", spec.CARD_NAME]
+    result = run("pull", LORAS, "--file", "pixel.safetensors", "-o", str(tmp_path / "loras"))
+    assert f"pulled {LORAS}@main:pixel.safetensors into {tmp_path / 'loras' / 'pixel.safetensors'}" in result.stdout
+    assert (tmp_path / "loras" / "pixel.safetensors").read_bytes() == kohya.read_bytes()
+    sha = pushed["commit_sha"]
+    pinned = json.loads(run("pull", LORAS, "--file", "pixel.safetensors", "--revision", sha, "-o", str(tmp_path / "p"), "--json").stdout)
+    assert pinned["commit_sha"] == sha and pinned["path"] == str(tmp_path / "p" / "pixel.safetensors")
+
+
+def test_hf_file_reference_in_validate_inspect_and_merge(run, hub, kohya, tmp_path):
+    host(hub, LORAS, {"v1/pixel.safetensors": kohya.read_bytes()})
+    ref = f"hf://{LORAS}/v1/pixel.safetensors"
+    assert "valid" in run("validate", ref).stdout
+    summary = json.loads(run("inspect", ref, "--json").stdout)
+    assert summary["num_params"] == 120 and len(summary["modules"]) == 2
+    base = sd_base(tmp_path / "base.safetensors")
+    run("merge", str(base), ref, "-o", str(tmp_path / "hub.safetensors"))
+    run("merge", str(base), str(kohya), "-o", str(tmp_path / "local.safetensors"))
+    assert (tmp_path / "hub.safetensors").read_bytes() == (tmp_path / "local.safetensors").read_bytes()
+
+
+def test_pull_file_tampered_exits_4_with_one_line(run, hub, kohya, tmp_path):
+    host(hub, LORAS, {"pixel.safetensors": kohya.read_bytes()})
+    bad = bytearray(kohya.read_bytes())
+    bad[-1] ^= 0x01
+    hub.state.served[(LORAS, "pixel.safetensors")] = bytes(bad)
+    result = run("pull", LORAS, "--file", "pixel.safetensors", "-o", str(tmp_path / "out"), code=EXIT_HUB)
+    assert result.stderr.count("\n") == 1 and "do not match the LFS sha256" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_pull_file_missing_exits_4_naming_what_the_repo_holds(run, hub, kohya, tmp_path):
+    host(hub, LORAS, {"pixel.safetensors": kohya.read_bytes()})
+    result = run("pull", LORAS, "--file", "pixle.safetensors", code=EXIT_HUB)
+    assert result.stderr == f"error: {LORAS}@main has no file 'pixle.safetensors'; it holds 'pixel.safetensors'\n"
+
+
+HOSTILE = ["../../victim.safetensors", "/etc/passwd.safetensors", "sub\\x.safetensors", "x\x1b]0;pwn\x07.safetensors"]
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_pull_file_hostile_names_exit_2_before_any_request(run, hub, name):
+    result = run("pull", LORAS, "--file", name, code=EXIT_USAGE)
+    assert result.stderr.count("\n") == 1 and "is refused" in result.stderr
+    assert not any(c in result.stderr[:-1] for c in "\x1b\x07")
+    assert hub.state.requests == []
+
+
+def test_hf_reference_to_a_folder_is_refused(run, hub):
+    result = run("validate", f"hf://{LORAS}/styles", code=EXIT_HUB)
+    assert "a path inside a repo must name a .safetensors file" in result.stderr and hub.state.requests == []
+
+
+def test_push_format_peft_keeps_the_old_conversion(run, hub, make_adapter):
+    single = make_adapter("single.safetensors")
+    assert json.loads(run("push", str(single), REPO, "--json").stdout)["files"] == [spec.CONFIG_NAME, spec.WEIGHTS_NAME, spec.CARD_NAME]
+    kept = json.loads(run("push", str(single), REPO, "--format", "original", "--json").stdout)
+    assert kept["files"] == ["single.safetensors", spec.CARD_NAME]
+    assert "--format [peft|original]" in run("push", "--help").stdout
+
+
+def test_pull_revision_option_for_a_peft_repo(run, hub, adapter_dir, tmp_path):
+    pushed = json.loads(run("push", str(adapter_dir), REPO, "--revision", "dev", "--json").stdout)
+    pulled = json.loads(run("pull", REPO, "--revision", "dev", "-o", str(tmp_path / "dev"), "--json").stdout)
+    assert pulled["commit_sha"] == pushed["commit_sha"] and pulled["revision"] == "dev"
+    result = run("pull", f"{REPO}@main", "--revision", "dev", code=EXIT_USAGE)
+    assert "names the revision 'main' but --revision says 'dev'; give one" in result.stderr
+
+
+def test_hostile_name_in_an_hf_path_exits_2(run, hub):
+    result = run("validate", f"hf://{LORAS}/sub/../../x.safetensors", code=EXIT_USAGE)
+    assert "is refused" in result.stderr and hub.state.requests == []

@@ -15,11 +15,12 @@ import pytest
 import torch
 from huggingface_hub import constants
 from huggingface_hub.utils import disable_progress_bars
+from safetensors.torch import save_file
 
 from loratools.adapter import Adapter, LoraModule
 from loratools.api import save
 
-from .server import HubServer
+from .server import HubServer, Repo
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +48,7 @@ def hub(hub_server: HubServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         state.commit_sha = state.repo_commit = state.info_raw = state.fail = None
         state.redirect_loop.clear()
         state.stall.clear()
+        state.silent.clear()
         state.release.clear()
     home = tmp_path / "hf-home"
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_ENDPOINT"):
@@ -96,3 +98,43 @@ def adapter_dir(tmp_path: Path) -> Path:
 def make_adapter(tmp_path: Path) -> Callable[..., Path]:
     """``make_adapter(name, seed=0)`` saves :func:`tiny_adapter` under ``tmp_path``; ``*.safetensors`` gives one file."""
     return lambda name, seed=0: save(tiny_adapter(seed), tmp_path / name)
+
+
+UNET = "model.diffusion_model."
+
+
+def sd_base(path: Path) -> Path:
+    """A tiny SD1-style single-file checkpoint with the two layers :func:`kohya_file` adapts (a 3x3 conv, a linear) and a norm."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        UNET + "input_blocks.0.0.weight": torch.randn(8, 4, 3, 3, generator=g),
+        UNET + "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight": torch.randn(8, 8, generator=g),
+        UNET + "input_blocks.1.1.norm.weight": torch.ones(8),
+    }
+    save_file(tensors, str(path))
+    return path
+
+
+def kohya_file(path: Path, seed: int = 1, **extra: torch.Tensor) -> Path:
+    """A kohya (sd-scripts) LoRA for :func:`sd_base`: a rank-2 conv with alpha 1 and a rank-2 linear with alpha 0.5."""
+    g = torch.Generator().manual_seed(seed)
+    conv, linear = "lora_unet_input_blocks_0_0", "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"
+    tensors = {
+        f"{conv}.lora_down.weight": torch.randn(2, 4, 3, 3, generator=g),
+        f"{conv}.lora_up.weight": torch.randn(8, 2, 1, 1, generator=g),
+        f"{conv}.alpha": torch.tensor(1.0, dtype=torch.float16),
+        f"{linear}.lora_down.weight": torch.randn(2, 8, generator=g),
+        f"{linear}.lora_up.weight": torch.randn(8, 2, generator=g),
+        f"{linear}.alpha": torch.tensor(0.5, dtype=torch.float16),
+        **extra,
+    }
+    save_file(tensors, str(path), metadata={"ss_network_dim": "2", "ss_output_name": "tiny"})
+    return path
+
+
+def host(hub: HubServer, repo_id: str, files: dict[str, bytes], message: str = "upload") -> str:
+    """Put ``files`` (repo path -> bytes) on the server's ``main`` of ``repo_id`` (created if missing); the commit sha."""
+    with hub.state.lock:
+        if repo_id not in hub.state.repos:
+            hub.state.repos[repo_id] = Repo()
+        return hub.state.commit(repo_id, "main", files, message).sha

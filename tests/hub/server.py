@@ -9,7 +9,7 @@ repos -> refs (branch name -> commit sha) -> commits -> files.
 Fault switches let a test play a hostile or broken server: a required token, a gated repo, a
 file corrupted after its commit, a download cut off part-way, unsafe names in listings, and the
 attacks of issue 12: ETags and commit shas that are paths, redirect loops, malformed listings,
-terminal escapes in the reason phrase, a stalled body.
+terminal escapes in the reason phrase, a stalled body, a request never answered.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ class HubState:
         self.info_raw: bytes | None = None  # revision info answers this body instead (a malformed listing)
         self.fail: tuple[int, str] | None = None  # every request answered with this status and reason phrase
         self.stall: set[str] = set()  # paths whose GET sends headers, then no byte until ``release`` is set
+        self.silent: set[str] = set()  # "METHOD /path" requests accepted and never answered (until ``release``, at most 5 s)
         self.release = threading.Event()
 
     def commit(self, repo_id: str, branch: str, files: dict[str, bytes], message: str) -> Commit:
@@ -200,6 +201,8 @@ class _Handler(BaseHTTPRequestHandler):
         query = {k: v[0] for k, v in parse_qs(url.query).items()}
         with self.state.lock:
             self.state.requests.append(f"{self.command} {url.path}")
+            if f"{self.command} {url.path}" in self.state.silent:
+                return self._send_nothing()
             if self.state.fail is not None:
                 return self._fail(*self.state.fail)
             kind = "api" if parts[:1] == ["api"] else "resolve"
@@ -372,6 +375,17 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data[:16])
         self.wfile.flush()
+        self.state.lock.release()
+        try:
+            self.state.release.wait(5)
+        finally:
+            self.state.lock.acquire()
+        self.close_connection = True
+
+    def _send_nothing(self) -> None:
+        """Read the request, then say nothing until the test releases it (never longer than 5 s), and hang up."""
+        if self.command == "POST":
+            self._body()
         self.state.lock.release()
         try:
             self.state.release.wait(5)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from huggingface_hub import constants
 
 import loratools
@@ -25,6 +26,7 @@ from loratools.io.hubget import MAX_ATTEMPTS, MAX_REDIRECTS
 from loratools.io.remote import evict
 from loratools.io.tensorfile import read_header
 
+from .fixtures import host, kohya_file
 from .server import git_blob_sha
 
 pytest_plugins = ["tests.hub.fixtures"]  # the hub, hub_server and adapter_dir fixtures
@@ -269,3 +271,133 @@ def test_stalled_download_gives_up_after_bounded_attempts(hub, tmp_path, guard, 
 def test_server_error_is_one_line(hub, tmp_path, guard, pushed):
     hub.state.fail = (503, "Service Unavailable")
     refused(hub, tmp_path, r"the Hub answered HTTP 503 Service Unavailable; try again later")
+
+
+# ----------------------------------------------------------------------------- issue 17: one file of a repo (pull --file)
+
+LORAS = "me/sd-loras"
+FILE = "styles/pixel.safetensors"
+
+
+@pytest.fixture
+def hosted(hub, tmp_path) -> bytes:
+    """A repo holding two kohya files (one in a folder) and a README, as single-file LoRA repos do."""
+    data = kohya_file(tmp_path / "pixel.safetensors").read_bytes()
+    other = kohya_file(tmp_path / "other.safetensors", seed=2).read_bytes()
+    host(hub, LORAS, {FILE: data, "other.safetensors": other, spec.CARD_NAME: b"# loras\n"})
+    (tmp_path / "pixel.safetensors").unlink()
+    (tmp_path / "other.safetensors").unlink()
+    return data
+
+
+def test_pull_file_writes_the_bytes_into_the_folder(hub, tmp_path, hosted):
+    pulled = loratools.pull(LORAS, filename=FILE, out=tmp_path / "loras", endpoint=hub.url)
+    assert pulled.path == tmp_path / "loras" / "pixel.safetensors" and pulled.files == (FILE,)
+    assert pulled.path.read_bytes() == hosted
+    assert pulled.commit_sha == hub.state.repos[LORAS].refs["main"]
+    assert [r for r in hub.state.requests if "/resolve/" in r] == [f"GET /{LORAS}/resolve/{pulled.commit_sha}/{FILE}"]  # that file only
+    assert sorted(p.name for p in (tmp_path / "loras").iterdir()) == ["pixel.safetensors"]  # no temporaries left
+
+
+def test_pull_file_reference_forms_agree(hub, tmp_path, hosted):
+    sha = hub.state.repos[LORAS].refs["main"]
+    a = loratools.pull(f"hf://{LORAS}/{FILE}", out=tmp_path / "a.safetensors", endpoint=hub.url)
+    b = loratools.pull(f"{LORAS}@{sha}/{FILE}", out=tmp_path / "b", endpoint=hub.url)
+    c = loratools.pull(LORAS, revision=sha, filename=FILE, out=tmp_path / "c", endpoint=hub.url)
+    assert a.path == tmp_path / "a.safetensors" and a.path.read_bytes() == b.path.read_bytes() == c.path.read_bytes() == hosted
+    assert b.revision == sha
+
+
+def test_pull_file_into_a_folder_keeps_its_other_files(hub, tmp_path, hosted):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "mine.safetensors").write_bytes(b"not touched")
+    (folder / spec.CONFIG_NAME).write_text('{"peft_type": "LORA"}', encoding="utf-8")  # a stray config beside it changes nothing
+    loratools.pull(LORAS, filename=FILE, out=folder, endpoint=hub.url)
+    assert (folder / "mine.safetensors").read_bytes() == b"not touched"
+    with pytest.raises(loratools.OutputExistsError):
+        loratools.pull(LORAS, filename=FILE, out=folder, endpoint=hub.url)
+    assert loratools.pull(LORAS, filename=FILE, out=folder, force=True, endpoint=hub.url).path.read_bytes() == hosted
+
+
+def test_pull_file_tampered_in_transit_is_refused_and_leaves_nothing(hub, tmp_path, hosted):
+    bad = bytearray(hosted)
+    bad[-1] ^= 0x01  # a valid kohya file still: only the Hub's sha256 can tell
+    hub.state.served[(LORAS, FILE)] = bytes(bad)
+    with pytest.raises(HubError, match=f"{FILE}: the downloaded bytes do not match the LFS sha256 [0-9a-f]{{64}}") as info:
+        loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url)
+    assert "\n" not in str(info.value) and not (tmp_path / "out").exists()
+    hub.state.served.clear()
+    assert loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url).path.read_bytes() == hosted
+
+
+def test_pull_file_that_fails_the_spec_is_refused_and_evicted(hub, tmp_path):
+    half = kohya_file(tmp_path / "half.safetensors", **{"lora_unet_x.lora_up.weight": torch.zeros(8, 2)})  # an up without its down
+    host(hub, LORAS, {"half.safetensors": half.read_bytes()})
+    with pytest.raises((loratools.FormatError, loratools.InvalidAdapterError)) as info:
+        loratools.pull(LORAS, filename="half.safetensors", out=tmp_path / "out", endpoint=hub.url)
+    assert f"hf://{LORAS}@" in str(info.value) and str(tmp_path) not in str(info.value)  # named by the Hub, not the temporary
+    assert not (tmp_path / "out").exists()
+    assert list((tmp_path / "hf-home" / "hub" / "models--me--sd-loras" / "blobs").iterdir()) == []
+
+
+def test_pull_file_not_in_the_repo_lists_what_it_holds(hub, tmp_path, hosted):
+    with pytest.raises(HubError, match=rf"{LORAS}@main has no file 'pixel.safetensors'; it holds 'other.safetensors', '{FILE}'"):
+        loratools.pull(LORAS, filename="pixel.safetensors", out=tmp_path / "out", endpoint=hub.url)
+    assert not [r for r in hub.state.requests if "/resolve/" in r] and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["../victim.safetensors", "/abs/x.safetensors", "styles\\pixel.safetensors", "a//b.safetensors", "x.bin"])
+def test_pull_file_hostile_names_are_refused_before_any_request(hub, tmp_path, hosted, name):
+    with pytest.raises(loratools.ArgumentError, match="is refused"):
+        loratools.pull(LORAS, filename=name, out=tmp_path / "out", endpoint=hub.url)
+    assert hub.state.requests == [] and not (tmp_path / "out").exists()
+
+
+def test_pull_file_contradicting_reference_is_refused(hub, tmp_path, hosted):
+    with pytest.raises(loratools.ArgumentError, match="names the file 'other.safetensors' but --file says"):
+        loratools.pull(f"{LORAS}/other.safetensors", filename=FILE, endpoint=hub.url)
+    with pytest.raises(loratools.ArgumentError, match="names the revision 'dev' but --revision says 'main'"):
+        loratools.pull(f"{LORAS}@dev", revision="main", filename=FILE, endpoint=hub.url)
+    assert hub.state.requests == []
+
+
+def test_pull_file_hostile_server_commit_and_etag_are_refused(hub, tmp_path, hosted):
+    hub.state.repo_commit = "../../../../sentinel"
+    with pytest.raises(HubError, match="answered for commit '../../../../sentinel'"):
+        loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url)
+    hub.state.repo_commit = None
+    hub.state.etags[FILE] = '"../../victim"'
+    with pytest.raises(HubError, match="malformed ETag"):
+        loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pull_file_offline_reads_the_verified_cache(hub, tmp_path, hosted):
+    loratools.pull(LORAS, filename=FILE, out=tmp_path / "a", endpoint=hub.url)
+    before = len(hub.state.requests)
+    offline = loratools.pull(LORAS, filename=FILE, out=tmp_path / "b", offline=True, endpoint=hub.url)
+    assert len(hub.state.requests) == before and offline.path.read_bytes() == hosted
+    with pytest.raises(HubError, match="the cached copy lacks other.safetensors; pull it again online"):
+        loratools.pull(LORAS, filename="other.safetensors", out=tmp_path / "c", offline=True, endpoint=hub.url)
+
+
+def test_pull_file_through_a_planted_folder_link_is_refused(hub, tmp_path, hosted):
+    """A snapshot folder that is a symlink out of the cache (planted by hand or an older client) is never written through."""
+    sha = hub.state.repos[LORAS].refs["main"]
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    snapshot = tmp_path / "hf-home" / "hub" / "models--me--sd-loras" / "snapshots" / sha
+    snapshot.mkdir(parents=True)
+    (snapshot / "styles").symlink_to(outside)
+    with pytest.raises(HubError, match="leads outside the cache; refused"):
+        loratools.pull(LORAS, filename=FILE, out=tmp_path / "out", endpoint=hub.url)
+    assert list(outside.iterdir()) == [] and not (tmp_path / "out").exists()
+
+
+def test_pull_file_with_url_characters_in_its_name(hub, tmp_path):
+    name = "sets/my lora #2 (50%)?.safetensors"
+    data = kohya_file(tmp_path / "k.safetensors").read_bytes()
+    host(hub, LORAS, {name: data})
+    assert loratools.pull(LORAS, filename=name, out=tmp_path / "out", endpoint=hub.url).path.read_bytes() == data
+    assert loratools.validate(f"hf://{LORAS}/{name}").ok
