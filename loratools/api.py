@@ -67,6 +67,8 @@ def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None
     if cast is not None:
         adapter = adapter.with_dtype(cast)
     path = Path(path)
+    if fmt != "kohya":
+        _refuse_in_axis_dora(adapter, fmt, path)
     if fmt == "peft" and adapter.metadata.get(spec.META_SOURCE) == "diffusers":
         return _save_components(diffusers.components(adapter), path, force=force)
     if fmt == "peft":
@@ -117,6 +119,24 @@ def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
             f"module {kohya[0]} still has its kohya name (read without a base), which PEFT cannot apply; "
             "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
             path=path,
+        )
+
+
+def _refuse_in_axis_dora(adapter: Adapter, fmt: str, path: Path) -> None:
+    """DoRA along in_features (kohya/LyCORIS ``wd_on_output=False``) has no form outside kohya files.
+
+    W' = (W + ΔW)·diag(m / ‖W + ΔW‖_col) scales columns; PEFT's DoRA scales rows, diag(m' / ‖W + ΔW'‖_row)·(W + ΔW').
+    With the same factors no m' matches, and the ΔW' that would (W' − W) has full rank in general, so the
+    only exact conversion is the merge into the base.
+    """
+    found = sorted(n for n, m in adapter.modules.items() if m.magnitude is not None and m.magnitude_axis == "in")
+    if found:
+        raise SpecError(
+            f"module {found[0]} has a DoRA magnitude along in_features (kohya/LyCORIS wd_on_output=False), which {fmt} cannot "
+            "hold: its DoRA normalises per output feature and no adapter of the same rank gives the same weights; "
+            "merge it into the base (`loratools merge`, exact) or write kohya output",
+            path=path,
+            code="dora-axis",
         )
 
 
