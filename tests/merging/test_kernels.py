@@ -32,7 +32,7 @@ def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
         if transposed
         else (torch.randn(rows, rank, generator=gen), torch.randn(rank, cols, generator=gen))
     )
-    per_row = transposed != in_axis  # out-axis norms run along stored rows unless transposed; in-axis ones the other way
+    per_row = transposed == in_axis  # out-axis norms run along stored rows unless transposed; in-axis ones the other way
     magnitude = torch.rand(rows if per_row else cols, generator=gen) + 0.5 if dora else None
     edit = kernels.Kernel("w", (kernels.RowTerm(B, A, 0.75, transposed),), magnitude, magnitude_axis="in" if in_axis else "out")
     whole = edit.rows(W, 0, rows).to(torch.bfloat16)
