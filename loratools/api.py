@@ -9,19 +9,22 @@ adapter write it in the format their input came in (:func:`source_format`) unles
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import spec, variants
+from . import metadata, spec, variants
 from .adapter import Adapter, from_raw
 from .errors import ArgumentError, SpecError
 from .formats import diffusers
 from .formats.registry import read_raw, source_format, writer
 from .io.atomic import atomic_output
+from .io.files import require_regular
+from .io.metafile import rewrite_metadata
 from .io.remote import local_path
-from .io.tensorfile import DtypeLike, torch_dtype
+from .io.tensorfile import DtypeLike, read_header, torch_dtype
 from .validation import check_base, check_raw, raise_errors
 
-__all__ = ["convert", "load", "save", "save_as", "save_kohya", "source_format"]
+__all__ = ["convert", "edit_metadata", "load", "save", "save_as", "save_kohya", "source_format"]
 
 
 def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
@@ -110,6 +113,35 @@ def convert(src: str | Path, out: str | Path, *, to: spec.Format, base: str | Pa
     adapter = load(src, base=base)
     save_as(adapter, out, to=to, force=force)
     return adapter
+
+
+def edit_metadata(
+    src: str | Path,
+    out: str | Path,
+    *,
+    set: Mapping[str, str] | None = None,  # noqa: A002  (the CLI's --set)
+    delete: Sequence[str] = (),
+    force: bool = False,
+) -> dict[str, str]:
+    """Copy the ``.safetensors`` file ``src`` to ``out`` with metadata keys ``set`` and ``delete`` removed; returns the new metadata.
+
+    The tensors are copied byte for byte (so every hash of them stays true) and only the header is
+    rewritten; ``out`` is written atomically and may not be ``src`` (inputs are never modified).
+    Raises :class:`~loratools.errors.ArgumentError` for loratools' own keys (``loratools.*``,
+    ``format``), a key both set and deleted, or a deleted key the file does not have.
+    """
+    src, out = Path(src), Path(out)
+    if src.suffix != ".safetensors" or out.suffix != ".safetensors":
+        raise ArgumentError("metadata lives in a .safetensors file; give one as input and a .safetensors output name", path=out)
+    require_regular(src)
+    if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
+        raise ArgumentError("the output is the input file; inputs are never modified, so write a new file with -o", path=out)
+    header = read_header(src)
+    values = {k: str(v) for k, v in (set or {}).items()}
+    edited = metadata.edited(header.metadata, set_=values, delete=list(delete))
+    with atomic_output(out, force=force, directory=False) as tmp:
+        rewrite_metadata(header, tmp, edited)
+    return edited
 
 
 def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:

@@ -98,6 +98,14 @@ def test_convert_without_truncation_flags_stays_exact(runner, tmp_path):
     assert result.exit_code == 0, result.output
     assert "report" not in json.loads(result.stdout) and json.loads(result.stdout)["ranks"] == [8]
     assert torch.allclose(loratools.load(out).modules[name].delta(), dense, atol=1e-6)
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    # the LoKr was written as a plain LoRA of rank 8: the network description says so
+    assert (meta["ss_network_module"], json.loads(meta["ss_network_args"]), meta["ss_network_dim"]) == (
+        "lycoris.kohya",
+        {"algo": "lora"},
+        "8",
+    )
 
 
 def test_convert_plain_lora_text_report_and_one_criterion(runner, tmp_path, peft_dir):
