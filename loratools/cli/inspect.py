@@ -40,7 +40,7 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
     for col in ("module", "kind", "out x in", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
         table.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
     for m in summary.modules:
-        kind = m.kind + (" +DoRA" if m.dora else "")
+        kind = m.kind + (" +DoRA" if m.dora else "") + (" (in-axis)" if m.dora_axis == "in" else "")
         table.add_row(
             safe(m.module),
             kind,

@@ -31,6 +31,7 @@ class ModuleSummary:
     dtype: str
     delta_norm: float
     dora: bool
+    dora_axis: str | None  # "out" (PEFT's, per output feature) or "in" (kohya/LyCORIS wd_on_output=False); None without DoRA
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ def summarize(adapter: Adapter) -> Summary:
                 dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
                 delta_norm=m.scale * sum(frobenius_norm(B, A) ** 2 for B, A in m.blocks()) ** 0.5,
                 dora=m.magnitude is not None,
+                dora_axis=m.magnitude_axis if m.magnitude is not None else None,
             )
         )
     tensors = adapter.state_dict().values()

@@ -247,6 +247,7 @@ def test_in_axis_dora_stays_in_axis_in_kohya_and_is_refused_by_peft(tmp_path):
     tensors, _ = _read_file(loratools.save_as(adapter, tmp_path / "o.safetensors", to="kohya"))
     assert torch.equal(tensors["lora_unet_x.dora_scale"], magnitude)  # (1, in) as LyCORIS stores it
     assert loratools.load(tmp_path / "o.safetensors").modules["lora_unet_x"].magnitude_axis == "in"
+    assert loratools.summarize(adapter).modules[0].dora_axis == "in"
     for fmt in ("peft", "diffusers"):
         with pytest.raises(SpecError, match="along in_features") as info:
             loratools.save_as(adapter, tmp_path / f"{fmt}.safetensors", to=fmt)
