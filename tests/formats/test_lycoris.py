@@ -367,3 +367,24 @@ def _lycoris_general():
     except ImportError:
         return None
     return general
+
+
+def test_flattened_conv_doha_needs_the_base_for_in_channels(tmp_path):
+    """A LoHa conv without Tucker cores stores its halves as (r, in·kh·kw): a (1, in, 1, 1) dora_scale can only be
+    placed once the base gives the kernel shape; with it the merge equals LyCORIS's formula."""
+    base = _base(tmp_path / "base.safetensors")
+    t = {
+        f"hada_w{n}_{s}": _randn(*shape, seed=90 + i)
+        for i, (n, s, shape) in enumerate([(1, "a", (8, 2)), (1, "b", (2, 36)), (2, "a", (8, 2)), (2, "b", (2, 36))])
+    }
+    dora = torch.tensor([2.0, 3.0, 4.0, 5.0]).reshape(1, 4, 1, 1)
+    tensors = {f"{CONV}.{k}": v for k, v in t.items()} | {f"{CONV}.alpha": torch.tensor(1.0), f"{CONV}.dora_scale": dora}
+    save_file(tensors, str(tmp_path / "doha.safetensors"))
+    with pytest.raises(FormatError, match="give the base"):
+        loratools.load(tmp_path / "doha.safetensors")
+    loratools.merge(tmp_path / "base.safetensors", [tmp_path / "doha.safetensors"], out=tmp_path / "merged.safetensors")
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        merged = f.get_tensor("down_blocks.0.resnets.0.conv1.weight")
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    want = _dora_reference(base[key], _loha_reference(t, 1.0, (8, 4, 3, 3)), dora, on_out=False)
+    assert float((merged.double() - want).abs().max() / want.abs().max()) < 2e-6
