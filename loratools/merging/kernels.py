@@ -14,8 +14,11 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
 * DoRA: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output feature: per row of linear and conv
   weights, per column of ``fan_in_fan_out`` weights and of embeddings (PEFT's conventions); for
   kohya/LyCORIS in-axis magnitudes (``wd_on_output=False``) per input feature, plus LyCORIS's ε
-  (:func:`_in_axis_dora`).  The adapter's weight multiplies s inside the normalisation, as PEFT's
-  scale does.
+  (:func:`_in_axis_dora`).  An adapter weight w multiplies s inside the normalisation for
+  per-output magnitudes, as PEFT's scale does; for per-input ones, which have no PEFT form, it
+  interpolates W + w·(W' − W) with W' formed at full scale, as ComfyUI applies a strength
+  (``comfy/weight_adapter/base.py`` ``weight_decompose``, v0.3.77; LyCORIS's own multiplier
+  differs for w ≠ 1, all agree at w = 1).
 * ``modules_to_save`` and saved ``*.base_layer.weight`` tensors replace the base tensor (LoRA terms on
   the same tensor then apply on top of the replacement, as in PEFT); trainable tokens replace rows
   (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
@@ -147,6 +150,7 @@ class Kernel:
     residual: Residual | None = None  # taken from the whole base tensor before the rows are merged
     combination: Combination | None = None
     magnitude_axis: MagnitudeAxis = "out"  # DoRA's: per output feature (PEFT) or per input feature (LyCORIS wd_on_output=False)
+    dora_weight: float = 1.0  # an in-axis DoRA's adapter weight w: W + w·(W' − W), W' formed at full scale (ComfyUI's strength)
 
     @property
     def trivial(self) -> bool:
@@ -173,6 +177,7 @@ class Kernel:
             self.residual,
             self.combination,
             self.magnitude_axis,
+            self.dora_weight,
         )
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -188,11 +193,14 @@ class Kernel:
         if self.token_rows is not None and self.token_values is not None:
             inside = (self.token_rows >= r0) & (self.token_rows < r1)
             x.index_copy_(0, self.token_rows[inside] - r0, self.token_values[inside])
+        before = x.clone() if self.magnitude is not None and self.dora_weight != 1.0 else None
         for term in self.terms:
             delta = term.rows(r0, r1, work)
             x.add_(delta.to(src.dtype) if term.rounded else delta)
         if self.magnitude is not None and self.magnitude_axis == "in":
             _in_axis_dora(x, self.magnitude if self.norm_cols else self.magnitude[r0:r1], per_column=self.norm_cols)
+            if before is not None:
+                x.sub_(before).mul_(self.dora_weight).add_(before)
         elif self.magnitude is not None:
             norm = torch.linalg.norm(x, dim=0 if self.norm_cols else 1)
             magnitude = self.magnitude if self.norm_cols else self.magnitude[r0:r1]
@@ -247,8 +255,9 @@ def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOption
     if combining:
         _refuse_for_method(edit, method.name)  # type: ignore[union-attr]
     terms = []
+    in_axis = edit.magnitude is not None and any(t.lora.magnitude_axis == "in" for t in edit.terms if t.lora.magnitude is not None)
     for t in edit.terms:
-        scale = t.lora.scale if combining else t.weight * t.lora.scale
+        scale = t.lora.scale if combining or in_axis else t.weight * t.lora.scale
         if t.bias is not None:
             terms.append(RowTerm(t.bias.float().reshape(-1, 1), torch.ones(1, 1), scale))
             continue
@@ -266,8 +275,9 @@ def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOption
     if combining:
         owners, weights = tuple(t.adapter for t in edit.terms), tuple(t.weight for t in edit.terms)
         combination = Combination(method, options or MethodOptions(), owners, weights)  # type: ignore[arg-type]
-    axis: MagnitudeAxis = next((t.lora.magnitude_axis for t in edit.terms if t.lora.magnitude is not None), "out")
-    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination, axis)
+    axis: MagnitudeAxis = "in" if in_axis else "out"
+    weight = edit.terms[0].weight if in_axis else 1.0  # a DoRA tensor has no other term (planner: dora-shared-tensor)
+    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination, axis, weight)
 
 
 def _in_axis_dora(x: torch.Tensor, magnitude: torch.Tensor, *, per_column: bool) -> None:

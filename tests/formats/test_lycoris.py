@@ -298,10 +298,11 @@ def _dora_reference(W, delta, dora, on_out):
     return Wc * dora.double() / (norm + torch.finfo(torch.float32).eps)
 
 
-@pytest.mark.parametrize("on_out", [False, True], ids=["in-axis", "out-axis"])
-def test_dora_doha_merges_equal_lycoris_weight_decompose(tmp_path, on_out):
+@pytest.mark.parametrize(("on_out", "weight"), [(False, 1.0), (False, 0.5), (True, 1.0)], ids=["in-axis", "in-axis-w0.5", "out-axis"])
+def test_dora_doha_merges_equal_lycoris_weight_decompose(tmp_path, on_out, weight):
     """DoRA on a LoCon linear, a LoCon conv and a LoHa on a square layer, both conventions, against the formula
-    and lycoris-lora's own _weight_decompose: the square layer is where confusing the axes goes unnoticed."""
+    and lycoris-lora's own _weight_decompose: the square layer is where confusing the axes goes unnoticed.
+    Weight 0.5 on in-axis DoRA: W + 0.5·(W' − W), as ComfyUI applies a strength."""
     keys = {**BASE_KEYS, "down_blocks.0.attentions.0.proj_out.weight": (12, 12)}
     base = {k: _randn(*shape, seed=70 + i) for i, (k, shape) in enumerate(keys.items())}
     save_file(base, str(tmp_path / "base.safetensors"))
@@ -335,8 +336,9 @@ def test_dora_doha_merges_equal_lycoris_weight_decompose(tmp_path, on_out):
     save_file(tensors, str(tmp_path / "dora.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
     adapter = loratools.load(tmp_path / "dora.safetensors")
     assert {m.magnitude_axis for m in adapter.modules.values()} == {"out" if on_out else "in"}
-    loratools.merge(tmp_path / "base.safetensors", [tmp_path / "dora.safetensors"], out=tmp_path / "merged.safetensors")
-    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+    merged_path = tmp_path / "merged.safetensors"
+    loratools.merge(tmp_path / "base.safetensors", [tmp_path / "dora.safetensors"], out=merged_path, weights=[weight])
+    with safe_open(str(merged_path), "pt") as f:
         merged = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     deltas = {
         LIN: 0.5 * (lin_up @ lin_down).double(),
@@ -349,15 +351,15 @@ def test_dora_doha_merges_equal_lycoris_weight_decompose(tmp_path, on_out):
         (CONV, "down_blocks.0.resnets.0.conv1.weight"),
         (SQUARE, "down_blocks.0.attentions.0.proj_out.weight"),
     ):
-        want = _dora_reference(base[key], deltas[name], doras[name], on_out)
+        want = base[key].double() + weight * (_dora_reference(base[key], deltas[name], doras[name], on_out) - base[key].double())
         err = float((merged[key].double() - want).abs().max() / want.abs().max())
         assert err < 2e-6, (name, err)
-        if lycoris_decompose is not None:  # the package's own kernel, fed the same float32 W + ΔW
+        if lycoris_decompose is not None and weight == 1.0:  # the package's own kernel, fed the same float32 W + ΔW
             theirs = lycoris_decompose((base[key].double() + deltas[name]).float(), doras[name], 1, on_out)
             assert float((merged[key] - theirs).abs().max() / theirs.abs().max()) < 2e-6, name
     key = "down_blocks.0.attentions.0.proj_out.weight"  # read along the other axis, the square layer's weight is visibly different
     other = _dora_reference(base[key], deltas[SQUARE], doras[SQUARE].reshape(doras[SQUARE].shape[::-1]), not on_out)
-    assert float((merged[key].double() - other).abs().max()) > 1e-2
+    assert float((merged[key].double() - other).abs().max()) > 1e-2 * weight
 
 
 def _lycoris_general():

@@ -74,3 +74,13 @@ def test_in_axis_conv_norms_each_input_channel_over_rows_and_kernel() -> None:
     assert torch.allclose(got, W, atol=1e-6)  # m equal to the norms: unchanged
     got = kernels.Kernel("w", (zero,), torch.tensor([10.0, 11**0.5]), magnitude_axis="in").rows(W, 0, 2)
     assert torch.allclose(got[:, :2], 2 * W[:, :2], atol=1e-5) and torch.allclose(got[:, 2:], W[:, 2:], atol=1e-6)
+
+
+def test_in_axis_dora_weight_interpolates_the_full_result() -> None:
+    """Weight 0.5 on the by-hand case: W + 0.5·(W' − W) with W' = [[6, √2], [8, √2]] (ΔW at full scale inside W'),
+    i.e. [[4.5, √2/2], [6, 1 + (√2 − 1)/2]] (ComfyUI's strength)."""
+    W = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    B, A, m = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([10.0, 2.0])
+    r2 = 2**0.5
+    got = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0),), m, magnitude_axis="in", dora_weight=0.5).rows(W, 0, 2)
+    assert torch.allclose(got, torch.tensor([[4.5, r2 / 2], [6.0, 1 + (r2 - 1) / 2]]), atol=1e-6)
