@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("Adapter", "LoraModule"), "adapter"),
-    **dict.fromkeys(("convert", "load", "save", "save_as", "save_kohya", "source_format"), "api"),
+    **dict.fromkeys(("convert", "edit_metadata", "load", "save", "save_as", "save_kohya", "source_format"), "api"),
     **dict.fromkeys(("Checkpoint", "open_checkpoint"), "io.checkpoint"),
     **dict.fromkeys(
         (
@@ -60,7 +60,7 @@ _EXPORTS: dict[str, str] = {
 
 if TYPE_CHECKING:
     from .adapter import Adapter, LoraModule
-    from .api import convert, load, save, save_as, save_kohya, source_format
+    from .api import convert, edit_metadata, load, save, save_as, save_kohya, source_format
     from .errors import (
         ArgumentError,
         ChecksumError,
@@ -158,6 +158,7 @@ __all__ = [
     "conform",
     "convert",
     "diff",
+    "edit_metadata",
     "extract",
     "factored_svd",
     "load",

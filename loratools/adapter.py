@@ -19,12 +19,16 @@ from typing import Any, Literal
 
 import torch
 
-from . import spec
+from . import metadata, spec
 from .errors import ArgumentError
 from .io.tensorfile import Header
 from .linalg import flat
 
 Kind = Literal["linear", "conv", "embedding", "parameter"]
+# DoRA's magnitude: one per output feature, norms of W + ΔW's rows (PEFT, diffusers, LyCORIS
+# wd_on_output=True), or one per input feature, norms of its columns (kohya/LyCORIS/OneTrainer
+# wd_on_output=False).
+MagnitudeAxis = Literal["out", "in"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,9 @@ class RawAdapter:
     header: Header | None = None
     config_error: str | None = None
     config_error_code: str = "config-invalid"  # or "config-missing"
+    # modules whose lora_magnitude_vector runs along in_features (read from kohya/LyCORIS dora_scale);
+    # a PEFT file has none: its magnitudes are per output feature
+    magnitude_axes: dict[str, MagnitudeAxis] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,10 @@ class LoraModule:
 
     Shapes: linear A (r, in), B (out, r); conv A (r, in, kh, kw), B (out, r, 1, 1); embedding
     A (r, vocab), B (dim, r), whose ΔW is (B·A)ᵀ of shape (vocab, dim).  ``magnitude`` is DoRA's
-    per-output-row magnitude vector, ``bias`` the ``lora_B.bias`` of ``lora_bias`` adapters.
+    magnitude vector, ``bias`` the ``lora_B.bias`` of ``lora_bias`` adapters.  ``magnitude_axis``:
+    "out" (PEFT's: m has one entry per output feature, W' = m / ‖W + ΔW‖_row · (W + ΔW)) or "in"
+    (LyCORIS ``wd_on_output=False``: one per input feature (channel), the norm over each column, i.e.
+    over every axis but the input one).
 
     ``parameter``: a PEFT ``target_parameters`` wrapper of a (fused MoE experts) parameter, named by
     the parameter's path.  Per expert e, A[e] (r, in) and B[e] (out, r): A (E, r, in), B (E, out, r),
@@ -66,6 +76,7 @@ class LoraModule:
     kind: Kind = "linear"
     magnitude: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    magnitude_axis: MagnitudeAxis = "out"
 
     @property
     def rank(self) -> int:
@@ -185,13 +196,22 @@ class Adapter:
 
     def to_raw(self, source: str = "<adapter>") -> RawAdapter:
         """This adapter as the files :func:`save` would write, for validation without a disk trip."""
-        return RawAdapter(source, self.peft_config(), self.state_dict(), self.file_metadata())
+        axes: dict[str, MagnitudeAxis] = {n: "in" for n, m in self.modules.items() if m.magnitude is not None and m.magnitude_axis == "in"}
+        return RawAdapter(source, self.peft_config(), self.state_dict(), self.file_metadata(), magnitude_axes=axes)
 
     def foreign_metadata(self) -> dict[str, str]:
         """Metadata from the file this adapter was read from that stays true in any output: everything
         but loratools' own keys (recomputed on every write) and foreign scaling descriptions
-        (:data:`loratools.spec.SCALING_METADATA`, which arithmetic would falsify)."""
-        return {k: v for k, v in self.metadata.items() if k not in spec.OWN_METADATA and k not in spec.SCALING_METADATA}
+        (:data:`loratools.spec.SCALING_METADATA`, which arithmetic would falsify), with data hashes
+        dropped and network sizes rewritten to these modules (:func:`loratools.metadata.kept`)."""
+        foreign = {k: v for k, v in self.metadata.items() if k not in spec.OWN_METADATA and k not in spec.SCALING_METADATA}
+        modules = self.modules.values()
+        return metadata.kept(
+            foreign,
+            ranks=[m.rank for m in modules],
+            alphas=[m.scale * m.rank for m in modules],
+            dora_axes={m.magnitude_axis for m in modules if m.magnitude is not None},
+        )
 
     def file_metadata(self) -> dict[str, str]:
         """safetensors ``__metadata__`` for a spec v1 file: ours plus :meth:`foreign_metadata`."""
@@ -216,7 +236,7 @@ class Adapter:
             return t.to(dtype) if t is not None and t.is_floating_point() else t
 
         modules = {
-            n: LoraModule(cast(m.A), cast(m.B), m.alpha, m.rslora, m.kind, cast(m.magnitude), cast(m.bias))  # type: ignore[arg-type]
+            n: LoraModule(cast(m.A), cast(m.B), m.alpha, m.rslora, m.kind, cast(m.magnitude), cast(m.bias), m.magnitude_axis)  # type: ignore[arg-type]
             for n, m in self.modules.items()
         }
         extras = {k: cast(t) for k, t in self.extra_tensors.items()}
@@ -279,7 +299,8 @@ def from_raw(raw: RawAdapter) -> Adapter:
             modules[path] = LoraModule(A, B, spec.module_alpha(config, path), rslora, "parameter")
             continue
         kind = kinds.get(name) or ("conv" if p["A"].dim() > 2 else "linear")
-        modules[name] = LoraModule(p["A"], p["B"], alpha, rslora, kind, p.get("magnitude"), p.get("bias"))
+        axis = raw.magnitude_axes.get(name, "out")
+        modules[name] = LoraModule(p["A"], p["B"], alpha, rslora, kind, p.get("magnitude"), p.get("bias"), axis)
     return Adapter(modules, config, extras, dict(raw.metadata))
 
 

@@ -10,19 +10,22 @@ adapter write it in the format their input came in (:func:`source_format`) unles
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from . import spec, variants
+from . import metadata, spec, variants
 from .adapter import Adapter, from_raw
 from .errors import ArgumentError, FormatError, SpecError
 from .formats import diffusers
 from .formats.registry import read_raw, source_format, writer
 from .io.atomic import atomic_output
+from .io.files import require_regular
+from .io.metafile import rewrite_metadata
 from .io.remote import resolve
-from .io.tensorfile import DtypeLike, torch_dtype
+from .io.tensorfile import DtypeLike, read_header, torch_dtype
 from .validation import check_base, check_raw, raise_errors, validate
 
-__all__ = ["convert", "load", "save", "save_as", "save_kohya", "source_format"]
+__all__ = ["convert", "edit_metadata", "load", "save", "save_as", "save_kohya", "source_format"]
 
 
 def load(path: str | Path, *, base: str | Path | None = None) -> Adapter:
@@ -76,6 +79,8 @@ def save_as(adapter: Adapter, path: str | Path, *, to: spec.Format | None = None
     if cast is not None:
         adapter = adapter.with_dtype(cast)
     path = Path(path)
+    if fmt != "kohya":
+        _refuse_in_axis_dora(adapter, fmt, path)
     if fmt == "peft" and adapter.metadata.get(spec.META_SOURCE) == "diffusers":
         return _save_components(diffusers.components(adapter), path, force=force)
     if fmt == "peft":
@@ -119,6 +124,35 @@ def convert(src: str | Path, out: str | Path, *, to: spec.Format, base: str | Pa
     return adapter
 
 
+def edit_metadata(
+    src: str | Path,
+    out: str | Path,
+    *,
+    set: Mapping[str, str] | None = None,  # noqa: A002  (the CLI's --set)
+    delete: Sequence[str] = (),
+    force: bool = False,
+) -> dict[str, str]:
+    """Copy the ``.safetensors`` file ``src`` to ``out`` with metadata keys ``set`` and ``delete`` removed; returns the new metadata.
+
+    The tensors are copied byte for byte (so every hash of them stays true) and only the header is
+    rewritten; ``out`` is written atomically and may not be ``src`` (inputs are never modified).
+    Raises :class:`~loratools.errors.ArgumentError` for loratools' own keys (``loratools.*``,
+    ``format``), a key both set and deleted, or a deleted key the file does not have.
+    """
+    src, out = Path(src), Path(out)
+    if src.suffix != ".safetensors" or out.suffix != ".safetensors":
+        raise ArgumentError("metadata lives in a .safetensors file; give one as input and a .safetensors output name", path=out)
+    require_regular(src)
+    if out.resolve() == src.resolve() or (out.exists() and out.samefile(src)):
+        raise ArgumentError("the output is the input file; inputs are never modified, so write a new file with -o", path=out)
+    header = read_header(src)
+    values = {k: str(v) for k, v in (set or {}).items()}
+    edited = metadata.edited(header.metadata, set_=values, delete=list(delete))
+    with atomic_output(out, force=force, directory=False) as tmp:
+        rewrite_metadata(header, tmp, edited)
+    return edited
+
+
 def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
     kohya = sorted(n for n in adapter.modules if spec.KOHYA_NAME.match(n))
     if kohya:
@@ -126,6 +160,24 @@ def _refuse_kohya_names(adapter: Adapter, path: Path) -> None:
             f"module {kohya[0]} still has its kohya name (read without a base), which PEFT cannot apply; "
             "map the names with `loratools convert FILE --to peft --base BASE` (load(..., base=)), or write kohya output",
             path=path,
+        )
+
+
+def _refuse_in_axis_dora(adapter: Adapter, fmt: str, path: Path) -> None:
+    """DoRA along in_features (kohya/LyCORIS ``wd_on_output=False``) has no form outside kohya files.
+
+    W' = (W + ΔW)·diag(m / ‖W + ΔW‖_col) scales columns; PEFT's DoRA scales rows, diag(m' / ‖W + ΔW'‖_row)·(W + ΔW').
+    With the same factors no m' matches, and the ΔW' that would (W' − W) has full rank in general, so the
+    only exact conversion is the merge into the base.
+    """
+    found = sorted(n for n, m in adapter.modules.items() if m.magnitude is not None and m.magnitude_axis == "in")
+    if found:
+        raise SpecError(
+            f"module {found[0]} has a DoRA magnitude along in_features (kohya/LyCORIS wd_on_output=False), which {fmt} cannot "
+            "hold: its DoRA normalises per output feature and no adapter of the same rank gives the same weights; "
+            "merge it into the base (`loratools merge`, exact) or write kohya output",
+            path=path,
+            code="dora-axis",
         )
 
 

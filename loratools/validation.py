@@ -196,7 +196,8 @@ def _tensor_problems(raw: RawAdapter, config: dict[str, Any] | None) -> list[Pro
         except SpecError as err:
             problems.append(Problem(err.code or "config-schema", err.key or spec.CONFIG_NAME, err.args[0]))
     for name, target, rank in zip(names, selected, ranks, strict=True):
-        problems += _module_problems(name, modules[name], config, target, rank, wrapped.get(name))
+        in_axis = raw.magnitude_axes.get(name) == "in"
+        problems += _module_problems(name, modules[name], config, target, rank, wrapped.get(name), in_axis=in_axis)
     return problems
 
 
@@ -238,9 +239,12 @@ def _module_problems(
     selected: bool | None,
     declared_rank: int | None,
     param: str | None = None,
+    *,
+    in_axis: bool = False,
 ) -> list[Problem]:
     """Problems of one stored module; ``selected``/``declared_rank`` are the config's verdicts (None: unknown);
-    ``param``: the parameter path a ``target_parameters`` wrapper adapts."""
+    ``param``: the parameter path a ``target_parameters`` wrapper adapts; ``in_axis``: its DoRA magnitude
+    runs along in_features (kohya/LyCORIS), one per input feature or channel."""
     where = spec.PREFIX + name
     missing = spec.missing_factor(parts)
     if missing is not None:
@@ -267,9 +271,12 @@ def _module_problems(
     conv_magnitude = (1, out, *[1] * (A.dim() - 2))  # PEFT stores conv DoRA magnitudes as (1, out, 1, 1)
     for role, what in (("magnitude", "lora_magnitude_vector"), ("bias", "lora_B.bias")):
         allowed = ((out,), conv_magnitude) if role == "magnitude" and A.dim() > 2 else ((out,),)
+        size, per = (int(A.shape[1]), "input") if role == "magnitude" and in_axis else (out, "output")
+        if role == "magnitude" and in_axis:
+            allowed = ((size,),)
         if role in parts and tuple(parts[role].shape) not in allowed:
             problems.append(
-                Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{out}] (one per output feature)")
+                Problem("bad-shape", f"{where}.{what}", f"shape {list(parts[role].shape)} should be [{size}] (one per {per} feature)")
             )
     if config is None:
         return problems

@@ -36,6 +36,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "extract": ("loratools.cli.formats", "extract"),
     "inspect": ("loratools.cli.inspect", "inspect"),
     "merge": ("loratools.cli.merge", "merge"),
+    "meta": ("loratools.cli.meta", "meta"),
     "pull": ("loratools.cli.hub", "pull"),
     "push": ("loratools.cli.hub", "push"),
     "resize": ("loratools.cli.arith", "resize"),

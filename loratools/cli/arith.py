@@ -74,14 +74,19 @@ def _write(
         )
         return
     if rows is not None:
-        table = Table(title="resize")
-        for col in ("module", "old rank", "new rank", "kept energy", "rel. error"):
-            table.add_column(col, justify="left" if col == "module" else "right")
-        for r in rows:
-            table.add_row(safe(r.module), str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
-        out.print(table)
+        show_resize(rows)
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}..{ranks[-1]}"
     say(f"wrote {output}: {len(result.modules)} modules, rank {rank_text}, {result.num_params:,} parameters")
+
+
+def show_resize(rows: list[ResizeRow], title: str = "resize") -> None:
+    """The per-module resize report: old and new rank, kept energy, relative error ‖ΔW−ΔW_k‖_F/‖ΔW‖_F."""
+    table = Table(title=title)
+    for col in ("module", "old rank", "new rank", "kept energy", "rel. error"):
+        table.add_column(col, justify="left" if col == "module" else "right")
+    for r in rows:
+        table.add_row(safe(r.module), str(r.old_rank), str(r.new_rank), f"{r.kept_energy:.6f}", f"{r.rel_error:.3e}")
+    out.print(table)
 
 
 def _rank(value: str | None) -> int | str | None:

@@ -9,7 +9,7 @@ import loratools
 
 from ..io.atomic import check_output
 from ..spec import DEVICES, FORMATS, Device, Format
-from .arith import ADAPTER_FORMATS, write_for
+from .arith import ADAPTER_FORMATS, show_resize, write_for
 from .console import emit_json, out, safe, say
 from .options import for_option
 
@@ -32,24 +32,56 @@ from .options import for_option
     "-o", "--out", "--output", "output", required=True, help="Output: a directory or .safetensors for peft; a .safetensors file for kohya."
 )
 @click.option("--force", is_flag=True, help="Replace the output if it exists.")
+@click.option("--rank", type=click.IntRange(min=1), help="Truncate each module to at most this rank (SVD; default: exact, full rank).")
+@click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F² (e.g. 0.99).")
+@click.option("--max-rel-error", type=float, help="Per module, the smallest rank with ‖ΔW−ΔW_k‖_F/‖ΔW‖_F <= this (e.g. 0.01).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result (and the per-module error report) as JSON.")
 @for_option
-def convert(src: str, to: Format, base: str | None, output: str, force: bool, runtimes: tuple[str, ...]) -> None:
-    """Convert the adapter at SRC (PEFT, kohya or diffusers) to another format.
+def convert(
+    src: str,
+    to: Format,
+    base: str | None,
+    output: str,
+    force: bool,
+    rank: int | None,
+    energy: float | None,
+    max_rel_error: float | None,
+    as_json: bool,
+    runtimes: tuple[str, ...],
+) -> None:
+    """Convert the adapter at SRC (PEFT, kohya, diffusers, mlx, LyCORIS) to another format.
+
+    Exact by default: LyCORIS LoHa/LoKr modules become LoRA factors of their full rank r1·r2.  With
+    one of --rank, --energy or --max-rel-error each module's ΔW is truncated by SVD (optimal in
+    ‖·‖_F) and a per-module report gives the ranks, kept energy and relative error.
 
     \b
     Examples:
       loratools convert my_lora.safetensors --to peft --base ./unet.safetensors -o ./my-lora
       loratools convert ./my-lora --to kohya -o my_lora.safetensors
+      loratools convert my_lokr.safetensors --to kohya --max-rel-error 0.01 -o my_lora.safetensors
       loratools convert pytorch_lora_weights.safetensors --to peft -o ./peft-lora   (unet/, text_encoder/ if both)
       loratools convert ./my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
     """
+    if to == "gguf" and base is None:
+        raise click.UsageError("--to gguf needs --base: the base model directory whose config.json names the architecture")
+    check_output(output, force=force)
+    adapter = loratools.load(src, base=None if to == "gguf" else base)
+    rows = None
+    if rank is not None or energy is not None or max_rel_error is not None:
+        adapter, rows = loratools.resize(adapter, rank, energy=energy, max_rel_error=max_rel_error)
     if to == "gguf":
-        if base is None:
-            raise click.UsageError("--to gguf needs --base: the base model directory whose config.json names the architecture")
-        adapter = loratools.conform(loratools.load(src), runtimes)
-        loratools.write_gguf(adapter, output, base=base, force=force)
+        adapter = loratools.conform(adapter, runtimes)
+        loratools.write_gguf(adapter, output, base=base, force=force)  # type: ignore[arg-type]
     else:
-        adapter = write_for(loratools.load(src, base=base), output, to, runtimes, force)
+        adapter = write_for(adapter, output, to, runtimes, force)
+    if as_json:
+        report = {"report": [r.to_dict() for r in rows]} if rows is not None else {}
+        ranks = sorted({m.rank for m in adapter.modules.values()})
+        emit_json({"output": output, "to": to, "modules": len(adapter.modules), "ranks": ranks, "num_params": adapter.num_params, **report})
+        return
+    if rows is not None:
+        show_resize(rows, title=f"{safe(src)} -> {safe(output)}: truncated SVD")
     say(f"{src} -> {output} ({to}, {len(adapter.modules)} modules)")
 
 

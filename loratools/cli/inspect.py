@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 from rich.table import Table
 
@@ -19,7 +21,8 @@ from .console import emit_json, out, safe, say
 @click.option("--plot", "plot_path", metavar="PNG", help="With --spectrum: also write a PNG of kept energy versus rank (needs matplotlib).")
 @click.option("--force", is_flag=True, help="Overwrite an existing --plot file.")
 def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, force: bool) -> None:
-    """Show what is inside the adapter at PATH: modules, ranks, scales, ‖ΔW‖ and totals.
+    """Show what is inside the adapter at PATH: modules, ranks, scales, ‖ΔW‖ and totals, then the
+    file's metadata (kohya ss_*, modelspec.*), its trigger phrase and most frequent training tags.
 
     \b
     Examples:
@@ -37,7 +40,7 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
     for col in ("module", "kind", "out x in", "rank", "alpha", "scale", "dtype", "‖ΔW‖_F"):
         table.add_column(col, justify="right" if col not in ("module", "kind", "dtype") else "left")
     for m in summary.modules:
-        kind = m.kind + (" +DoRA" if m.dora else "")
+        kind = m.kind + (" +DoRA" if m.dora else "") + (" (in-axis)" if m.dora_axis == "in" else "")
         table.add_row(
             safe(m.module),
             kind,
@@ -53,6 +56,30 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
     say(f"targets: {summary.targets}")
     say(f"base model: {summary.base_model}")
     say(f"spec version: {summary.spec_version}")
+    _show_metadata(summary.metadata, summary.training)
+
+
+_LONG = 120  # metadata values longer than this are shown cut, with their length
+
+
+def _show_metadata(meta: dict[str, str], training: dict[str, Any]) -> None:
+    """The file's metadata, one key a line (long values cut), then the trigger phrase and the most frequent training tags."""
+    if not meta:
+        return
+    say(f"metadata ({len(meta)} keys):")
+    for key in sorted(meta):
+        value = meta[key]
+        shown = value if len(value) <= _LONG else f"{value[:_LONG]}... ({len(value):,} characters)"
+        say(f"  {key} = {shown}")
+    if training["trigger_phrase"] is not None:
+        say(f"trigger phrase: {training['trigger_phrase']}")
+    if training["modelspec_tags"]:
+        say(f"modelspec tags: {', '.join(training['modelspec_tags'])}")
+    if training["tags"]:
+        top = ", ".join(f"{t['tag']} ({t['count']})" for t in training["tags"])
+        say(f"training tags: {training['distinct_tags']} distinct over {training['tag_datasets']} dataset(s); most frequent: {top}")
+    if training["tags_unreadable"]:
+        say(f"training tags: {training['tags_unreadable']}")
 
 
 def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool) -> None:

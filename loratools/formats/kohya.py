@@ -5,7 +5,8 @@ flattened to underscores behind a component prefix: ``lora_unet_down_blocks_0_at
 ``lora_te_text_model_encoder_layers_0_self_attn_q_proj`` (``lora_te1_``/``lora_te2_``/``lora_te3_``
 with several text encoders).  Each module holds ``.lora_down.weight`` (A: r x in[ x kh x kw]),
 ``.lora_up.weight`` (B: out x r[ x 1 x 1]), an optional float ``.alpha`` (missing means alpha = r,
-scale 1) and DoRA's ``.dora_scale``; ΔW = alpha/r · up·down, the same rule as PEFT's.
+scale 1) and DoRA's ``.dora_scale`` (per output or per input feature: :func:`dora_magnitude`);
+ΔW = alpha/r · up·down, the same rule as PEFT's.
 
 Flattening loses the dots (``attn1_to_q`` could be ``attn1.to_q`` or ``attn1_to.q``), so names are
 mapped with a base checkpoint: every base key is flattened the same way and looked up.  Without a
@@ -15,14 +16,15 @@ records where the adapter came from, so :func:`save_kohya` writes it back unchan
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
 
-from .. import spec
-from ..adapter import Adapter, LoraModule, RawAdapter, raw_from_modules
+from .. import metadata, spec
+from ..adapter import Adapter, LoraModule, MagnitudeAxis, RawAdapter, raw_from_modules
 from ..errors import ArgumentError, FormatError, LoratoolsError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import module_index, open_checkpoint
@@ -30,6 +32,7 @@ from ..io.tensorfile import Header, load_tensors, write_file
 
 META_SOURCE, META_PREFIX = spec.META_SOURCE, spec.META_PREFIX
 
+NETWORK_ARGS = metadata.NETWORK_ARGS
 DOWN, UP, ALPHA, DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
 _SUFFIXES = (DOWN, UP, ALPHA, DORA)
 _ROLES = {DOWN: "A", UP: "B"}
@@ -110,7 +113,8 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     """
     parts = _module_parts(header)
     tensors = load_tensors(header)
-    return from_modules(header, {name: lora_module(tensors, header.path, name, p) for name, p in parts.items()}, base=base)
+    hint = dora_hint(header.metadata)
+    return from_modules(header, {name: lora_module(tensors, header.path, name, p, hint=hint) for name, p in parts.items()}, base=base)
 
 
 def from_modules(header: Header, modules: Mapping[str, LoraModule], *, base: str | Path | None = None) -> RawAdapter:
@@ -156,8 +160,11 @@ def _module_parts(header: Header) -> dict[str, dict[str, str]]:
     return parts
 
 
-def lora_module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str]) -> LoraModule:
-    """One module from its ``tensors``; a missing alpha, or alpha 0, means alpha = r (scale 1), as in sd-scripts."""
+def lora_module(
+    tensors: Mapping[str, torch.Tensor], path: Path, name: str, parts: Mapping[str, str], *, hint: MagnitudeAxis | None = None
+) -> LoraModule:
+    """One module from its ``tensors``; a missing alpha, or alpha 0, means alpha = r (scale 1), as in sd-scripts.
+    ``hint``: the DoRA axis the file's metadata records (:func:`dora_hint`)."""
     A, B = tensors[parts[DOWN]], tensors[parts[UP]]
     why = spec.factor_shape_problem(A.shape, B.shape)
     if why:
@@ -165,18 +172,65 @@ def lora_module(tensors: Mapping[str, torch.Tensor], path: Path, name: str, part
     # sd-scripts networks/lora.py (LoRAModule.__init__): a missing alpha, or alpha 0, means alpha = rank
     stored = alpha_value(tensors[parts[ALPHA]], path=path, key=parts[ALPHA]) if ALPHA in parts else 0.0
     alpha = stored if stored != 0.0 else float(A.shape[0])
-    dora = tensors[parts[DORA]] if DORA in parts else None
-    magnitude = None
-    if dora is not None:
-        if dora.numel() != B.shape[0] or dora.shape[0] != B.shape[0]:
+    magnitude: torch.Tensor | None = None
+    axis: MagnitudeAxis = "out"
+    if DORA in parts:
+        magnitude, axis = dora_magnitude(tensors[parts[DORA]], A, B, hint=hint, path=path, key=parts[DORA])
+    return LoraModule(A, B, alpha, False, "conv" if A.dim() > 2 else "linear", magnitude, None, axis)
+
+
+def dora_magnitude(
+    dora: torch.Tensor, A: torch.Tensor, B: torch.Tensor, *, hint: MagnitudeAxis | None, path: Path, key: str
+) -> tuple[torch.Tensor, MagnitudeAxis]:
+    """A ``dora_scale`` as a flat magnitude and its axis, told from its shape (``hint``: what the file's
+    metadata says, for a flat vector on a square layer).
+
+    lycoris-lora 4.1.3 ``lycoris/modules/locon.py`` (LoHa and LoKr alike) stores the norms of W's rows
+    as (out, 1[, 1, 1]) with ``wd_on_output=True`` and of its columns as (1, in[, 1, 1]) with
+    ``wd_on_output=False`` (kohya-trained LyCORIS files, OneTrainer): the two shapes differ even on a
+    square layer.  A flat vector says only its length, so on a square layer (out = in) it is refused
+    unless ``ss_network_args`` names ``wd_on_output``.
+    """
+    out, inp, shape = int(B.shape[0]), int(A.shape[1]), tuple(dora.shape)
+    unit_tail = len(shape) >= 2 and all(d == 1 for d in shape[2:])
+    axis: MagnitudeAxis | None = None
+    if unit_tail and shape[:2] == (out, 1):
+        axis = "out"
+    elif unit_tail and shape[:2] == (1, inp):
+        axis = "in"
+    elif len(shape) == 1 and shape[0] == out == inp:
+        axis = hint if out > 1 else "out"  # a 1 x 1 weight: both conventions are the same
+        if axis is None:
             raise FormatError(
-                f"dora_scale of shape {list(dora.shape)} normalises along the input axis; PEFT's DoRA keeps one magnitude per output "
-                f"row ({B.shape[0]}), so this adapter cannot be represented",
+                f"dora_scale is a flat vector of {out} on a square layer ({out} x {inp}), so it cannot tell whether it runs along "
+                "out_features (PEFT, LyCORIS wd_on_output=True) or in_features (kohya/LyCORIS wd_on_output=False); re-save it as "
+                f"[{out}, 1] or [1, {inp}] (or record wd_on_output in ss_network_args)",
                 path=path,
-                key=parts[DORA],
+                key=key,
+                code="dora-ambiguous",
             )
-        magnitude = dora.reshape(-1)
-    return LoraModule(A, B, alpha, False, "conv" if A.dim() > 2 else "linear", magnitude)
+    elif len(shape) == 1 and shape[0] in (out, inp):
+        axis = "out" if shape[0] == out else "in"
+    if axis is None:
+        raise FormatError(
+            f"dora_scale of shape {list(shape)} fits neither [{out}, 1] (per output feature) nor [1, {inp}] (per input feature)",
+            path=path,
+            key=key,
+            code="bad-shape",
+        )
+    return dora.reshape(-1), axis
+
+
+def dora_hint(metadata: Mapping[str, str]) -> MagnitudeAxis | None:
+    """The DoRA axis ``ss_network_args`` records (LyCORIS's ``wd_on_output``), or None when it does not say."""
+    try:
+        args = json.loads(metadata.get(NETWORK_ARGS, "{}"))
+    except ValueError:
+        return None
+    value = args.get("wd_on_output") if isinstance(args, dict) else None
+    if value is None:
+        return None
+    return "out" if str(value).lower() in ("true", "1") else "in"  # lycoris/utils str_bool
 
 
 def alpha_value(tensor: torch.Tensor, *, path: Path, key: str) -> float:
@@ -204,8 +258,8 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
     """The tensors and ``__metadata__`` of ``adapter`` in kohya layout.
 
     rsLoRA modules get alpha·sqrt(r) so alpha/r reproduces their scale; DoRA magnitudes become
-    ``dora_scale`` (out x 1[ x 1 x 1]).  Embedding modules, ``lora_B.bias`` and ``modules_to_save``
-    have no kohya form and are refused.
+    ``dora_scale`` (out x 1[ x 1 x 1]), or (1 x in[ x 1 x 1]) for in-axis ones, as LyCORIS stores
+    them.  Embedding modules, ``lora_B.bias`` and ``modules_to_save`` have no kohya form and are refused.
     """
     if adapter.extra_tensors:
         raise FormatError(
@@ -227,7 +281,9 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
         # readers take alpha 0 for "alpha = rank" (sd-scripts), so a zero scale goes into lora_up instead
         tensors[name + UP] = (m.B if alpha != 0 else torch.zeros_like(m.B)).contiguous()
         tensors[name + ALPHA] = torch.tensor(alpha if alpha != 0 else float(m.rank), dtype=torch.float32)
-        if m.magnitude is not None:
+        if m.magnitude is not None and m.magnitude_axis == "in":  # LyCORIS wd_on_output=False: (1, in[, 1, 1])
+            tensors[name + DORA] = m.magnitude.reshape(1, -1, *([1] * (m.A.dim() - 2))).contiguous()
+        elif m.magnitude is not None:
             tensors[name + DORA] = m.magnitude.reshape(-1, *([1] * (m.A.dim() - 1))).contiguous()
     return tensors, _kohya_metadata(adapter)
 
@@ -235,20 +291,12 @@ def kohya_state_dict(adapter: Adapter) -> tuple[dict[str, torch.Tensor], dict[st
 def _kohya_metadata(adapter: Adapter) -> dict[str, str]:
     """Foreign metadata kept, ``ss_network_dim``/``ss_network_alpha`` rewritten to tell the truth."""
     meta = adapter.foreign_metadata()
-    ranks = {m.rank for m in adapter.modules.values()}
-    alphas = {m.scale * m.rank for m in adapter.modules.values()}
-    meta["ss_network_dim"] = str(ranks.pop()) if len(ranks) == 1 else "Dynamic"
-    meta["ss_network_alpha"] = _alpha_text(alphas.pop()) if len(alphas) == 1 else "Dynamic"
-    meta.setdefault("ss_network_module", "networks.lora")
+    meta |= metadata.network_size([m.rank for m in adapter.modules.values()], [m.scale * m.rank for m in adapter.modules.values()])
+    meta.setdefault(metadata.NETWORK_MODULE, "networks.lora")
     meta[spec.META_FORMAT] = "pt"
     if adapter.base_model and "ss_sd_model_name" not in meta:
         meta["ss_sd_model_name"] = adapter.base_model
     return meta
-
-
-def _alpha_text(alpha: float) -> str:
-    value = float(torch.tensor(alpha, dtype=torch.float32))
-    return str(int(value)) if value.is_integer() else repr(value)
 
 
 def write(adapter: Adapter, path: Path, *, force: bool) -> Path:

@@ -6,8 +6,8 @@ LoHa (``hada_*``, :mod:`.loha`), LoKr (``lokr_*``, :mod:`.lokr`) and LoCon/plain
 down).  LoHa and LoKr become exact LoRA factors of rank r1·r2, so validation, merge, arithmetic and
 every writer treat them as any LoRA.
 
-Refused in one line: ``dora_scale`` on LoHa/LoKr modules (DoRA re-normalises W + ΔW; not read yet)
-and any tensor none of these layouts names.
+``dora_scale`` (DoRA, DoHa, DoKr) is read along the axis its shape gives (:func:`.kohya.dora_magnitude`).
+Refused in one line: any tensor none of these layouts names.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..adapter import LoraModule, RawAdapter
+from ..adapter import LoraModule, MagnitudeAxis, RawAdapter
 from ..errors import FormatError
 from ..io.checkpoint import find_weight, module_index, open_checkpoint
 from ..io.tensorfile import Header, load_tensors, memory_bytes
@@ -47,6 +47,7 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
     _refuse_amplification(header, parts, tensors)
     modules: dict[str, LoraModule] = {}
     lycoris_names = []
+    hint = kohya.dora_hint(header.metadata)
     for name, p in parts.items():
         if "lora_down.weight" in p or "lora_up.weight" in p:
             kparts = {"." + s: k for s, k in p.items()}
@@ -54,16 +55,12 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
             if "lora_mid.weight" in p:
                 local = _tucker_locon(tensors, header.path, name, p)
                 kparts = {s: name + s for s in (kohya.DOWN, kohya.UP, kohya.ALPHA, kohya.DORA) if s in kparts}
-            modules[name] = kohya.lora_module(local, header.path, name, kparts)
+            modules[name] = kohya.lora_module(local, header.path, name, kparts, hint=hint)
             continue
         if "lora_mid.weight" in p:
             raise FormatError("lora_mid without lora_down/lora_up", path=header.path, key=p["lora_mid.weight"], code="bad-shape")
         alpha = kohya.alpha_value(tensors[p["alpha"]], path=header.path, key=p["alpha"]) if "alpha" in p else None
-        if "dora_scale" in p:
-            raise FormatError(
-                "dora_scale on a LoHa/LoKr module (DoRA re-normalises W + ΔW) is not read yet", path=header.path, key=p["dora_scale"]
-            )
-        local = {s: tensors[k] for s, k in p.items() if s != "alpha"}
+        local = {s: tensors[k] for s, k in p.items() if s not in ("alpha", "dora_scale")}
         kind = loha if any(s.startswith("hada_") for s in local) else lokr
         if kind is loha and any(s.startswith("lokr_") for s in local):
             raise FormatError("module mixes LoHa (hada_*) and LoKr (lokr_*) tensors", path=header.path, key=name)
@@ -74,7 +71,23 @@ def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:
         lycoris_names.append(name)
     if base is not None:
         modules |= _conv_shaped({n: modules[n] for n in lycoris_names}, base)
+    for name in lycoris_names:  # DoHa/DoKr: the same DoRA step on W + ΔW (lycoris/modules/loha.py, lokr.py get_merged_weight)
+        if "dora_scale" in parts[name]:
+            modules[name] = _with_dora(modules[name], tensors[parts[name]["dora_scale"]], hint, header.path, parts[name]["dora_scale"])
     return kohya.from_modules(header, modules, base=base)
+
+
+def _with_dora(m: LoraModule, dora: torch.Tensor, hint: MagnitudeAxis | None, path: Path, key: str) -> LoraModule:
+    """LoHa/LoKr module ``m`` with its ``dora_scale``; a conv read with its kernel flattened needs the base to tell in-channels apart."""
+    if m.kind == "linear" and dora.dim() == 4 and dora.shape[0] == 1:
+        raise FormatError(
+            "dora_scale runs along the input channels of a conv whose LoHa/LoKr halves store the kernel flattened; "
+            "give the base (--base) so the kernel shape is known",
+            path=path,
+            key=key,
+        )
+    magnitude, axis = kohya.dora_magnitude(dora, m.A, m.B, hint=hint, path=path, key=key)
+    return replace(m, magnitude=magnitude, magnitude_axis=axis)
 
 
 def _refuse_amplification(header: Header, parts: Mapping[str, Mapping[str, str]], tensors: Mapping[str, torch.Tensor]) -> None:

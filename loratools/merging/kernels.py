@@ -12,7 +12,13 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
   on the slice of each per-expert weight it was fused from (see :mod:`loratools.io.layouts`).
 * ``lora_bias``: the base bias gains Σᵢ wᵢ·sᵢ·b_i.
 * DoRA: W' = m / ‖W + ΔW‖ · (W + ΔW), the norm taken per output feature: per row of linear and conv
-  weights, per column of ``fan_in_fan_out`` weights and of embeddings (PEFT's conventions).
+  weights, per column of ``fan_in_fan_out`` weights and of embeddings (PEFT's conventions); for
+  kohya/LyCORIS in-axis magnitudes (``wd_on_output=False``) per input feature, plus LyCORIS's ε
+  (:func:`_in_axis_dora`).  An adapter weight w multiplies s inside the normalisation for
+  per-output magnitudes, as PEFT's scale does; for per-input ones, which have no PEFT form, it
+  interpolates W + w·(W' − W) with W' formed at full scale, as ComfyUI applies a strength
+  (``comfy/weight_adapter/base.py`` ``weight_decompose``, v0.3.77; LyCORIS's own multiplier
+  differs for w ≠ 1, all agree at w = 1).
 * ``modules_to_save`` and saved ``*.base_layer.weight`` tensors replace the base tensor (LoRA terms on
   the same tensor then apply on top of the replacement, as in PEFT); trainable tokens replace rows
   (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
@@ -41,6 +47,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..adapter import MagnitudeAxis
 from ..errors import SpecError
 from ..io.streaming import Transform
 from ..linalg import flat
@@ -48,6 +55,7 @@ from ..methods import Method, MethodOptions, module_generator
 from ..planner import Residual, TensorEdit
 
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
+_EPS = torch.finfo(torch.float32).eps  # LyCORIS's ε in the in-axis DoRA norm
 _scratch = threading.local()  # per-thread float32 work buffer for CPU row blocks: no page faults per block
 
 
@@ -141,6 +149,8 @@ class Kernel:
     token_values: torch.Tensor | None = None
     residual: Residual | None = None  # taken from the whole base tensor before the rows are merged
     combination: Combination | None = None
+    magnitude_axis: MagnitudeAxis = "out"  # DoRA's: per output feature (PEFT) or per input feature (LyCORIS wd_on_output=False)
+    dora_weight: float = 1.0  # an in-axis DoRA's adapter weight w: W + w·(W' − W), W' formed at full scale (ComfyUI's strength)
 
     @property
     def trivial(self) -> bool:
@@ -149,8 +159,9 @@ class Kernel:
 
     @property
     def norm_cols(self) -> bool:
-        """DoRA normalises per output feature: a column of the stored tensor when ΔW is transposed."""
-        return any(t.transposed for t in self.terms)
+        """DoRA's norms run down the stored tensor's columns, so the tensor is one block: per output feature
+        when ΔW is transposed, per input feature (a column, or a conv's column group) when it is not."""
+        return any(t.transposed for t in self.terms) != (self.magnitude is not None and self.magnitude_axis == "in")
 
     def to(self, device: torch.device) -> Kernel:
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -165,6 +176,8 @@ class Kernel:
             move(self.token_values),
             self.residual,
             self.combination,
+            self.magnitude_axis,
+            self.dora_weight,
         )
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -180,10 +193,15 @@ class Kernel:
         if self.token_rows is not None and self.token_values is not None:
             inside = (self.token_rows >= r0) & (self.token_rows < r1)
             x.index_copy_(0, self.token_rows[inside] - r0, self.token_values[inside])
+        before = x.clone() if self.magnitude is not None and self.dora_weight != 1.0 else None
         for term in self.terms:
             delta = term.rows(r0, r1, work)
             x.add_(delta.to(src.dtype) if term.rounded else delta)
-        if self.magnitude is not None:
+        if self.magnitude is not None and self.magnitude_axis == "in":
+            _in_axis_dora(x, self.magnitude if self.norm_cols else self.magnitude[r0:r1], per_column=self.norm_cols)
+            if before is not None:
+                x.sub_(before).mul_(self.dora_weight).add_(before)
+        elif self.magnitude is not None:
             norm = torch.linalg.norm(x, dim=0 if self.norm_cols else 1)
             magnitude = self.magnitude if self.norm_cols else self.magnitude[r0:r1]
             factor = magnitude / norm
@@ -237,8 +255,9 @@ def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOption
     if combining:
         _refuse_for_method(edit, method.name)  # type: ignore[union-attr]
     terms = []
+    in_axis = edit.magnitude is not None and any(t.lora.magnitude_axis == "in" for t in edit.terms if t.lora.magnitude is not None)
     for t in edit.terms:
-        scale = t.lora.scale if combining else t.weight * t.lora.scale
+        scale = t.lora.scale if combining or in_axis else t.weight * t.lora.scale
         if t.bias is not None:
             terms.append(RowTerm(t.bias.float().reshape(-1, 1), torch.ones(1, 1), scale))
             continue
@@ -256,7 +275,26 @@ def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOption
     if combining:
         owners, weights = tuple(t.adapter for t in edit.terms), tuple(t.weight for t in edit.terms)
         combination = Combination(method, options or MethodOptions(), owners, weights)  # type: ignore[arg-type]
-    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination)
+    axis: MagnitudeAxis = "in" if in_axis else "out"
+    weight = edit.terms[0].weight if in_axis else 1.0  # a DoRA tensor has no other term (planner: dora-shared-tensor)
+    return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination, axis, weight)
+
+
+def _in_axis_dora(x: torch.Tensor, magnitude: torch.Tensor, *, per_column: bool) -> None:
+    """DoRA along in_features, in place on merged rows ``x`` = W + ΔW: W' = W_c · m / (‖W_c‖_in + ε).
+
+    lycoris-lora 4.1.3 ``functional/general.py`` ``_weight_decompose`` with ``wd_on_out=False``: the
+    norm of each input feature's slice over every other axis (a column of a linear weight; for a conv,
+    the in-channel's (out, kh, kw) slab, which the flat (out, in·kh·kw) rows hold as a column group),
+    plus float32's ε as LyCORIS adds it.  ``per_column`` False: a transposed linear (fan_in_fan_out),
+    whose stored rows are the input features.
+    """
+    if per_column:
+        view = x.view(x.shape[0], magnitude.numel(), -1)
+        norm = torch.linalg.vector_norm(view, dim=(0, 2)) + _EPS
+        view.mul_((magnitude / norm).view(1, -1, 1))
+    else:
+        x.mul_((magnitude / (torch.linalg.norm(x, dim=1) + _EPS)).view(-1, 1))
 
 
 def _refuse_for_method(edit: TensorEdit, name: str) -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from .. import spec
+from .. import metadata, spec
 from ..adapter import Adapter
 from ..io.tensorfile import DTYPE_NAMES
 from ..linalg import frobenius_norm
+
+# the embedded config (shown as the module table) and what readers add (not in the file)
+_NOT_SHOWN = (spec.META_CONFIG, spec.META_SOURCE, spec.META_PREFIX)
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class ModuleSummary:
     dtype: str
     delta_norm: float
     dora: bool
+    dora_axis: str | None  # "out" (PEFT's, per output feature) or "in" (kohya/LyCORIS wd_on_output=False); None without DoRA
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,8 @@ class Summary:
     base_model: str | None
     spec_version: str
     peft_type: str
+    metadata: dict[str, str]  # the file's safetensors metadata, but the embedded PEFT config and read-time marks
+    training: dict[str, Any]  # trigger phrase, tags by frequency, main ss_*/modelspec.* facts (loratools.metadata.describe)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -62,6 +68,7 @@ def summarize(adapter: Adapter) -> Summary:
                 dtype=DTYPE_NAMES.get(m.dtype, str(m.dtype)),
                 delta_norm=m.scale * sum(frobenius_norm(B, A) ** 2 for B, A in m.blocks()) ** 0.5,
                 dora=m.magnitude is not None,
+                dora_axis=m.magnitude_axis if m.magnitude is not None else None,
             )
         )
     tensors = adapter.state_dict().values()
@@ -74,4 +81,6 @@ def summarize(adapter: Adapter) -> Summary:
         base_model=adapter.base_model,
         spec_version=adapter.metadata.get(spec.META_VERSION, "1.0 (plain PEFT, no version recorded)"),
         peft_type=config.get("peft_type", "LORA"),
+        metadata={k: v for k, v in adapter.metadata.items() if k not in _NOT_SHOWN},
+        training=metadata.describe(adapter.metadata),
     )

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
+import math
+
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 import loratools
-from loratools.errors import FormatError, InvalidAdapterError
+from loratools.errors import FormatError, InvalidAdapterError, SpecError
 from loratools.formats.kohya import META_SOURCE, kohya_name, map_names
 
 from ..factories import GiB, in_subprocess
@@ -196,14 +199,59 @@ def test_dora_scale_round_trips(tmp_path):
     assert torch.equal(tensors["lora_unet_x.dora_scale"], magnitude)
 
 
-def test_input_axis_dora_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("out", "inp", "shape", "args", "axis"),
+    [
+        (4, 4, (4, 1), None, "out"),  # LyCORIS wd_on_output=True: rows' norms, (out, 1)
+        (4, 4, (1, 4), None, "in"),  # wd_on_output=False (kohya-trained LyCORIS, OneTrainer): columns' norms, (1, in)
+        (4, 4, (4,), {"wd_on_output": "False"}, "in"),  # a flat vector on a square layer: the metadata tells
+        (4, 4, (4,), {"wd_on_output": True}, "out"),
+        (3, 5, (5,), None, "in"),  # a flat vector on a non-square layer: its length tells
+        (3, 5, (3,), None, "out"),
+        (1, 5, (1, 1), None, "out"),
+        (5, 1, (1, 1), None, "in"),
+    ],
+)
+def test_dora_axis_is_told_from_shape_and_metadata(tmp_path, out, inp, shape, args, axis):
+    metadata = {"ss_network_args": json.dumps(args)} if args else None
+    magnitude = torch.arange(1.0, 1.0 + math.prod(shape)).reshape(shape)
     src = _write_kohya(
         tmp_path / "k.safetensors",
-        {"lora_unet_x": (torch.ones(2, 5), torch.ones(3, 2), None)},
-        extra={"lora_unet_x.dora_scale": torch.ones(1, 5)},
+        {"lora_unet_x": (torch.ones(2, inp), torch.ones(out, 2), None)},
+        metadata,
+        {"lora_unet_x.dora_scale": magnitude},
     )
-    with pytest.raises(FormatError, match="input axis"):
+    m = loratools.load(src).modules["lora_unet_x"]
+    assert m.magnitude_axis == axis and torch.equal(m.magnitude, magnitude.reshape(-1))
+
+
+@pytest.mark.parametrize(("shape", "code"), [((4,), "dora-ambiguous"), ((2, 2), "bad-shape"), ((4, 4), "bad-shape")])
+def test_dora_scale_that_says_no_axis_is_refused(tmp_path, shape, code):
+    src = _write_kohya(
+        tmp_path / "k.safetensors",
+        {"lora_unet_x": (torch.ones(2, 4), torch.ones(4, 2), None)},
+        None,
+        {"lora_unet_x.dora_scale": torch.ones(shape)},
+    )
+    with pytest.raises(FormatError, match="dora_scale") as info:
         loratools.load(src)
+    assert info.value.code == code and info.value.key == "lora_unet_x.dora_scale"
+
+
+def test_in_axis_dora_stays_in_axis_in_kohya_and_is_refused_by_peft(tmp_path):
+    magnitude = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    src = _write_kohya(
+        tmp_path / "k.safetensors", {"lora_unet_x": (torch.ones(2, 4), torch.ones(4, 2), None)}, None, {"lora_unet_x.dora_scale": magnitude}
+    )
+    adapter = loratools.load(src)
+    tensors, _ = _read_file(loratools.save_as(adapter, tmp_path / "o.safetensors", to="kohya"))
+    assert torch.equal(tensors["lora_unet_x.dora_scale"], magnitude)  # (1, in) as LyCORIS stores it
+    assert loratools.load(tmp_path / "o.safetensors").modules["lora_unet_x"].magnitude_axis == "in"
+    assert loratools.summarize(adapter).modules[0].dora_axis == "in"
+    for fmt in ("peft", "diffusers"):
+        with pytest.raises(SpecError, match="along in_features") as info:
+            loratools.save_as(adapter, tmp_path / f"{fmt}.safetensors", to=fmt)
+        assert info.value.code == "dora-axis" and not (tmp_path / f"{fmt}.safetensors").exists()
 
 
 @pytest.mark.parametrize(

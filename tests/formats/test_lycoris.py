@@ -261,7 +261,7 @@ def test_mixed_file_reads_plain_lora_modules_too(tmp_path):
     [
         ({f"{LIN}.hada_w1_a": torch.ones(8, 2)}, "LoHa module lacks hada_w1_b"),
         ({f"{LIN}.lokr_w1": torch.ones(2, 3)}, "LoKr half 2 needs lokr_w2"),
-        ({f"{LIN}.lokr_w1": torch.ones(2, 3), f"{LIN}.lokr_w2": torch.ones(4, 4), f"{LIN}.dora_scale": torch.ones(1, 12)}, "dora_scale"),
+        ({f"{LIN}.lokr_w1": torch.ones(2, 3), f"{LIN}.lokr_w2": torch.ones(4, 4), f"{LIN}.dora_scale": torch.ones(1, 5)}, "dora_scale"),
         (
             {
                 f"{LIN}.hada_w1_a": torch.ones(8, 2),
@@ -282,3 +282,111 @@ def test_bad_lycoris_modules_are_one_line_naming_the_module(tmp_path, tensors, m
     with pytest.raises(FormatError, match=match) as info:
         loratools.load(tmp_path / "bad.safetensors")
     assert LIN in str(info.value)
+
+
+SQUARE = "lora_unet_down_blocks_0_attentions_0_proj_out"  # base linear down_blocks.0.attentions.0.proj_out (12 x 12)
+
+
+def _dora_reference(W, delta, dora, on_out):
+    """LyCORIS 4.1.3 functional/general.py _weight_decompose at multiplier 1: W_c = W + ΔW, W' = W_c · m / (‖W_c‖ + ε),
+    the norm per output row (wd_on_out) or per input column over every other axis; in float64."""
+    Wc = W.double() + delta
+    if on_out:
+        norm = Wc.reshape(Wc.shape[0], -1).norm(dim=1).reshape(-1, *[1] * (Wc.dim() - 1))
+    else:
+        norm = Wc.transpose(0, 1).reshape(Wc.shape[1], -1).norm(dim=1).reshape(1, -1, *[1] * (Wc.dim() - 2))
+    return Wc * dora.double() / (norm + torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.parametrize(("on_out", "weight"), [(False, 1.0), (False, 0.5), (True, 1.0)], ids=["in-axis", "in-axis-w0.5", "out-axis"])
+def test_dora_doha_merges_equal_lycoris_weight_decompose(tmp_path, on_out, weight):
+    """DoRA on a LoCon linear, a LoCon conv and a LoHa on a square layer, both conventions, against the formula
+    and lycoris-lora's own _weight_decompose: the square layer is where confusing the axes goes unnoticed.
+    Weight 0.5 on in-axis DoRA: W + 0.5·(W' − W), as ComfyUI applies a strength."""
+    keys = {**BASE_KEYS, "down_blocks.0.attentions.0.proj_out.weight": (12, 12)}
+    base = {k: _randn(*shape, seed=70 + i) for i, (k, shape) in enumerate(keys.items())}
+    save_file(base, str(tmp_path / "base.safetensors"))
+    lin_down, lin_up, conv_down, conv_up = (
+        _randn(2, 12, seed=80),
+        _randn(8, 2, seed=81),
+        _randn(3, 4, 3, 3, seed=82),
+        _randn(8, 3, 1, 1, seed=83),
+    )
+    loha_t = {
+        f"hada_w{n}_{s}": _randn(*shape, seed=84 + i)
+        for i, (n, s, shape) in enumerate([(1, "a", (12, 2)), (1, "b", (2, 12)), (2, "a", (12, 2)), (2, "b", (2, 12))])
+    }
+    loha_alpha = 1.0
+
+    def magnitude(out, inp, conv, seed):
+        shape = (out, 1) if on_out else (1, inp)
+        return (torch.rand(*shape, *([1, 1] if conv else []), generator=torch.Generator().manual_seed(seed)) + 0.5) * 3
+
+    doras = {LIN: magnitude(8, 12, False, 1), CONV: magnitude(8, 4, True, 2), SQUARE: magnitude(12, 12, False, 3)}
+    tensors = {
+        f"{LIN}.lora_down.weight": lin_down,
+        f"{LIN}.lora_up.weight": lin_up,
+        f"{LIN}.alpha": torch.tensor(1.0),
+        f"{CONV}.lora_down.weight": conv_down,
+        f"{CONV}.lora_up.weight": conv_up,
+        **{f"{SQUARE}.{k}": v for k, v in loha_t.items()},
+        f"{SQUARE}.alpha": torch.tensor(loha_alpha),
+        **{f"{name}.dora_scale": d for name, d in doras.items()},
+    }
+    save_file(tensors, str(tmp_path / "dora.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
+    adapter = loratools.load(tmp_path / "dora.safetensors")
+    assert {m.magnitude_axis for m in adapter.modules.values()} == {"out" if on_out else "in"}
+    merged_path = tmp_path / "merged.safetensors"
+    loratools.merge(tmp_path / "base.safetensors", [tmp_path / "dora.safetensors"], out=merged_path, weights=[weight])
+    with safe_open(str(merged_path), "pt") as f:
+        merged = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    deltas = {
+        LIN: 0.5 * (lin_up @ lin_down).double(),
+        CONV: (conv_up.reshape(8, 3) @ conv_down.reshape(3, -1)).reshape(8, 4, 3, 3).double(),
+        SQUARE: _loha_reference(loha_t, loha_alpha, (12, 12)),
+    }
+    lycoris_decompose = getattr(_lycoris_general(), "_weight_decompose", None)
+    for name, key in (
+        (LIN, "down_blocks.0.attentions.0.proj_in.weight"),
+        (CONV, "down_blocks.0.resnets.0.conv1.weight"),
+        (SQUARE, "down_blocks.0.attentions.0.proj_out.weight"),
+    ):
+        want = base[key].double() + weight * (_dora_reference(base[key], deltas[name], doras[name], on_out) - base[key].double())
+        err = float((merged[key].double() - want).abs().max() / want.abs().max())
+        assert err < 2e-6, (name, err)
+        if lycoris_decompose is not None and weight == 1.0:  # the package's own kernel, fed the same float32 W + ΔW
+            theirs = lycoris_decompose((base[key].double() + deltas[name]).float(), doras[name], 1, on_out)
+            assert float((merged[key] - theirs).abs().max() / theirs.abs().max()) < 2e-6, name
+    key = "down_blocks.0.attentions.0.proj_out.weight"  # read along the other axis, the square layer's weight is visibly different
+    other = _dora_reference(base[key], deltas[SQUARE], doras[SQUARE].reshape(doras[SQUARE].shape[::-1]), not on_out)
+    assert float((merged[key].double() - other).abs().max()) > 1e-2 * weight
+
+
+def _lycoris_general():
+    """lycoris-lora's functional/general.py when installed (the reference DoRA step), else None."""
+    try:
+        from lycoris.functional import general
+    except ImportError:
+        return None
+    return general
+
+
+def test_flattened_conv_doha_needs_the_base_for_in_channels(tmp_path):
+    """A LoHa conv without Tucker cores stores its halves as (r, in·kh·kw): a (1, in, 1, 1) dora_scale can only be
+    placed once the base gives the kernel shape; with it the merge equals LyCORIS's formula."""
+    base = _base(tmp_path / "base.safetensors")
+    t = {
+        f"hada_w{n}_{s}": _randn(*shape, seed=90 + i)
+        for i, (n, s, shape) in enumerate([(1, "a", (8, 2)), (1, "b", (2, 36)), (2, "a", (8, 2)), (2, "b", (2, 36))])
+    }
+    dora = torch.tensor([2.0, 3.0, 4.0, 5.0]).reshape(1, 4, 1, 1)
+    tensors = {f"{CONV}.{k}": v for k, v in t.items()} | {f"{CONV}.alpha": torch.tensor(1.0), f"{CONV}.dora_scale": dora}
+    save_file(tensors, str(tmp_path / "doha.safetensors"))
+    with pytest.raises(FormatError, match="give the base"):
+        loratools.load(tmp_path / "doha.safetensors")
+    loratools.merge(tmp_path / "base.safetensors", [tmp_path / "doha.safetensors"], out=tmp_path / "merged.safetensors")
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        merged = f.get_tensor("down_blocks.0.resnets.0.conv1.weight")
+    key = "down_blocks.0.resnets.0.conv1.weight"
+    want = _dora_reference(base[key], _loha_reference(t, 1.0, (8, 4, 3, 3)), dora, on_out=False)
+    assert float((merged.double() - want).abs().max() / want.abs().max()) < 2e-6

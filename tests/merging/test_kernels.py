@@ -17,11 +17,12 @@ from loratools.merging import kernels
     rank=st.integers(1, 4),
     transposed=st.booleans(),
     dora=st.booleans(),
+    in_axis=st.booleans(),
     block=st.integers(1, 64),
     seed=st.integers(0, 2**16),
 )
 def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
-    rows: int, cols: int, rank: int, transposed: bool, dora: bool, block: int, seed: int
+    rows: int, cols: int, rank: int, transposed: bool, dora: bool, in_axis: bool, block: int, seed: int
 ) -> None:
     """Streaming in row blocks (on a thread pool) gives exactly the one-shot result, for any block size."""
     gen = torch.Generator().manual_seed(seed)
@@ -31,8 +32,9 @@ def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
         if transposed
         else (torch.randn(rows, rank, generator=gen), torch.randn(rank, cols, generator=gen))
     )
-    magnitude = torch.rand(cols if transposed else rows, generator=gen) + 0.5 if dora else None
-    edit = kernels.Kernel("w", (kernels.RowTerm(B, A, 0.75, transposed),), magnitude)
+    per_row = transposed == in_axis  # out-axis norms run along stored rows unless transposed; in-axis ones the other way
+    magnitude = torch.rand(rows if per_row else cols, generator=gen) + 0.5 if dora else None
+    edit = kernels.Kernel("w", (kernels.RowTerm(B, A, 0.75, transposed),), magnitude, magnitude_axis="in" if in_axis else "out")
     whole = edit.rows(W, 0, rows).to(torch.bfloat16)
     streamed = torch.empty_like(W)
     old = kernels._BLOCK
@@ -43,3 +45,42 @@ def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
     finally:
         kernels._BLOCK = old
     assert torch.equal(streamed, whole)
+
+
+def test_dora_axes_by_hand() -> None:
+    """W + ΔW = [[3, 1], [4, 1]] (W = [[3, 0], [4, 1]], ΔW = B·A with B = [[1], [0]], A = [[0, 1]]), m = (10, 2).
+
+    Per input feature (kohya/LyCORIS wd_on_output=False): column norms 5 and √2, W' = [[6, √2], [8, √2]].
+    Per output feature (PEFT): row norms √10 and √17, W' = [[30/√10, 10/√10], [8/√17, 2/√17]].
+    Stored transposed (fan_in_fan_out), the in-axis norms run along the stored rows: W'ᵀ.
+    """
+    W = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    B, A, m = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([10.0, 2.0])
+    eps = torch.finfo(torch.float32).eps
+    r2, r10, r17 = 2**0.5, 10**0.5, 17**0.5
+    in_axis = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0),), m, magnitude_axis="in").rows(W, 0, 2)
+    assert torch.allclose(in_axis, torch.tensor([[3 * 10 / (5 + eps), 2 / (r2 + eps)], [8 / (1 + eps / 5), r2]]), atol=1e-6)
+    out_axis = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0),), m).rows(W, 0, 2)
+    assert torch.allclose(out_axis, torch.tensor([[30 / r10, 10 / r10], [8 / r17, 2 / r17]]), atol=1e-6)
+    stored = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0, True),), m, magnitude_axis="in")
+    assert torch.allclose(stored.rows(W.T.contiguous(), 0, 2), in_axis.T, atol=1e-6)
+
+
+def test_in_axis_conv_norms_each_input_channel_over_rows_and_kernel() -> None:
+    """A conv (out 2, in 2, 1 x 2 kernel) stored as (2, 4) rows: channel c holds columns 2c, 2c+1."""
+    W = torch.tensor([[1.0, 2.0, 0.0, 1.0], [2.0, 4.0, 3.0, 1.0]])  # channel 0: ‖(1, 2, 2, 4)‖ = 5; channel 1: ‖(0, 1, 3, 1)‖ = √11
+    zero = kernels.RowTerm(torch.zeros(2, 1), torch.zeros(1, 4), 1.0)
+    got = kernels.Kernel("w", (zero,), torch.tensor([5.0, 11**0.5]), magnitude_axis="in").rows(W, 0, 2)
+    assert torch.allclose(got, W, atol=1e-6)  # m equal to the norms: unchanged
+    got = kernels.Kernel("w", (zero,), torch.tensor([10.0, 11**0.5]), magnitude_axis="in").rows(W, 0, 2)
+    assert torch.allclose(got[:, :2], 2 * W[:, :2], atol=1e-5) and torch.allclose(got[:, 2:], W[:, 2:], atol=1e-6)
+
+
+def test_in_axis_dora_weight_interpolates_the_full_result() -> None:
+    """Weight 0.5 on the by-hand case: W + 0.5·(W' − W) with W' = [[6, √2], [8, √2]] (ΔW at full scale inside W'),
+    i.e. [[4.5, √2/2], [6, 1 + (√2 − 1)/2]] (ComfyUI's strength)."""
+    W = torch.tensor([[3.0, 0.0], [4.0, 1.0]])
+    B, A, m = torch.tensor([[1.0], [0.0]]), torch.tensor([[0.0, 1.0]]), torch.tensor([10.0, 2.0])
+    r2 = 2**0.5
+    got = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0),), m, magnitude_axis="in", dora_weight=0.5).rows(W, 0, 2)
+    assert torch.allclose(got, torch.tensor([[4.5, r2 / 2], [6.0, 1 + (r2 - 1) / 2]]), atol=1e-6)
