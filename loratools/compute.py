@@ -9,6 +9,8 @@ merge (row blocks) and arithmetic (modules) run that way.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import os
 from collections.abc import Callable, Iterator
@@ -39,6 +41,43 @@ def resolve_device(device: str) -> torch.device:
 def cpu_count() -> int:
     """CPUs this process may run on (its affinity mask where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_GLIBC_DEFAULT = 128 * 1024  # both parameters' glibc defaults
+_KEEP = 32 * 2**20  # the largest mmap threshold glibc accepts on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+    return libc if libc is not None and hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+
+
+@contextmanager
+def reused_memory() -> Iterator[None]:
+    """Freed blocks of up to 32 MiB stay in the process for the next allocation (glibc; elsewhere a no-op).
+
+    A streamed merge method allocates a few MiB of temporaries per row block on each worker
+    thread; glibc returns such blocks to the OS (mmap / heap trim) and the next allocation faults
+    every page back in: measured 5x slower per block on a 2-core VM (a TIES tensor's row blocks
+    0.9 s instead of 0.18 s).  On exit the defaults come back and the kept memory is released.
+    """
+    libc = _libc()
+    if libc is None:
+        yield
+        return
+    libc.mallopt(_M_MMAP_THRESHOLD, _KEEP)
+    libc.mallopt(_M_TRIM_THRESHOLD, 8 * _KEEP)
+    try:
+        yield
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_DEFAULT)
+        libc.mallopt(_M_TRIM_THRESHOLD, _GLIBC_DEFAULT)
+        libc.malloc_trim(0)
 
 
 @contextmanager

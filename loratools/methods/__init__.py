@@ -8,7 +8,7 @@ same arithmetic.
 
 from __future__ import annotations
 
-from .base import MAJORITY_SIGNS, Method, MethodOptions, module_generator
+from .base import MAJORITY_SIGNS, Kept, Method, MethodOptions, module_generator
 from .registry import METHOD_NAMES, METHODS, get_method
 from .weights import module_weights, parse_weight_pattern
 
@@ -16,6 +16,7 @@ __all__ = [
     "MAJORITY_SIGNS",
     "METHODS",
     "METHOD_NAMES",
+    "Kept",
     "Method",
     "MethodOptions",
     "get_method",
