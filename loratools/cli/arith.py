@@ -110,6 +110,7 @@ def add(
     weights: tuple[float, ...],
     method: str,
     density: float | None,
+    epsilon: float | None,
     majority_sign: str | None,
     seed: int,
     weight_patterns: tuple[str, ...],
@@ -125,7 +126,7 @@ def add(
 ) -> None:
     """Add adapters: exactly (ΔW = Σ wᵢ·ΔWᵢ, factors concatenated, rank = Σ rᵢ) or by a merge method.
 
-    With --method ties, magnitude_prune, dare or dare_ties each module's ΔWᵢ are formed densely,
+    With --method ties, magnitude_prune, dare, dare_ties, della or della_linear each module's ΔWᵢ are formed densely,
     combined, and compressed back to LoRA factors: give --rank (N or full), --energy or
     --max-rel-error; the report gives each module's rank and relative error.
 
@@ -144,6 +145,7 @@ def add(
         method=method,
         weights=weights or None,
         density=density,
+        epsilon=epsilon,
         majority_sign=majority_sign,
         seed=seed,
         weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],

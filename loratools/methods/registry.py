@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from ..errors import ArgumentError
-from . import dare, dare_ties, magnitude_prune, task_arithmetic, ties
+from . import dare, dare_ties, della, della_linear, magnitude_prune, task_arithmetic, ties
 from .base import Method
 
-METHODS: dict[str, Method] = {m.METHOD.name: m.METHOD for m in (task_arithmetic, ties, magnitude_prune, dare, dare_ties)}
+METHODS: dict[str, Method] = {
+    m.METHOD.name: m.METHOD for m in (task_arithmetic, ties, magnitude_prune, dare, dare_ties, della, della_linear)
+}
 METHOD_NAMES = tuple(METHODS)
 
 

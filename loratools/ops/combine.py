@@ -26,7 +26,7 @@ from ..compute import per_item
 from ..errors import ArgumentError, SpecError
 from ..io.tensorfile import DtypeLike, torch_dtype
 from ..linalg import choose_rank, flat, kept_energy, tail_errors
-from ..methods import MethodOptions, get_method, module_generator, module_weights
+from ..methods import get_method, module_generator, module_weights
 from . import arith
 from .arith import ResizeRow
 
@@ -40,6 +40,7 @@ def combine(
     density: float | None = None,
     majority_sign: str | None = None,
     seed: int = 0,
+    epsilon: float | None = None,
     rank: int | str | None = None,
     energy: float | None = None,
     max_rel_error: float | None = None,
@@ -57,8 +58,7 @@ def combine(
     name the regex finds first (:mod:`loratools.methods.weights`).
     """
     chosen = get_method(method)
-    options = MethodOptions(1.0 if density is None else density, majority_sign or "total", seed)
-    chosen.check(options, density_given=density is not None, sign_given=majority_sign is not None)
+    options = chosen.options(density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon)
     if not adapters:
         raise ArgumentError("add needs at least one adapter")
     weights = check_weights(weights, len(adapters))
