@@ -9,8 +9,8 @@ import torch
 
 from loratools import ArgumentError, SpecError, load
 from loratools.adapter import LoraModule
-from loratools.ops.arith import add
 from loratools.methods import get_method, module_generator
+from loratools.ops.arith import add
 from loratools.ops.combine import combine
 
 from ..factories import dense, make_adapter, random_module
