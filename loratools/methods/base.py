@@ -30,7 +30,7 @@ MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
 
 DEFAULT_EPSILON = 0.15  # DELLA's window half-width when none is given: mergekit 0.1.5's default (generalized_task_arithmetic.py)
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
-_SAMPLE = 1 << 16  # entries of the strided sample that brackets a magnitude threshold
+_SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,8 @@ class Kept:
     """
 
     threshold: torch.Tensor | None = None
+    strict: bool = False  # keep |x| > threshold, plus the entries at flat indices ``extra`` (sorted)
+    extra: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     divisor: float | torch.Tensor | None = None
     nothing: bool = False
@@ -70,7 +72,12 @@ class Kept:
             kept = block * self.mask[r0:r1]
         elif self.threshold is not None:
             keep = block.abs()
-            kept = torch.ge(keep, self.threshold, out=keep).mul_(block)
+            (torch.gt if self.strict else torch.ge)(keep, self.threshold, out=keep)
+            if self.extra is not None and block.numel():
+                width = block.numel() // block.shape[0]
+                lo, hi = (int(i) for i in torch.searchsorted(self.extra, torch.tensor([r0 * width, r1 * width], device=block.device)))
+                keep.view(-1)[self.extra[lo:hi] - r0 * width] = 1
+            kept = keep.mul_(block)
         else:
             return block
         divisor = self.divisor[r0:r1] if isinstance(self.divisor, torch.Tensor) else self.divisor
@@ -204,8 +211,11 @@ def select_top(delta: torch.Tensor, density: float, pool: Executor | None = None
     """TIES's trim as a :class:`Kept`: the k = ⌊density·numel⌋ entries of largest |x| over the whole tensor.
 
     The k-th largest |x| is found exactly by :func:`kth_largest_magnitude`; when exactly k entries
-    reach it, they are topk's set, kept as |x| >= it (no mask stored).  If magnitudes tie at the threshold, the set is ambiguous and
-    ``topk`` picks, as PEFT does (``merge_utils.magnitude_based_pruning``).
+    reach it, they are the top-k set, kept as |x| >= it (no mask stored).  When magnitudes tie at
+    it (common for bf16 factors: their products take few distinct values), the top-k set is
+    ambiguous: we keep every entry above it and the first tied ones in row-major order, which is
+    deterministic and ~40x cheaper than PEFT's ``topk`` (``merge_utils.magnitude_based_pruning``),
+    whose pick among equal magnitudes torch leaves unspecified; only those tied entries can differ.
     """
     if density >= 1:
         return Kept()
@@ -216,16 +226,15 @@ def select_top(delta: torch.Tensor, density: float, pool: Executor | None = None
     threshold, reaching = kth_largest_magnitude(delta, k, pool)
     if reaching == k:
         return Kept(threshold=threshold)
-    keep = torch.zeros(n, dtype=delta.dtype, device=delta.device)
-    keep[torch.topk(delta.abs().reshape(-1), k, largest=True).indices] = 1
-    return Kept(mask=keep.reshape(delta.shape))
+    tied = torch.nonzero(delta.reshape(-1).abs() == threshold).reshape(-1)  # ascending flat indices
+    return Kept(threshold=threshold, strict=True, extra=tied[: k - (reaching - tied.numel())])
 
 
 def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = None) -> tuple[torch.Tensor, int]:
     """The k-th largest |x| of ``delta`` (exactly ``kthvalue``'s), and how many entries reach it.
 
-    ``kthvalue`` on a whole 10M-entry ΔW costs ~0.3 s on one core.  Instead a strided sample of
-    2¹⁶ entries brackets the k-th largest between two sample values, by 8 standard deviations of
+    ``kthvalue`` on a whole 10M-entry ΔW costs ~0.3 s on one core.  Instead a sample of 2¹⁶
+    entries (fixed seed) brackets the k-th largest between two sample values, by 8 standard deviations of
     the sample's rank; one pass (in cache-sized pieces on ``pool``, with float-valued comparisons)
     counts the entries above the bracket and gathers those inside it (~1%), and ``kthvalue`` of
     the gathered ones is the exact answer.  A bracket that misses (a sample unlike the whole: many
@@ -236,14 +245,14 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = N
     n = flat.numel()
     if n <= 4 * _SAMPLE:
         return _kth_whole(flat, k)
-    step = n // _SAMPLE
-    sample = flat[::step].abs().sort(descending=True).values
+    picks = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(flat.device)
+    sample = flat[picks].abs()  # uniform: a stride could follow the columns' scales
     m = sample.numel()
     j = k * m / n  # the k-th largest's expected rank in the sample, from the top
     spread = 8 * math.sqrt(max(j * (1 - j / m), 1.0)) + 2
-    top, bottom = int(j - spread), int(j + spread)
-    high = sample[top] if top >= 0 else None
-    low = sample[bottom] if bottom < m else sample.new_zeros(())
+    top, bottom = int(j - spread), int(j + spread)  # ranks from the top, 0-based
+    high = torch.kthvalue(sample, m - top).values if top >= 0 else None
+    low = torch.kthvalue(sample, m - bottom).values if bottom < m else sample.new_zeros(())
     mid, half = (low + (high if high is not None else low)) / 2, ((high if high is not None else low) - low) / 2
     # (a - mid) and the rounded mid and half err by a few ulp of the bracket's ends: gather a superset, then filter exactly
     margin = (low.abs() + (high.abs() if high is not None else 0)) * 1e-6 + float(torch.finfo(flat.dtype).tiny)

@@ -13,7 +13,7 @@ from peft.utils import merge_utils
 from loratools import ArgumentError
 from loratools.compute import single_threaded
 from loratools.methods import MethodOptions, get_method, module_generator
-from loratools.methods.base import kth_largest_magnitude, trim
+from loratools.methods.base import kth_largest_magnitude, select_top, trim
 from loratools.methods.della import select_della
 
 X = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
@@ -29,6 +29,15 @@ def test_trim_keeps_the_largest_magnitudes_over_the_whole_tensor():
     assert torch.equal(trim(X, 0.5), torch.tensor([[3.0, 0.0], [0.0, -4.0]]))
     assert torch.equal(trim(X, 0.3), torch.tensor([[0.0, 0.0], [0.0, -4.0]]))  # k = floor(1.2) = 1
     assert torch.equal(trim(X, 1.0), X)
+
+
+def test_trim_with_ties_at_the_threshold_keeps_exactly_k_first_in_row_major_order():
+    # |Z| = 1, 2, 2, 2, 2, 0.5: k = 3 of the four 2s, the first three in row-major order (flat 1, 2, 3)
+    Z = torch.tensor([[1.0, -2.0, 2.0], [2.0, -2.0, 0.5]])
+    assert torch.equal(trim(Z, 0.5), torch.tensor([[0.0, -2.0, 2.0], [2.0, 0.0, 0.0]]))
+    kept = select_top(Z, 0.5)
+    rows = torch.cat([kept.apply(Z[r : r + 1], r, r + 1) for r in range(2)])  # row blocks agree with the whole
+    assert torch.equal(rows, trim(Z, 0.5))
 
 
 def test_ties_by_hand():
@@ -120,7 +129,7 @@ def test_kth_largest_magnitude_in_pieces_on_a_pool_equals_one_pass():
 
 @pytest.mark.parametrize("k", [1, 7, 300_000, 599_999, 600_000])
 def test_kth_largest_magnitude_of_unlike_samples_falls_back_exactly(k):
-    # a strided sample that sees only zeros (nonzeros off its stride) or one repeated value misses its bracket
+    # mostly zeros and one repeated value: brackets can miss, and the answer must stay exact
     x = torch.zeros(600_000)
     x[1::9] = torch.linspace(-3, 3, x[1::9].numel())
     x[5::9] = 2.0
