@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)  # the planner's warnings ("where: message"), e.g. an overridden fan_in_fan_out
     added: list[str] = field(default_factory=list)  # tensors the base does not store (an untied lm_head.weight)
     config: dict[str, Any] = field(default_factory=dict)  # config.json fields set (tie_word_embeddings, vocab_size)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "task_arithmetic"})  # Method.describe: name and options read
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +77,7 @@ class MergeResult:
             "warnings": self.warnings,
             "added": self.added,
             "config": self.config,
+            "method": self.method,
         }
 
 
@@ -132,7 +134,8 @@ def merge(
         loaded = [a.reweighted(factors) for a in loaded] if factors else loaded
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
         write = WriteOptions(force, direct, fsync, progress)
-        return _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))
+        result = _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))
+    return replace(result, method=chosen.describe(options))
 
 
 def unmerge(

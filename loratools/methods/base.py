@@ -130,6 +130,19 @@ class Method:
         self.check(options, density_given=density is not None, sign_given=majority_sign is not None, epsilon_given=epsilon is not None)
         return options
 
+    def describe(self, options: MethodOptions) -> dict[str, object]:
+        """The method and the options it reads, for ``--json`` reports: name, density, majority sign, epsilon, seed."""
+        info: dict[str, object] = {"name": self.name}
+        if self.uses_density:
+            info["density"] = options.density
+        if self.uses_sign:
+            info["majority_sign"] = options.majority_sign
+        if self.uses_epsilon:
+            info["epsilon"] = options.epsilon
+        if self.random:
+            info["seed"] = options.seed
+        return info
+
     def check(self, options: MethodOptions, *, density_given: bool, sign_given: bool, epsilon_given: bool = False) -> None:
         """Refuse options this method does not read (a silent no-op would hide a mistake) and out-of-range ones."""
         if density_given and not self.uses_density:

@@ -18,3 +18,11 @@ def get_method(name: str) -> Method:
         return METHODS[name]
     except KeyError:
         raise ArgumentError(f"unknown merge method {name!r} (known: {', '.join(METHOD_NAMES)})") from None
+
+
+def describe_method(
+    name: str, *, density: float | None = None, majority_sign: str | None = None, seed: int = 0, epsilon: float | None = None
+) -> dict[str, object]:
+    """What ``--json`` reports of a method: its name and the options it reads, defaults filled in (checked as the command checks them)."""
+    method = get_method(name)
+    return method.describe(method.options(density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon))

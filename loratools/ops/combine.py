@@ -17,7 +17,8 @@ under weight 1 and identical copies, as in :func:`loratools.add`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -46,6 +47,7 @@ def combine(
     max_rel_error: float | None = None,
     weight_patterns: Sequence[tuple[str, float]] = (),
     dtype: DtypeLike = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Adapter, list[ResizeRow]]:
     """Combine adapters module by module with ``method``, compressed to LoRA factors by exactly one criterion.
 
@@ -55,7 +57,8 @@ def combine(
     combined ΔW's ‖·‖_F² and its relative error.  ``task_arithmetic`` runs the exact factored sum
     (:func:`loratools.add`), then :func:`loratools.resize` when a criterion is given.
     ``weight_patterns``: (regex, W) pairs; W multiplies every input's weight on the modules whose
-    name the regex finds first (:mod:`loratools.methods.weights`).
+    name the regex finds first (:mod:`loratools.methods.weights`).  ``progress`` is called with
+    (modules done, modules total) as modules finish, from worker threads.
     """
     chosen = get_method(method)
     options = chosen.options(density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon)
@@ -86,7 +89,18 @@ def combine(
         B, A, row = _compress(name, combined, sum(m.rank for _, m, _ in terms), criterion, value)
         return arith.rebuild(like, B, A, None, cast or like.dtype), row
 
-    done = per_item(one, names)
+    finished = [0]
+    lock = threading.Lock()
+
+    def counted(name: str) -> tuple[LoraModule, ResizeRow]:
+        result = one(name)
+        if progress is not None:
+            with lock:
+                finished[0] += 1
+                progress(finished[0], len(names))
+        return result
+
+    done = per_item(counted, names)
     modules = {row.module: module for module, row in done}
     return arith.derive(adapters, modules), [row for _, row in done]
 

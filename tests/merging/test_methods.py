@@ -95,7 +95,9 @@ def test_cli_merge_method_reports_json(tmp_path):
     args = ["merge", str(base), *map(str, paths), "--method", "ties", "--density", "0.5", "-o", str(tmp_path / "m.safetensors"), "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["merged"] == len(SHAPES)
+    report = json.loads(result.stdout)
+    assert report["merged"] == len(SHAPES)
+    assert report["method"] == {"name": "ties", "density": 0.5, "majority_sign": "total"}
 
 
 @pytest.mark.parametrize(("method", "epsilon"), [("dare_ties", None), ("della", 0.2), ("della_linear", 0.1)])

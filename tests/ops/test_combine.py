@@ -110,6 +110,14 @@ def test_della_at_full_rank_is_the_method_on_the_dense_deltas():
     assert torch.allclose(dense(ours.modules["q"]).float(), expected, atol=1e-5)
 
 
+def test_progress_counts_every_module_once():
+    a = make_adapter({n: random_module(seed=i) for i, n in enumerate("qkv")})
+    b = make_adapter({n: random_module(seed=5 + i) for i, n in enumerate("qk")})
+    calls = []
+    combine(a, b, method="ties", density=0.5, rank=2, progress=lambda done, total: calls.append((done, total)))
+    assert sorted(calls) == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_undefined_combinations_are_refused():
     a, b = make_adapter({"q": random_module(seed=1)}), make_adapter({"q": random_module(seed=2)})
     with pytest.raises(ArgumentError, match="give --rank"):
