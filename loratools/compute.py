@@ -106,9 +106,21 @@ def per_item(fn: Callable[[T], R], items: list[T]) -> list[R]:
     """``[fn(x) for x in items]`` on single-threaded workers (:func:`single_threaded`); in order.
 
     A module's QRs are (m x r) with r ~ 64: too small to split across threads, so items run in
-    parallel instead; torch ops release the GIL.
+    parallel instead; torch ops release the GIL.  With fewer items than CPUs (``add --method`` of a
+    few large modules, whose dense SVDs do split well) each worker's torch ops get an equal share
+    of the CPUs instead of one (torch's thread count is per thread; the caller's comes back on exit).
     """
-    if torch.get_num_threads() == 1 or len(items) < 2:
+    threads = torch.get_num_threads()
+    if threads == 1 or len(items) < 2:
         return [fn(x) for x in items]
+    share = max(1, min(threads, cpu_count()) // len(items))
+    if share == 1:
+        with single_threaded() as pool:
+            return list(pool.map(fn, items))
+
+    def shared(x: T) -> R:
+        torch.set_num_threads(share)
+        return fn(x)
+
     with single_threaded() as pool:
-        return list(pool.map(fn, items))
+        return list(pool.map(shared, items))
