@@ -18,12 +18,14 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
   (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
   every output row.
 
-With a merge method other than the exact sum (:mod:`loratools.methods`: TIES, DARE, ...), each
-adapter's whole ΔWᵢ for the tensor is formed first (the sum of its terms there, unweighted: s·B·A),
-the method combines them with the weights, and the result is added to W; trimming ranks magnitudes
-over the whole tensor, so this runs once per tensor, never per row block, and the row blocks then
-add slices of the one result (row-block streaming cannot change it).  Memory: a few float32 copies
-of the largest tensor.  PEFT's rounding of embedding and ``target_parameters`` ΔW does not apply there.
+With a merge method other than the exact sum (:mod:`loratools.methods`: TIES, DARE, DELLA, ...),
+each adapter's whole ΔWᵢ for the tensor is formed first (the sum of its terms there, unweighted:
+s·B·A; row blocks on the pool, into buffers reused from tensor to tensor), and the method's
+``select`` sees each whole ΔWᵢ once (trimming ranks magnitudes over the whole tensor; random
+drops are drawn for the whole tensor); its entrywise ``join`` then runs per row block on the pool
+and the block is added to W, so row-block streaming cannot change the result.  Memory: one float32
+ΔWᵢ per adapter of the largest tensor, plus a random method's draws.  PEFT's rounding of embedding
+and ``target_parameters`` ΔW does not apply there.
 
 Everything is computed in float32 from the stored values and rounded once to the output dtype.
 PEFT does the same, in the same order, when its adapter weights are float32 (its default: adapters
