@@ -150,11 +150,14 @@ class Combination:
         workers = pool if device.type == "cpu" else None
         flip = self.method.rowwise and any(t.transposed for t in terms)  # rank within rows of B·A, not of the stored (B·A)ᵀ
 
-        def select(d: torch.Tensor) -> Kept:
-            kept = self.method.select(d.T if flip else d, self.options, generator, workers)
+        def select(d: torch.Tensor, inner: Executor | None) -> Kept:
+            kept = self.method.select(d.T if flip else d, self.options, generator, inner)
             return kept.transposed() if flip else kept
 
-        kept = tuple(select(d) for d in dense)  # in input order: a random method's one stream
+        if generator is None and workers is not None and len(dense) > 1:  # inputs side by side, each on one worker
+            kept = tuple(workers.map(lambda d: select(d, None), dense))
+        else:  # in input order: a random method's one stream
+            kept = tuple(select(d, workers) for d in dense)
         empty = torch.empty(0)
         return MethodTerm(empty, empty, 1.0, deltas=dense, kept=kept, combination=self)
 
