@@ -44,7 +44,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("MergeResult", "merge", "unmerge"), "merging"),
     **dict.fromkeys(("ResizeRow", "add", "resize", "scale", "subtract"), "ops.arith"),
     "combine": "ops.combine",
-    **dict.fromkeys(("METHODS", "Method", "MethodOptions", "parse_weight_pattern"), "methods"),
+    **dict.fromkeys(("METHODS", "Method", "MethodOptions", "describe_method", "parse_weight_pattern"), "methods"),
     **dict.fromkeys(("DiffReport", "diff"), "ops.diff"),
     **dict.fromkeys(("ExtractReport", "extract"), "ops.extract"),
     **dict.fromkeys(("ModuleSpectrum", "plot_spectrum", "spectra"), "ops.spectrum"),
@@ -81,7 +81,7 @@ if TYPE_CHECKING:
     from .io.checkpoint import Checkpoint, open_checkpoint
     from .linalg import FactoredSVD, factored_svd, singular_values
     from .merging import MergeResult, merge, unmerge
-    from .methods import METHODS, Method, MethodOptions, parse_weight_pattern
+    from .methods import METHODS, Method, MethodOptions, describe_method, parse_weight_pattern
     from .ops.arith import ResizeRow, add, resize, scale, subtract
     from .ops.combine import combine
     from .ops.diff import DiffReport, diff
@@ -164,6 +164,7 @@ __all__ = [
     "load",
     "merge",
     "open_checkpoint",
+    "describe_method",
     "parse_weight_pattern",
     "plan",
     "plot_spectrum",

@@ -69,7 +69,7 @@ PUSH_FORMATS: tuple[PushFormat, ...] = ("peft", "original")
 
 # Merge methods (--method) and sign-election rules (--majority-sign); defined in loratools/methods/,
 # named here so that `--help` needs no torch.  tests/methods/test_registry.py checks they agree.
-METHOD_CHOICES = ("task_arithmetic", "ties", "magnitude_prune", "dare", "dare_ties")
+METHOD_CHOICES = ("task_arithmetic", "ties", "magnitude_prune", "dare", "dare_ties", "della", "della_linear")
 MAJORITY_SIGN_CHOICES = ("total", "frequency")
 ENERGY_LEVELS = (0.9, 0.99, 0.999)  # kept fractions of ‖ΔW‖_F² for which `inspect --spectrum` gives the rank
 _DTYPE_CODES = {"fp16": "F16", "bf16": "BF16", "fp32": "F32"}

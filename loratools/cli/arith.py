@@ -11,7 +11,7 @@ import loratools
 
 from ..io.atomic import check_output
 from ..spec import DTYPE_CHOICES, FORMATS, DtypeChoice, Format
-from .console import emit_json, out, safe, say
+from .console import count_progress, emit_json, out, safe, say
 from .options import for_option, method_options
 
 ADAPTER_FORMATS = tuple(f for f in FORMATS if f != "gguf")  # GGUF needs a base: `loratools convert OUT --to gguf --base BASE`
@@ -59,6 +59,7 @@ def _write(
     force: bool,
     as_json: bool,
     rows: list[ResizeRow] | None = None,
+    method: dict[str, object] | None = None,
 ) -> None:
     result = write_for(result, output, to, runtimes, force)
     ranks = sorted({m.rank for m in result.modules.values()})
@@ -69,6 +70,7 @@ def _write(
                 "modules": len(result.modules),
                 "ranks": ranks,
                 "num_params": result.num_params,
+                **({"method": method} if method is not None else {}),
                 **({"report": [r.to_dict() for r in rows]} if rows is not None else {}),
             }
         )
@@ -115,6 +117,7 @@ def add(
     weights: tuple[float, ...],
     method: str,
     density: float | None,
+    epsilon: float | None,
     majority_sign: str | None,
     seed: int,
     weight_patterns: tuple[str, ...],
@@ -130,7 +133,7 @@ def add(
 ) -> None:
     """Add adapters: exactly (ΔW = Σ wᵢ·ΔWᵢ, factors concatenated, rank = Σ rᵢ) or by a merge method.
 
-    With --method ties, magnitude_prune, dare or dare_ties each module's ΔWᵢ are formed densely,
+    With --method ties, magnitude_prune, dare, dare_ties, della or della_linear each module's ΔWᵢ are formed densely,
     combined, and compressed back to LoRA factors: give --rank (N or full), --energy or
     --max-rel-error; the report gives each module's rank and relative error.
 
@@ -144,20 +147,24 @@ def add(
         raise click.UsageError("add needs at least two adapters (use `loratools scale` for one)")
     rank = _rank(rank_text)
     check_output(output, force=force)
-    result, rows = loratools.combine(
-        *(loratools.load(p) for p in adapters),
-        method=method,
-        weights=weights or None,
-        density=density,
-        majority_sign=majority_sign,
-        seed=seed,
-        weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
-        rank=rank,
-        energy=energy,
-        max_rel_error=max_rel_error,
-        dtype=dtype,
-    )
-    _write(result, output, to, runtimes, force, as_json, rows or None)  # no rows: the exact factored sum
+    chosen = loratools.describe_method(method, density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon)
+    with count_progress(f"add --method {method}", method != "task_arithmetic" and not as_json) as progress:
+        result, rows = loratools.combine(
+            *(loratools.load(p) for p in adapters),
+            method=method,
+            weights=weights or None,
+            density=density,
+            epsilon=epsilon,
+            majority_sign=majority_sign,
+            seed=seed,
+            weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],
+            rank=rank,
+            energy=energy,
+            max_rel_error=max_rel_error,
+            dtype=dtype,
+            progress=progress,
+        )
+    _write(result, output, to, runtimes, force, as_json, rows or None, chosen)  # no rows: the exact factored sum
 
 
 @click.command("scale", context_settings={"ignore_unknown_options": True})

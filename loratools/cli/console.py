@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)  # pipes get full module names
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -40,3 +43,18 @@ def emit_json(data: Any) -> None:
 def say(text: object) -> None:
     """One plain line on stdout, no markup or highlighting, control characters escaped."""
     out.print(plain(text), highlight=False, markup=False)
+
+
+@contextmanager
+def count_progress(description: str, enabled: bool) -> Iterator[Callable[[int, int], None] | None]:
+    """A rich bar on stderr (items done of total, ETA) fed by a library ``progress(done, total)`` callback.
+
+    None (no bar) unless ``enabled`` and stderr is a terminal, so pipes and logs get no bar frames.
+    """
+    if not (enabled and err.is_terminal):
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(description, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)

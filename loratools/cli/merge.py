@@ -106,7 +106,7 @@ def _run(
 @click.option("-o", "--out", "--output", "out", help="Output (default: <base>-merged beside BASE). Never inside BASE.")
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
 @method_options(
-    method_help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, ties, magnitude_prune, dare, dare_ties.",
+    method_help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, or one of the methods.",
     seed_help="Seed of DARE's random drops (per tensor, reproducible).",
 )
 @_merge_options
@@ -117,6 +117,7 @@ def merge(
     weights: tuple[float, ...],
     method: str,
     density: float | None,
+    epsilon: float | None,
     majority_sign: str | None,
     seed: int,
     weight_patterns: tuple[str, ...],
@@ -143,6 +144,7 @@ def merge(
         out=out,
         method=method,
         density=density,
+        epsilon=epsilon,
         majority_sign=majority_sign,
         seed=seed,
         weight_patterns=[loratools.parse_weight_pattern(p) for p in weight_patterns],

@@ -23,13 +23,20 @@ def for_option(f: Any) -> Any:
 
 
 def method_options(*, method_help: str, seed_help: str) -> Callable[[Any], Any]:
-    """--method, --density, --majority-sign, --weight-pattern and --seed of `add` and `merge`."""
+    """--method, --density, --epsilon, --majority-sign, --weight-pattern and --seed of `add` and `merge`."""
     options = (
         click.option("--method", type=click.Choice(METHOD_CHOICES), default="task_arithmetic", show_default=True, help=method_help),
         click.option(
-            "--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties)."
+            "--density", type=float, help="Kept fraction of each ΔW's entries, in (0, 1] (ties, magnitude_prune, dare, dare_ties, della)."
         ),
-        click.option("--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties; default total)."),
+        click.option(
+            "--epsilon",
+            type=float,
+            help="DELLA's keep probabilities: density ± epsilon, smallest to largest |ΔW| per row (della*; default 0.15).",
+        ),
+        click.option(
+            "--majority-sign", type=click.Choice(MAJORITY_SIGN_CHOICES), help="Sign election (ties, dare_ties, della; default total)."
+        ),
         click.option(
             "--weight-pattern",
             "weight_patterns",

@@ -24,12 +24,14 @@ The math is PEFT's ``merge_and_unload``, per base tensor W (shapes as the checkp
   (PEFT's ``index_copy``).  A replacement with more rows than the base (a grown vocabulary) gives
   every output row.
 
-With a merge method other than the exact sum (:mod:`loratools.methods`: TIES, DARE, ...), each
-adapter's whole ΔWᵢ for the tensor is formed first (the sum of its terms there, unweighted: s·B·A),
-the method combines them with the weights, and the result is added to W; trimming ranks magnitudes
-over the whole tensor, so this runs once per tensor, never per row block, and the row blocks then
-add slices of the one result (row-block streaming cannot change it).  Memory: a few float32 copies
-of the largest tensor.  PEFT's rounding of embedding and ``target_parameters`` ΔW does not apply there.
+With a merge method other than the exact sum (:mod:`loratools.methods`: TIES, DARE, DELLA, ...),
+each adapter's whole ΔWᵢ for the tensor is formed first (the sum of its terms there, unweighted:
+s·B·A; row blocks on the pool, into buffers reused from tensor to tensor), and the method's
+``select`` sees each whole ΔWᵢ once (trimming ranks magnitudes over the whole tensor; random
+drops are drawn for the whole tensor); its entrywise ``join`` then runs per row block on the pool
+and the block is added to W, so row-block streaming cannot change the result.  Memory: one float32
+ΔWᵢ per adapter of the largest tensor, plus a random method's draws.  PEFT's rounding of embedding
+and ``target_parameters`` ΔW does not apply there.
 
 Everything is computed in float32 from the stored values and rounded once to the output dtype.
 PEFT does the same, in the same order, when its adapter weights are float32 (its default: adapters
@@ -42,8 +44,10 @@ accumulator, which equals merging them one after another in float32 and rounding
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 
@@ -51,12 +55,13 @@ from ..adapter import MagnitudeAxis
 from ..errors import SpecError
 from ..io.streaming import Transform
 from ..linalg import flat
-from ..methods import Method, MethodOptions, module_generator
+from ..methods import Kept, Method, MethodOptions, module_generator
 from ..planner import Residual, TensorEdit
 
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
 _EPS = torch.finfo(torch.float32).eps  # LyCORIS's ε in the in-axis DoRA norm
 _scratch = threading.local()  # per-thread float32 work buffer for CPU row blocks: no page faults per block
+_deltas = threading.local()  # the streaming thread's buffers for a merge method's whole ΔWᵢ (see _workspace)
 
 
 @dataclass(frozen=True)
@@ -104,14 +109,6 @@ class ExpertRowTerm(RowTerm):
 
 
 @dataclass(frozen=True)
-class DenseTerm(RowTerm):
-    """A whole precomputed ΔW (in ``B``, the stored layout) whose rows are added as they are."""
-
-    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.B[r0:r1]
-
-
-@dataclass(frozen=True)
 class Combination:
     """A merge method over one tensor's terms: term j belongs to adapter ``owners[j]`` of weight ``weights[j]``.
 
@@ -124,17 +121,90 @@ class Combination:
     owners: tuple[int, ...]
     weights: tuple[float, ...]
 
-    def delta(self, terms: tuple[RowTerm, ...], rows: int, key: str, device: torch.device) -> torch.Tensor:
-        """The combined ΔW of the whole tensor, float32, stored layout; DARE's drops seeded by (seed, ``key``)."""
-        per_adapter: dict[int, torch.Tensor] = {}
-        weight: dict[int, float] = {}
-        for term, owner, w in zip(terms, self.owners, self.weights, strict=True):
-            part = term.rows(0, rows)
-            per_adapter[owner] = per_adapter[owner] + part if owner in per_adapter else part
-            weight.setdefault(owner, w)
-        order = sorted(per_adapter)
+    @property
+    def inputs(self) -> list[int]:
+        return sorted(set(self.owners))
+
+    @property
+    def input_weights(self) -> tuple[float, ...]:
+        first: dict[int, float] = {}
+        for owner, w in zip(self.owners, self.weights, strict=True):
+            first.setdefault(owner, w)
+        return tuple(first[i] for i in self.inputs)
+
+    def term(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], key: str, device: torch.device, pool: Executor | None) -> MethodTerm:
+        """The method's term for the whole tensor: each adapter's ΔWᵢ (the sum of its terms, s·B·A, stored layout,
+        float32) formed in row blocks on ``pool``, then what each keeps (DARE's drops seeded by (seed, ``key``))."""
+        rows, cols = shape
+        deltas = _workspace(len(self.inputs), rows * cols, device)
+        slot = {owner: i for i, owner in enumerate(self.inputs)}
+        step = rows if device.type != "cpu" else max(1, _BLOCK // max(1, cols))
+
+        def block(r0: int) -> None:
+            r1 = min(rows, r0 + step)
+            filled: set[int] = set()
+            for term, owner in zip(terms, self.owners, strict=True):
+                target = deltas[slot[owner]][r0 * cols : r1 * cols].view(r1 - r0, cols)
+                part = term.rows(r0, r1)
+                if owner in filled:
+                    target.add_(part)
+                else:
+                    target.copy_(part)
+                    filled.add(owner)
+
+        _run(block, range(0, rows, step), pool if device.type == "cpu" else None)
+        dense = tuple(d[: rows * cols].view(rows, cols) for d in deltas)
         generator = module_generator(self.options.seed, key, device) if self.method.random else None
-        return self.method.combine([per_adapter[i] for i in order], [weight[i] for i in order], self.options, generator)
+        workers = pool if device.type == "cpu" else None
+        flip = self.method.rowwise and any(t.transposed for t in terms)  # rank within rows of B·A, not of the stored (B·A)ᵀ
+
+        def select(d: torch.Tensor, inner: Executor | None) -> Kept:
+            kept = self.method.select(d.T if flip else d, self.options, generator, inner)
+            return kept.transposed() if flip else kept
+
+        if generator is None and workers is not None and len(dense) > 1:  # inputs side by side, each on one worker
+            kept = tuple(workers.map(lambda d: select(d, None), dense))
+        else:  # in input order: a random method's one stream
+            kept = tuple(select(d, workers) for d in dense)
+        empty = torch.empty(0)
+        return MethodTerm(empty, empty, 1.0, deltas=dense, kept=kept, combination=self)
+
+
+@dataclass(frozen=True)
+class MethodTerm(RowTerm):
+    """A merge method's ΔW, joined row block by row block from the inputs' whole ΔWᵢ and what each keeps."""
+
+    deltas: tuple[torch.Tensor, ...] = ()
+    kept: tuple[Kept, ...] = ()
+    combination: Combination | None = None
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        c = cast(Combination, self.combination)  # always set: Combination.term builds these
+        blocks = [k.apply(d[r0:r1], r0, r1) for k, d in zip(self.kept, self.deltas, strict=True)]
+        return c.method.join(blocks, c.input_weights, c.options)
+
+
+def _run(fn: Callable[[int], None], items: range, pool: Executor | None) -> None:
+    if pool is None:
+        for x in items:
+            fn(x)
+    else:
+        list(pool.map(fn, items))
+
+
+def _workspace(count: int, numel: int, device: torch.device) -> list[torch.Tensor]:
+    """``count`` flat float32 buffers of at least ``numel`` elements, reused from tensor to tensor on the CPU.
+
+    A streamed merge transforms one tensor at a time on one thread, so the buffers of one tensor's
+    ΔWᵢ can serve the next: fresh 50 MB allocations would fault in every page (~10 ms each).
+    """
+    if device.type != "cpu":
+        return [torch.empty(numel, dtype=torch.float32, device=device) for _ in range(count)]
+    buffers: list[torch.Tensor] = getattr(_deltas, "buffers", [])
+    buffers = [b if b.numel() >= numel else torch.empty(numel, dtype=torch.float32) for b in buffers[:count]]
+    buffers += [torch.empty(numel, dtype=torch.float32) for _ in range(count - len(buffers))]
+    _deltas.buffers = buffers
+    return buffers
 
 
 @dataclass(frozen=True)
@@ -215,9 +285,9 @@ class Kernel:
         def run(src: torch.Tensor, dst: torch.Tensor) -> None:
             rows = dst.shape[0]
             edit = moved
-            if edit.combination is not None:  # the method sees the whole tensor's ΔWᵢ once; blocks add slices of its result
-                combined = edit.combination.delta(edit.terms, rows, edit.key, device)
-                edit = replace(edit, terms=(DenseTerm(combined, combined.new_empty(0), 1.0),), combination=None)
+            if edit.combination is not None:  # the method selects on each whole ΔWᵢ once; row blocks join slices of them
+                term = edit.combination.term(edit.terms, (rows, dst.shape[1]), edit.key, device, pool)
+                edit = replace(edit, terms=(term,), combination=None)
             if rows != src.shape[0]:  # a grown vocabulary: the replacement gives every row, src only its dtype
                 src = src[:0]
             if edit.residual is not None:  # needs the whole tensor (an SVD or QR of it), then merges as usual

@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +25,13 @@ import torch
 from .. import spec, variants
 from ..adapter import Adapter, check_weights
 from ..api import load
-from ..compute import resolve_device, single_threaded
+from ..compute import resolve_device, reused_memory, single_threaded
 from ..errors import MergeError, ShapeError
 from ..io.atomic import check_output
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
-from ..methods import MethodOptions, get_method, module_weights
+from ..methods import get_method, module_weights
 from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, Plan, TensorEdit, plan
 from .kernels import Kernel, kernel
 
@@ -57,6 +58,7 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)  # the planner's warnings ("where: message"), e.g. an overridden fan_in_fan_out
     added: list[str] = field(default_factory=list)  # tensors the base does not store (an untied lm_head.weight)
     config: dict[str, Any] = field(default_factory=dict)  # config.json fields set (tie_word_embeddings, vocab_size)
+    method: dict[str, Any] = field(default_factory=lambda: {"name": "task_arithmetic"})  # Method.describe: name and options read
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +77,7 @@ class MergeResult:
             "warnings": self.warnings,
             "added": self.added,
             "config": self.config,
+            "method": self.method,
         }
 
 
@@ -102,6 +105,7 @@ def merge(
     density: float | None = None,
     majority_sign: str | None = None,
     seed: int = 0,
+    epsilon: float | None = None,
     weight_patterns: Sequence[tuple[str, float]] = (),
 ) -> MergeResult:
     """Write ``base`` with ``adapters`` baked in (W' = W + Σ wᵢ·ΔWᵢ) to ``out``; returns what was done.
@@ -123,15 +127,15 @@ def merge(
     allows (:mod:`loratools.sink` says why); ``progress`` is called with (bytes written, bytes total).
     """
     chosen = get_method(method)
-    options = MethodOptions(1.0 if density is None else density, majority_sign or "total", seed)
-    chosen.check(options, density_given=density is not None, sign_given=majority_sign is not None)
-    with single_threaded(pause_gc=True) as pool:
+    options = chosen.options(density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon)
+    with single_threaded(pause_gc=True) as pool, reused_memory() if chosen.name != "task_arithmetic" else nullcontext():
         loaded = [a if isinstance(a, Adapter) else load(a, base=base) for a in adapters]  # base maps kohya names
         factors = module_weights(weight_patterns, list(dict.fromkeys(n for a in loaded for n in a.modules)))
         loaded = [a.reweighted(factors) for a in loaded] if factors else loaded
         labels = [str(a) if not isinstance(a, Adapter) else f"adapter #{i + 1}" for i, a in enumerate(adapters)]
         write = WriteOptions(force, direct, fsync, progress)
-        return _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))
+        result = _merge(base, loaded, labels, weights, out, device, dtype, write, pool, (chosen, options))
+    return replace(result, method=chosen.describe(options))
 
 
 def unmerge(

@@ -8,16 +8,18 @@ same arithmetic.
 
 from __future__ import annotations
 
-from .base import MAJORITY_SIGNS, Method, MethodOptions, module_generator
-from .registry import METHOD_NAMES, METHODS, get_method
+from .base import MAJORITY_SIGNS, Kept, Method, MethodOptions, module_generator
+from .registry import METHOD_NAMES, METHODS, describe_method, get_method
 from .weights import module_weights, parse_weight_pattern
 
 __all__ = [
     "MAJORITY_SIGNS",
     "METHODS",
     "METHOD_NAMES",
+    "Kept",
     "Method",
     "MethodOptions",
+    "describe_method",
     "get_method",
     "module_generator",
     "module_weights",

@@ -7,15 +7,6 @@ by (seed, module), so a run is reproducible.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .base import Method, select_drop, weighted_sum
 
-import torch
-
-from .base import Method, MethodOptions, drop, weighted_sum
-
-
-def _combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MethodOptions, gen: torch.Generator | None) -> torch.Tensor:
-    return weighted_sum([drop(d, options.density, gen) for d in deltas], weights)
-
-
-METHOD = Method("dare", _combine, uses_density=True, uses_sign=False, random=True, paper="arXiv:2311.03099")
+METHOD = Method("dare", select_drop, weighted_sum, uses_density=True, uses_sign=False, random=True, paper="arXiv:2311.03099")

@@ -6,17 +6,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .base import Method, select_drop, ties_mean
 
-import torch
-
-from .base import Method, MethodOptions, disjoint_mean, drop, elect_sign
-
-
-def _combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MethodOptions, gen: torch.Generator | None) -> torch.Tensor:
-    dropped = [drop(d, options.density, gen) for d in deltas]
-    agree = elect_sign(torch.stack(dropped), options.majority_sign)
-    return disjoint_mean(dropped, weights, agree)
-
-
-METHOD = Method("dare_ties", _combine, uses_density=True, uses_sign=True, random=True, paper="arXiv:2311.03099")
+METHOD = Method("dare_ties", select_drop, ties_mean, uses_density=True, uses_sign=True, random=True, paper="arXiv:2311.03099")

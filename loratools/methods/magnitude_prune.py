@@ -5,15 +5,6 @@ trim keeps each input's k = ⌊density·numel⌋ largest-magnitude entries over 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .base import Method, select_trim, weighted_sum
 
-import torch
-
-from .base import Method, MethodOptions, trim, weighted_sum
-
-
-def _combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MethodOptions, gen: torch.Generator | None) -> torch.Tensor:
-    return weighted_sum([trim(d, options.density) for d in deltas], weights)
-
-
-METHOD = Method("magnitude_prune", _combine, uses_density=True, uses_sign=False, random=False, paper="arXiv:2306.01708")
+METHOD = Method("magnitude_prune", select_trim, weighted_sum, uses_density=True, uses_sign=False, random=False, paper="arXiv:2306.01708")

@@ -7,17 +7,6 @@ mean ΔW = Σ_{i: sign τᵢ = γ} wᵢ·τᵢ / |{i: sign τᵢ = γ}|, entry b
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from .base import Method, select_trim, ties_mean
 
-import torch
-
-from .base import Method, MethodOptions, disjoint_mean, elect_sign, trim
-
-
-def _combine(deltas: Sequence[torch.Tensor], weights: Sequence[float], options: MethodOptions, gen: torch.Generator | None) -> torch.Tensor:
-    trimmed = [trim(d, options.density) for d in deltas]
-    agree = elect_sign(torch.stack(trimmed), options.majority_sign)
-    return disjoint_mean(trimmed, weights, agree)
-
-
-METHOD = Method("ties", _combine, uses_density=True, uses_sign=True, random=False, paper="arXiv:2306.01708")
+METHOD = Method("ties", select_trim, ties_mean, uses_density=True, uses_sign=True, random=False, paper="arXiv:2306.01708")

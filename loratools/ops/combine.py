@@ -17,7 +17,8 @@ under weight 1 and identical copies, as in :func:`loratools.add`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -26,7 +27,7 @@ from ..compute import per_item
 from ..errors import ArgumentError, SpecError
 from ..io.tensorfile import DtypeLike, torch_dtype
 from ..linalg import choose_rank, flat, kept_energy, tail_errors
-from ..methods import MethodOptions, get_method, module_generator, module_weights
+from ..methods import get_method, module_generator, module_weights
 from . import arith
 from .arith import ResizeRow
 
@@ -40,11 +41,13 @@ def combine(
     density: float | None = None,
     majority_sign: str | None = None,
     seed: int = 0,
+    epsilon: float | None = None,
     rank: int | str | None = None,
     energy: float | None = None,
     max_rel_error: float | None = None,
     weight_patterns: Sequence[tuple[str, float]] = (),
     dtype: DtypeLike = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[Adapter, list[ResizeRow]]:
     """Combine adapters module by module with ``method``, compressed to LoRA factors by exactly one criterion.
 
@@ -54,11 +57,11 @@ def combine(
     combined ΔW's ‖·‖_F² and its relative error.  ``task_arithmetic`` runs the exact factored sum
     (:func:`loratools.add`), then :func:`loratools.resize` when a criterion is given.
     ``weight_patterns``: (regex, W) pairs; W multiplies every input's weight on the modules whose
-    name the regex finds first (:mod:`loratools.methods.weights`).
+    name the regex finds first (:mod:`loratools.methods.weights`).  ``progress`` is called with
+    (modules done, modules total) as modules finish, from worker threads.
     """
     chosen = get_method(method)
-    options = MethodOptions(1.0 if density is None else density, majority_sign or "total", seed)
-    chosen.check(options, density_given=density is not None, sign_given=majority_sign is not None)
+    options = chosen.options(density=density, majority_sign=majority_sign, seed=seed, epsilon=epsilon)
     if not adapters:
         raise ArgumentError("add needs at least one adapter")
     weights = check_weights(weights, len(adapters))
@@ -86,7 +89,18 @@ def combine(
         B, A, row = _compress(name, combined, sum(m.rank for _, m, _ in terms), criterion, value)
         return arith.rebuild(like, B, A, None, cast or like.dtype), row
 
-    done = per_item(one, names)
+    finished = [0]
+    lock = threading.Lock()
+
+    def counted(name: str) -> tuple[LoraModule, ResizeRow]:
+        result = one(name)
+        if progress is not None:
+            with lock:
+                finished[0] += 1
+                progress(finished[0], len(names))
+        return result
+
+    done = per_item(counted, names)
     modules = {row.module: module for module, row in done}
     return arith.derive(adapters, modules), [row for _, row in done]
 

@@ -49,6 +49,18 @@ def test_add_with_rank_compresses_and_reports(inputs, tmp_path):
     assert {m.rank for m in load(tmp_path / "sum3").modules.values()} == {2, 3}
 
 
+def test_add_with_a_method_reports_it_in_json_and_refuses_density_zero(inputs, tmp_path):
+    a, b, _ = inputs
+    result = run("add", a, b, "--method", "della", "--density", "0.5", "--seed", "4", "--rank", "2", "-o", tmp_path / "d", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["method"] == {"name": "della", "density": 0.5, "majority_sign": "total", "epsilon": 0.15, "seed": 4}
+    assert len(report["report"]) == len(load(tmp_path / "d").modules)
+    refused = run("add", a, b, "--method", "dare", "--density", "0", "--rank", "2", "-o", tmp_path / "z")
+    assert refused.exit_code == 2 and "density must be in (0, 1]" in refused.output
+    assert not (tmp_path / "z").exists()
+
+
 def test_scale_takes_a_negative_factor(inputs, tmp_path):
     a, _, _ = inputs
     result = run("scale", a, "-0.5", "-o", tmp_path / "neg", "--dtype", "bf16")

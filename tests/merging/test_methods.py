@@ -1,8 +1,7 @@
 """merge --method: streamed into the base tensor by tensor, equal bit for bit to base + method(ΔWᵢ) by the papers' formulas.
 
-mergekit was not installed (time); the reference is PEFT 0.21's merge_utils (the TIES/DARE papers'
-formulas) applied to each adapter's whole float32 ΔW, which is what mergekit's ties/magnitude merge
-of the full models base + ΔWᵢ computes up to the rounding of those models to their dtype.
+The reference is PEFT 0.21's merge_utils (the TIES/DARE papers' formulas) applied to each adapter's
+whole float32 ΔW; tests/merging/test_mergekit.py compares with mergekit's merges of full models.
 """
 
 from __future__ import annotations
@@ -20,6 +19,7 @@ from loratools import ArgumentError, SpecError, merge
 from loratools.adapter import LoraModule
 from loratools.cli import main
 from loratools.merging.kernels import _BLOCK
+from loratools.methods import get_method, module_generator
 
 from ..factories import make_adapter, random_module
 
@@ -95,4 +95,21 @@ def test_cli_merge_method_reports_json(tmp_path):
     args = ["merge", str(base), *map(str, paths), "--method", "ties", "--density", "0.5", "-o", str(tmp_path / "m.safetensors"), "--json"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["merged"] == len(SHAPES)
+    report = json.loads(result.stdout)
+    assert report["merged"] == len(SHAPES)
+    assert report["method"] == {"name": "ties", "density": 0.5, "majority_sign": "total"}
+
+
+@pytest.mark.parametrize(("method", "epsilon"), [("dare_ties", None), ("della", 0.2), ("della_linear", 0.1)])
+def test_random_methods_merge_as_the_whole_tensor_method_with_the_tensors_seed(tmp_path, method, epsilon):
+    # row blocks join slices of what each input keeps, drawn once per whole tensor from (seed, tensor key)
+    base, adapters, weights = _base(tmp_path), _adapters(), [0.7, -0.5, 1.2]
+    out = tmp_path / "out.safetensors"
+    merge(base, adapters, weights=weights, out=out, method=method, density=0.4, epsilon=epsilon, seed=9)
+    got, w0 = load_file(str(out)), load_file(str(base))
+    chosen = get_method(method)
+    options = chosen.options(density=0.4, seed=9, epsilon=epsilon)
+    for name in SHAPES:
+        key = f"{name}.weight"
+        delta = chosen.combine([_dense(a.modules[name]) for a in adapters], weights, options, module_generator(9, key))
+        assert torch.equal(got[key], w0[key] + delta), name

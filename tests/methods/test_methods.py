@@ -6,17 +6,22 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft.utils import merge_utils
 
+from loratools import ArgumentError
+from loratools.compute import single_threaded
 from loratools.methods import MethodOptions, get_method, module_generator
-from loratools.methods.base import trim
+from loratools.methods.base import kth_largest_magnitude, select_top, trim
+from loratools.methods.della import select_della
 
 X = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
 Y = torch.tensor([[-2.0, 2.0], [1.0, 1.0]])
 
 
-def run(name: str, deltas, weights, density=1.0, sign="total", gen=None):
-    return get_method(name).combine(deltas, weights, MethodOptions(density, sign), gen)
+def run(name: str, deltas, weights, density=1.0, sign="total", gen=None, epsilon=0.0):
+    return get_method(name).combine(deltas, weights, MethodOptions(density, sign, 0, epsilon), gen)
 
 
 def test_trim_keeps_the_largest_magnitudes_over_the_whole_tensor():
@@ -24,6 +29,15 @@ def test_trim_keeps_the_largest_magnitudes_over_the_whole_tensor():
     assert torch.equal(trim(X, 0.5), torch.tensor([[3.0, 0.0], [0.0, -4.0]]))
     assert torch.equal(trim(X, 0.3), torch.tensor([[0.0, 0.0], [0.0, -4.0]]))  # k = floor(1.2) = 1
     assert torch.equal(trim(X, 1.0), X)
+
+
+def test_trim_with_ties_at_the_threshold_keeps_exactly_k_first_in_row_major_order():
+    # |Z| = 1, 2, 2, 2, 2, 0.5: k = 3 of the four 2s, the first three in row-major order (flat 1, 2, 3)
+    Z = torch.tensor([[1.0, -2.0, 2.0], [2.0, -2.0, 0.5]])
+    assert torch.equal(trim(Z, 0.5), torch.tensor([[0.0, -2.0, 2.0], [2.0, 0.0, 0.0]]))
+    kept = select_top(Z, 0.5)
+    rows = torch.cat([kept.apply(Z[r : r + 1], r, r + 1) for r in range(2)])  # row blocks agree with the whole
+    assert torch.equal(rows, trim(Z, 0.5))
 
 
 def test_ties_by_hand():
@@ -87,3 +101,80 @@ def test_dare_drop_rate_and_rescaling_are_right_statistically():
 def test_density_one_drops_nothing():
     assert torch.equal(run("dare", [X], [2.0], 1.0, gen=module_generator(0, "m")), 2 * X)
     assert torch.equal(run("dare_ties", [X, Y], [1.0, 1.0], 1.0, gen=module_generator(0, "m")), run("ties", [X, Y], [1.0, 1.0]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(allow_nan=False, width=32), min_size=1, max_size=300),
+    fraction=st.floats(0.0, 1.0),
+)
+def test_kth_largest_magnitude_is_kthvalues(values, fraction):
+    # the bit-pattern histogram must give exactly kthvalue's threshold (zeros, -0.0, infinities, ties, denormals)
+    x = torch.tensor(values, dtype=torch.float32)
+    n = x.numel()
+    k = max(1, min(n, int(fraction * n)))
+    threshold, reaching = kth_largest_magnitude(x, k)
+    expected = torch.kthvalue(x.abs(), n - k + 1).values
+    assert threshold.item() == expected.item()
+    assert reaching == int((x.abs() >= expected).sum())
+
+
+def test_kth_largest_magnitude_in_pieces_on_a_pool_equals_one_pass():
+    x = torch.randn(3 * (1 << 19) + 17, generator=torch.Generator().manual_seed(5))
+    with single_threaded() as pool:
+        got = kth_largest_magnitude(x, 1_000_003, pool)
+    expected = torch.kthvalue(x.abs(), x.numel() - 1_000_003 + 1).values
+    assert got == (expected, 1_000_003)
+
+
+@pytest.mark.parametrize("k", [1, 7, 300_000, 599_999, 600_000])
+def test_kth_largest_magnitude_of_unlike_samples_falls_back_exactly(k):
+    # mostly zeros and one repeated value: brackets can miss, and the answer must stay exact
+    x = torch.zeros(600_000)
+    x[1::9] = torch.linspace(-3, 3, x[1::9].numel())
+    x[5::9] = 2.0
+    expected = torch.kthvalue(x.abs(), x.numel() - k + 1).values
+    assert kth_largest_magnitude(x, k) == (expected, int((x.abs() >= expected).sum()))
+
+
+def test_della_keep_probabilities_follow_the_magnitude_rank_per_row():
+    # one row |x| = 1..5 (shuffled): ranks 0..4, p = 0.5, ε = 0.2 -> keep probabilities 0.3, 0.4, 0.5, 0.6, 0.7;
+    # a kept entry equals x / its probability; over 4000 seeds each entry's keep rate is within 5 s.d.
+    x = torch.tensor([[3.0, -1.0, 5.0, -2.0, 4.0]])
+    probability = torch.tensor([0.5, 0.3, 0.7, 0.4, 0.6])
+    kept = torch.zeros(5)
+    for seed in range(4000):
+        got = run("della_linear", [x], [1.0], 0.5, gen=module_generator(seed, "m"), epsilon=0.2)[0]
+        nonzero = got != 0
+        assert torch.allclose(got[nonzero], (x[0] / probability)[nonzero])
+        kept += nonzero
+    sd = (4000 * probability * (1 - probability)).sqrt()
+    assert bool(((kept - 4000 * probability).abs() < 5 * sd).all()), kept
+
+
+def test_della_is_unbiased_and_elects_signs_as_ties():
+    # E[MAGPRUNE(ΔW)] = ΔW: the mean over seeds of della_linear on one input approaches it
+    x = torch.randn(8, 50, generator=torch.Generator().manual_seed(1))
+    mean = sum(run("della_linear", [x], [1.0], 0.4, gen=module_generator(s, "m"), epsilon=0.1) for s in range(600)) / 600
+    assert float((mean - x).abs().max()) < 0.35 * float(x.abs().max())
+    # della = TIES's join on the MAGPRUNE'd inputs: same generator stream, same masks
+    y = torch.randn(8, 50, generator=torch.Generator().manual_seed(2))
+    della = run("della", [x, y], [0.6, 0.9], 0.4, gen=module_generator(3, "m"), epsilon=0.1)
+    gen = module_generator(3, "m")
+    opts = MethodOptions(0.4, "total", 0, 0.1)
+    kept = [select_della(d, opts, gen).apply(d, 0, 8) for d in (x, y)]
+    assert torch.equal(della, get_method("ties").join(kept, [0.6, 0.9], opts))
+
+
+def test_della_epsilon_window_is_checked():
+    with pytest.raises(ArgumentError, match="epsilon must keep density"):
+        get_method("della").options(density=0.9)  # 0.9 + the default 0.15 > 1
+    with pytest.raises(ArgumentError, match="ties has no epsilon"):
+        get_method("ties").options(density=0.5, epsilon=0.1)
+    assert get_method("della").options(density=0.5).epsilon == 0.15
+
+
+def test_density_zero_is_refused_not_nan():
+    # PEFT 0.21's dare at density 0 divides by 0 (peft#3530); here density must be in (0, 1]
+    with pytest.raises(ArgumentError, match=r"density must be in \(0, 1\]"):
+        get_method("dare").options(density=0.0)

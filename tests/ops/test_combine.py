@@ -9,6 +9,7 @@ import torch
 
 from loratools import ArgumentError, SpecError, load
 from loratools.adapter import LoraModule
+from loratools.methods import get_method, module_generator
 from loratools.ops.arith import add
 from loratools.ops.combine import combine
 
@@ -99,12 +100,34 @@ def test_dare_is_reproducible_under_a_seed():
     assert not torch.equal(dense(one.modules["q"]), dense(other.modules["q"]))
 
 
+def test_della_at_full_rank_is_the_method_on_the_dense_deltas():
+    # add --method della --rank full: the SVD gives back della(ΔW_a, ΔW_b) seeded by (seed, module name)
+    a, b = make_adapter({"q": random_module(seed=1)}), make_adapter({"q": random_module(seed=2)})
+    ours, _ = combine(a, b, method="della", density=0.5, epsilon=0.2, seed=3, weights=[1.0, 0.5], rank="full")
+    method = get_method("della")
+    deltas = [dense(x.modules["q"]).float() for x in (a, b)]
+    expected = method.combine(deltas, [1.0, 0.5], method.options(density=0.5, epsilon=0.2, seed=3), module_generator(3, "q"))
+    assert torch.allclose(dense(ours.modules["q"]).float(), expected, atol=1e-5)
+
+
+def test_progress_counts_every_module_once():
+    a = make_adapter({n: random_module(seed=i) for i, n in enumerate("qkv")})
+    b = make_adapter({n: random_module(seed=5 + i) for i, n in enumerate("qk")})
+    calls = []
+    combine(a, b, method="ties", density=0.5, rank=2, progress=lambda done, total: calls.append((done, total)))
+    assert sorted(calls) == [(1, 3), (2, 3), (3, 3)]
+
+
 def test_undefined_combinations_are_refused():
     a, b = make_adapter({"q": random_module(seed=1)}), make_adapter({"q": random_module(seed=2)})
     with pytest.raises(ArgumentError, match="give --rank"):
         combine(a, b, method="ties", density=0.5)
     with pytest.raises(ArgumentError, match="task_arithmetic has no density"):
         combine(a, b, method="task_arithmetic", density=0.5)
+    with pytest.raises(ArgumentError, match="ties has no epsilon"):
+        combine(a, b, method="ties", density=0.5, epsilon=0.1, rank=2)
+    with pytest.raises(ArgumentError, match=r"density must be in \(0, 1\]"):
+        combine(a, b, method="dare", density=0.0, rank=2)  # PEFT's dare gives NaN there (peft#3530)
     dora = make_adapter({"q": LoraModule(torch.ones(2, 5), torch.ones(6, 2), 2.0, magnitude=torch.ones(6))})
     with pytest.raises(SpecError, match="input 2 is a DoRA adapter"):
         combine(a, dora, method="ties", density=0.5, rank=2)
