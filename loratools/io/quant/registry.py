@@ -14,9 +14,10 @@ from typing import Any
 
 from ...errors import Problem
 from ..tensorfile import TensorInfo
+from . import fp8_block
 from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
 
-CODECS: tuple[Codec, ...] = ()
+CODECS: tuple[Codec, ...] = (fp8_block.CODEC,)
 """Every codec, in the order they are asked (one line per codec module)."""
 
 UNSUPPORTED = "base-quant-unsupported"
