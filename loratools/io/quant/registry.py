@@ -14,10 +14,13 @@ from typing import Any
 
 from ...errors import Problem
 from ..tensorfile import TensorInfo
-from . import fp8_block
+from . import fp8_block, fp8_tensor
 from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
 
-CODECS: tuple[Codec, ...] = (fp8_block.CODEC,)
+CODECS: tuple[Codec, ...] = (
+    fp8_block.CODEC,
+    fp8_tensor.CODEC,
+)
 """Every codec, in the order they are asked (one line per codec module)."""
 
 UNSUPPORTED = "base-quant-unsupported"
@@ -49,6 +52,9 @@ class QuantMap:
         what = self.unhandled.get(key)
         if what is None:
             return None
+        for p in self.problems:
+            if p.where == key:
+                return p
         method = f" (quant_method {self.method!r})" if self.method else ""
         return Problem(
             UNSUPPORTED,
