@@ -100,7 +100,7 @@ class FilePlan:
         return name in self.transforms or self.dtypes[name] != info.dtype or self.out_shape(name, info) != info.shape
 
     def header_bytes(self) -> bytes:
-        same = all(self.dtypes[t.name] == t.dtype and self.out_shape(t.name, t) == t.shape for t in self.tensors)
+        same = all(self.dtypes[name] == t.dtype and self.out_shape(name, t) == t.shape for name, t in self.outputs)
         if not self.added and not self.reordered and same:
             with open_regular(self.header.path) as fh:
                 return fh.read(self.header.data_start)
