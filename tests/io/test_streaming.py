@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 
 from loratools.errors import DiskSpaceError
 from loratools.io.checkpoint import open_checkpoint
-from loratools.io.mirror import check_free_space, side_files, write_index
+from loratools.io.mirror import check_free_space, side_files, update_config, write_index
 from loratools.io.streaming import FilePlan, WriteOptions, stream_files, write_checkpoint
 
 
@@ -79,3 +79,30 @@ def test_write_checkpoint_mirrors_a_directory(tmp_path):
     total = write_checkpoint(checkpoint, plans, tmp_path / "out", WriteOptions())
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors"]
     assert total == (tmp_path / "out" / "model.safetensors").stat().st_size
+
+
+def test_dropped_renamed_and_reordered_tensors(tmp_path):
+    """A scale written behind its weight, another tensor renamed, one dropped: order, names and data follow."""
+    tensors = {"w_scale": torch.full((1,), 2.0), "w": torch.arange(4.0).reshape(2, 2), "old": torch.ones(3), "gone": torch.zeros(2)}
+    save_file(tensors, tmp_path / "in.safetensors")
+    header = open_checkpoint(tmp_path / "in.safetensors").headers["in.safetensors"]
+    dtypes = {"w_scale": "F32", "w": "F32", "new": "F32"}
+    plan = FilePlan(header, dtypes, {"w": _negate}, dropped=frozenset({"gone"}), renamed={"old": "new"}, after={"w_scale": "w"})
+    names = [name for name, _ in plan.outputs]
+    assert names.index("w_scale") == names.index("w") + 1 and "gone" not in names and "new" in names and "old" not in names
+    stream_files([(plan, tmp_path / "out.safetensors")])
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        assert sorted(fh.keys()) == ["new", "w", "w_scale"]
+        assert torch.equal(fh.get_tensor("w"), -tensors["w"]) and torch.equal(fh.get_tensor("new"), tensors["old"])
+        assert torch.equal(fh.get_tensor("w_scale"), tensors["w_scale"])
+    assert (tmp_path / "out.safetensors").stat().st_size == plan.size
+
+
+def test_index_drops_removed_tensors_and_config_loses_fields(tmp_path):
+    index = {"metadata": {"total_size": 1}, "weight_map": {"w": "a.safetensors", "w_scale": "a.safetensors", "old": "a.safetensors"}}
+    write_index(index, 8, tmp_path / "i.json", {"new": "a.safetensors"}, removed=["w_scale", "old"])
+    assert json.loads((tmp_path / "i.json").read_text())["weight_map"] == {"new": "a.safetensors", "w": "a.safetensors"}
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}, "text_config": {"quantization_config": {}}, "a": 1}))
+    update_config(config, {}, removed=["quantization_config"])
+    assert json.loads(config.read_text()) == {"a": 1, "text_config": {}}
