@@ -259,3 +259,18 @@ def test_stored_quantized_values_are_never_added_to(tmp_path: Path) -> None:
         merge(base, [elsewhere], out=tmp_path / "o", dtype="bf16")
     merge(base, [elsewhere], out=tmp_path / "o")  # kept quantized, the unread tensor passes through
     assert torch.equal(_tensors(tmp_path / "o")[key.replace("weight", "qweight")], variants["gptq"][key.replace("weight", "qweight")])
+
+
+def test_a_merge_method_on_an_fp8_base_equals_it_on_the_dequantized_base(tmp_path: Path) -> None:
+    """TIES selects on each whole ΔWᵢ once, then joins row blocks: the quantized path (dequantize, method,
+    write float32) gives the same bits as the float path on the base dequantized beforehand."""
+    base = _fp8_base(tmp_path / "base", (16, 16))
+    dense = _dequantized(base, tmp_path / "dense")
+    adapters = [_adapter(tmp_path / "a", seed=1), _adapter(tmp_path / "b", seed=2)]
+    options = {"method": "ties", "density": 0.5}
+    merge(base, adapters, out=tmp_path / "q", dtype="fp32", **options)  # type: ignore[arg-type]
+    merge(dense, adapters, out=tmp_path / "f", dtype="fp32", **options)  # type: ignore[arg-type]
+    got, want = _tensors(tmp_path / "q"), _tensors(tmp_path / "f")
+    assert got.keys() == want.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key
