@@ -1,0 +1,109 @@
+"""MXFP4 (OCP microscaling FP4), as gpt-oss stores its MoE experts.
+
+A fused expert parameter ``experts.gate_up_proj`` (logical shape ``(E, in, out)``, the layout
+transformers' ``GptOssExperts`` holds) is stored as two tensors:
+
+- ``experts.gate_up_proj_blocks``: uint8 ``(E, out, in // 32, 16)``; each byte packs two e2m1
+  codes, the element at even position in the low nibble, the odd one in the high nibble;
+- ``experts.gate_up_proj_scales``: uint8 ``(E, out, in // 32)``; one e8m0 exponent (bias 127) per
+  block of 32 consecutive inputs.
+
+An e2m1 code is ``sign << 3 | magnitude`` with magnitudes ``FP4_GRID``; the value of element ``k``
+of stored row ``r`` is ``FP4_GRID[code] * 2 ** (scales[r, k // 32] - 127)``.  Stored rows are the
+logical tensor's *output* columns, so the logical tensor is the transposition of the stored rows
+(transformers 5.24 ``integrations/mxfp4.py`` ``convert_moe_packed_tensors`` returns
+``out.transpose(1, 2)``).  Blocks are always whole: the stored shape fixes ``in = 32 * G``, so the
+format has no ragged edge block.
+
+Quantizing back follows the rule transformers uses to write MXFP4 (``quantize_to_mxfp4`` calls
+triton_kernels ``numerics_details/mxfp.py`` ``downcast_to_mxfp_torch`` with its default
+``DequantScaleRoundingMode.ROUND_UP``): the block's scale is the smallest power of two not below
+``amax / 6`` (computed in float32; ``2 ** -126`` at least, exponent byte 0 only for an all-zero
+block), so the block maximum never clips; each element ``x / scale`` is rounded to the nearest e2m1
+magnitude, ties to the even code, saturating at 6; the sign bit is ``x``'s own (so ``-0.1`` of a
+large block is stored as negative zero, as triton_kernels does).  transformers first rounds the
+weight to bfloat16; we quantize the float32 sum as is (no double rounding).
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+"""Elements per shared exponent (OCP MX v1.0)."""
+BIAS = 127
+"""e8m0 exponent bias: scale byte ``b`` is ``2 ** (b - 127)``; 255 is NaN."""
+FP4_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+"""e2m1 magnitudes by code 0..7 (1 sign, 2 exponent, 1 mantissa bit, no inf or NaN)."""
+
+# RNE decision points between neighbouring magnitudes: (midpoint, whether a tie rounds up).
+# A tie goes to the even code (mantissa bit 0): 0.25 -> 0, 0.75 -> 1.0, 1.25 -> 1.0, 1.75 -> 2.0,
+# 2.5 -> 2.0, 3.5 -> 4.0, 5.0 -> 4.0; everything above 5 saturates to 6.
+_MIDPOINTS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False), (3.5, True), (5.0, False))
+
+
+def _lut(device: torch.device) -> torch.Tensor:
+    grid = torch.tensor(FP4_GRID, dtype=torch.float32, device=device)
+    return torch.cat([grid, -grid])  # code 8..15: the same magnitudes, negative (8 is -0.0)
+
+
+def dequantize_rows(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Stored rows as float32: ``blocks (..., G, 16)`` uint8 and ``scales (..., G)`` uint8 -> ``(..., 32 G)``.
+
+    ``torch.ldexp`` is the scaling transformers applies (a multiplication by ``2.0 ** e`` in
+    float32), so a scale byte of 255 gives inf (0 * inf = NaN) exactly as the reference does; the
+    codec refuses such blocks before they reach a merge.
+    """
+    if blocks.shape[:-1] != scales.shape:
+        raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    lut = _lut(blocks.device)
+    packed = blocks.to(torch.uint8)
+    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).to(torch.int64)  # (..., G, B, 2): low nibble first
+    values = lut[codes].reshape(*scales.shape, -1)  # (..., G, 2B)
+    exponents = scales.to(torch.int32).unsqueeze(-1) - BIAS
+    return torch.ldexp(values, exponents).reshape(*scales.shape[:-1], -1)
+
+
+def dequantize_experts(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The logical expert tensor ``(E, in, out)`` float32 from stored ``(E, out, G, 16)`` / ``(E, out, G)``."""
+    return dequantize_rows(blocks, scales).transpose(1, 2).contiguous()
+
+
+def exponent_bytes(amax: torch.Tensor) -> torch.Tensor:
+    """The e8m0 byte of each block from its float32 ``amax``: ``ceil(log2(amax / 6))`` biased, at least 1; 0 for 0."""
+    ratio = amax.to(torch.float32) / FP4_GRID[-1]
+    mantissa, exponent = torch.frexp(ratio)  # ratio = mantissa * 2**exponent, mantissa in [0.5, 1)
+    ceil_log2 = torch.where(mantissa == 0.5, exponent - 1, exponent)
+    biased = (ceil_log2 + BIAS).clamp(1, 2 * BIAS)
+    return torch.where(amax == 0, torch.zeros_like(biased), biased).to(torch.uint8)
+
+
+def e2m1_codes(scaled: torch.Tensor) -> torch.Tensor:
+    """e2m1 codes (sign << 3 | magnitude) of float32 values already divided by their block scale."""
+    magnitude = scaled.abs()
+    code = torch.zeros(scaled.shape, dtype=torch.uint8, device=scaled.device)
+    for midpoint, tie_up in _MIDPOINTS:
+        code += (magnitude >= midpoint) if tie_up else (magnitude > midpoint)
+    return code | (torch.signbit(scaled).to(torch.uint8) << 3)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float rows ``(..., K)`` (K a multiple of 32, finite) -> ``blocks (..., K/32, 16)``, ``scales (..., K/32)``.
+
+    The inverse layout of :func:`dequantize_rows`, with fresh scales by the rule in the module
+    docstring.
+    """
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 rows must be whole {BLOCK}-element blocks, got {x.shape[-1]} elements")
+    groups = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    scales = exponent_bytes(groups.abs().amax(dim=-1))
+    # 1 / scale exactly (a power of two; 2 ** -127 is a float32 subnormal); 0 for an all-zero block
+    inverse = torch.where(scales == 0, 0.0, torch.ldexp(torch.ones_like(groups[..., 0]), BIAS - scales.to(torch.int32)))
+    codes = e2m1_codes(groups * inverse.unsqueeze(-1))
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks.contiguous(), scales
+
+
+def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logical ``(E, in, out)`` float32 -> stored ``blocks (E, out, in/32, 16)``, ``scales (E, out, in/32)``."""
+    return quantize_rows(w.transpose(1, 2))
