@@ -1,0 +1,154 @@
+"""FP8 e4m3 weights with block scales: DeepSeek-V3/R1, Qwen3-FP8, transformers' ``fp8`` quant_method.
+
+A weight ``W`` (N, K) is stored as ``q_proj.weight`` (float8_e4m3fn, N x K) and
+``q_proj.weight_scale_inv`` (ceil(N/bm) x ceil(K/bn)), ``[bm, bn] = quantization_config.weight_block_size``
+(128 x 128 in every released checkpoint); edge blocks are ragged when N or K is not a multiple.
+``W[i, j] = float(q[i, j]) * scale_inv[i // bm, j // bn]`` in float32, as transformers 5.24
+``integrations/finegrained_fp8.py`` ``_dequantize_fp8_weight`` computes it.  Fused experts (E, N, K)
+carry one grid per expert, (E, ceil(N/bm), ceil(K/bn)).  A scale of one element is a per-tensor scale.
+
+Requantization is transformers' ``Fp8Quantize._quantize_one`` (same file): per block,
+``a = amax|W|``, ``s = 448 / a`` (1 for an all-zero block), stored ``scale_inv = 1 / s`` in float32,
+``q = clamp(W · s, -448, 448)`` cast to e4m3 (round to nearest even); with ``scale_fmt: "ue8m0"``
+(or scales stored as F8_E8M0) ``scale_inv`` is first rounded up to a power of two and ``s = 1 / scale_inv``.
+Scales stored in BF16/F16 are rounded to that dtype the same way before ``s`` is taken, so the
+stored scale is exactly the one the weight was divided by.  Ragged edge blocks take the amax of
+the elements they hold (transformers only quantizes whole blocks; zero padding gives the same result).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ...errors import Problem
+from ..tensorfile import TensorInfo
+from .base import Codec, Parts, QuantTensor, Rows
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448.0
+SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
+_SCALE = ".weight_scale_inv"
+
+
+class Fp8Block(Codec):
+    name = "fp8-block"
+    methods = ("fp8", "fbgemm_fp8")
+    requantizable = True
+
+    def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
+        block = _config_block(qconfig)
+        ue8m0 = bool(qconfig) and qconfig.get("scale_fmt") == "ue8m0"  # type: ignore[union-attr]
+        found: dict[str, QuantTensor] = {}
+        problems: list[Problem] = []
+        for name, scale in tensors.items():
+            if not name.endswith(_SCALE):
+                continue
+            key = name.removesuffix("_scale_inv")
+            q, why = _claim(key, tensors.get(key), scale, block, ue8m0)
+            if q is not None:
+                found[key] = q
+            else:
+                problems.append(Problem("base-quant-malformed", key, f"FP8 block-scaled weight {key}: {why}"))
+        return found, problems
+
+    def row_align(self, q: QuantTensor) -> int:
+        return 1 if len(q.shape) == 3 else int(q.params["block"][0])
+
+    def part_rows(self, q: QuantTensor, role: str, rows: Rows) -> Rows:
+        if role == "weight" or len(q.shape) == 3:
+            return rows
+        bm = int(q.params["block"][0])
+        return rows[0] // bm, -(-rows[1] // bm)
+
+    def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
+        r = rows or self.all_rows(q)
+        s = r if len(q.shape) == 3 else self.part_rows(q, "scale", r)
+        weight = parts["weight"][r[0] : r[1]].to(torch.float32)
+        scale = parts["weight_scale_inv"][s[0] : s[1]].to(torch.float32)
+        if q.params["per_tensor"]:
+            return weight.mul_(scale.reshape(()))
+        bm, bn = q.params["block"]
+        n, k = weight.shape[-2:]
+        full, rem = divmod(k, bn)
+        # transformers' _dequantize_fp8_weight: the scale expanded over rows only, broadcast over columns
+        scale = scale.repeat_interleave(bm, dim=-2)[..., :n, :]
+        weight[..., : full * bn].unflatten(-1, (full, bn)).mul_(scale[..., :full, None])
+        if rem:
+            weight[..., full * bn :].mul_(scale[..., full:])
+        return weight
+
+    def quantize(self, q: QuantTensor, w: torch.Tensor, rows: Rows, like: Parts) -> dict[str, torch.Tensor]:
+        bm, bn = q.params["block"]
+        n, k = w.shape[-2:]
+        pad_n, pad_k = -n % bm, -k % bn
+        x = torch.nn.functional.pad(w, (0, pad_k, 0, pad_n)) if pad_n or pad_k else w
+        tiles = x.reshape(*x.shape[:-2], x.shape[-2] // bm, bm, x.shape[-1] // bn, bn)
+        amax = tiles.abs().amax(dim=(-3, -1))
+        inv, scale = _scales(amax, like["weight_scale_inv"].dtype, bool(q.params["ue8m0"]))
+        scaled = (tiles * scale[..., :, None, :, None]).clamp_(-FP8_MAX, FP8_MAX)
+        weight = scaled.to(FP8).reshape(x.shape)[..., :n, :k]
+        if q.params["per_tensor"]:
+            inv = inv.reshape(like["weight_scale_inv"].shape)
+        return {"weight": weight.contiguous() if pad_n or pad_k else weight, "weight_scale_inv": inv}
+
+
+def _scales(amax: torch.Tensor, stored: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale_inv as stored, the float32 scale the weight is multiplied by) from block amax, by Fp8Quantize's rule."""
+    positive = amax > 0
+    scale = FP8_MAX / torch.where(positive, amax, torch.ones_like(amax))
+    scale = torch.where(positive, scale, torch.ones_like(scale))
+    inv = (1.0 / scale).to(torch.float32)
+    if ue8m0 or stored == torch.float8_e8m0fnu:
+        inv = torch.pow(2.0, torch.ceil(torch.log2(inv.clamp(min=torch.finfo(torch.float32).tiny))))
+        stored_inv = inv.to(torch.float8_e8m0fnu if stored == torch.float8_e8m0fnu else stored)
+        return stored_inv, 1.0 / stored_inv.to(torch.float32)
+    if stored != torch.float32:
+        stored_inv = inv.to(stored)
+        return stored_inv, 1.0 / stored_inv.to(torch.float32)
+    return inv, scale
+
+
+def _config_block(qconfig: Mapping[str, Any] | None) -> tuple[int, int] | None:
+    raw = qconfig.get("weight_block_size") if qconfig else None
+    if isinstance(raw, list | tuple) and len(raw) == 2 and all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in raw):
+        return int(raw[0]), int(raw[1])
+    return None
+
+
+def _claim(
+    key: str, weight: TensorInfo | None, scale: TensorInfo, block: tuple[int, int] | None, ue8m0: bool
+) -> tuple[QuantTensor | None, str]:
+    """The QuantTensor of ``key`` with its scale ``scale``, or None and why it is malformed."""
+    if weight is None:
+        return None, f"{scale.name} has no {key} beside it"
+    if weight.dtype != "F8_E4M3":
+        return None, f"stored as {weight.dtype} beside {scale.name} (expected F8_E4M3)"
+    if scale.dtype not in SCALE_DTYPES:
+        return None, f"{scale.name} is stored as {scale.dtype} (expected one of {', '.join(SCALE_DTYPES)})"
+    if len(weight.shape) not in (2, 3):
+        return None, f"has shape {list(weight.shape)}; block scales need a 2-D weight or 3-D fused experts"
+    n, k = weight.shape[-2:]
+    parts = {"weight": key, "weight_scale_inv": scale.name}
+    params: dict[str, Any] = {"ue8m0": ue8m0, "scale_dtype": scale.dtype}
+    if math.prod(scale.shape) == 1 and len(weight.shape) == 2 and (block is None or (n, k) != block):
+        label = f"FP8 e4m3, one per-tensor scale ({scale.dtype} weight_scale_inv)"
+        params |= {"block": (n, k), "per_tensor": True}
+        return QuantTensor(key, "fp8-block", weight.shape, parts, "weight", label, params), ""
+    grid = tuple(scale.shape[-2:]) if len(scale.shape) >= 2 else None
+    if block is None and grid is not None and grid[0] and grid[1] and n % grid[0] == 0 and k % grid[1] == 0:
+        block = (n // grid[0], k // grid[1])
+    if block is None:
+        return None, f"{scale.name} {list(scale.shape)} does not divide {list(weight.shape)} and config.json gives no weight_block_size"
+    want = (*weight.shape[:-2], -(-n // block[0]), -(-k // block[1]))
+    if tuple(scale.shape) != want:
+        return None, f"{scale.name} is {list(scale.shape)} but {list(weight.shape)} in {block[0]}x{block[1]} blocks needs {list(want)}"
+    label = f"FP8 e4m3, {block[0]}x{block[1]} block scales ({scale.dtype} weight_scale_inv)"
+    params |= {"block": block, "per_tensor": False}
+    return QuantTensor(key, "fp8-block", weight.shape, parts, "weight", label, params), ""
+
+
+CODEC = Fp8Block()

@@ -1,0 +1,138 @@
+"""FP8 block scales: dequantization equals transformers' own functions bit for bit, ragged edges included;
+requantization is transformers' Fp8Quantize rule, bit for bit."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import FineGrainedFP8Config
+from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
+
+from loratools.io.quant.fp8_block import CODEC
+from loratools.io.tensorfile import DTYPE_NAMES, TensorInfo
+
+
+def _info(name: str, t: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, DTYPE_NAMES[t.dtype], tuple(t.shape), 0, t.numel() * t.element_size())
+
+
+def _stored(shape: tuple[int, ...], block: tuple[int, int], seed: int = 0, scale_dtype: torch.dtype = torch.float32):
+    """A random FP8 weight with random positive block scales of the grid ``block`` gives ``shape``."""
+    g = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(shape, generator=g) * 100).clamp(-448, 448).to(torch.float8_e4m3fn)
+    grid = (*shape[:-2], -(-shape[-2] // block[0]), -(-shape[-1] // block[1]))
+    scale = (torch.rand(grid, generator=g) * 1e-2 + 1e-4).to(scale_dtype)
+    return weight, scale
+
+
+def _claim(weight, scale, block=None, qconfig=None):
+    tensors = {"m.weight": _info("m.weight", weight), "m.weight_scale_inv": _info("m.weight_scale_inv", scale)}
+    config = qconfig if qconfig is not None else ({"quant_method": "fp8", "weight_block_size": list(block)} if block else None)
+    found, problems = CODEC.claims(config, tensors)
+    assert not problems, problems
+    return found["m.weight"]
+
+
+@pytest.mark.parametrize(
+    ("shape", "block"),
+    [((256, 384), (128, 128)), ((300, 200), (128, 128)), ((7, 13), (4, 4)), ((3, 10, 9), (4, 4)), ((5, 129), (128, 128))],
+)
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float8_e8m0fnu])
+def test_dequantize_equals_transformers_reference(shape, block, scale_dtype):
+    weight, scale = _stored(shape, block, scale_dtype=scale_dtype)
+    q = _claim(weight, scale, block)
+    got = CODEC.dequantize(q, {"weight": weight, "weight_scale_inv": scale})
+    want = _dequantize_fp8_weight(weight, scale, list(block), torch.float32)
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_dequantize_equals_fp8_dequantize_on_whole_blocks():
+    weight, scale = _stored((256, 384), (128, 128), seed=3)
+    q = _claim(weight, scale)  # no config: the block is derived from the grid
+    assert q.params["block"] == (128, 128)
+    want = Fp8Dequantize(None)._dequantize_one(weight, scale, output_dtype=torch.float32)
+    assert torch.equal(CODEC.dequantize(q, {"weight": weight, "weight_scale_inv": scale}), want)
+
+
+def test_row_blocks_concatenate_to_the_whole_tensor():
+    weight, scale = _stored((300, 200), (128, 128), seed=1)
+    q = _claim(weight, scale, (128, 128))
+    parts = {"weight": weight, "weight_scale_inv": scale}
+    assert CODEC.row_align(q) == 128
+    blocks = [CODEC.dequantize(q, parts, (r, min(300, r + 128))) for r in range(0, 300, 128)]
+    assert torch.equal(torch.cat(blocks), CODEC.dequantize(q, parts))
+    assert CODEC.part_rows(q, "weight_scale_inv", (256, 300)) == (2, 3)
+
+
+def test_per_tensor_scale():
+    weight = torch.tensor([[1.0, -2.0], [0.5, 4.0]]).to(torch.float8_e4m3fn)
+    scale = torch.tensor([0.25])
+    q = _claim(weight, scale)
+    assert q.params["per_tensor"]
+    assert CODEC.dequantize(q, {"weight": weight, "weight_scale_inv": scale}).tolist() == [[0.25, -0.5], [0.125, 1.0]]
+
+
+def test_quantize_hand_checked():
+    # amax 4 -> s = 448/4 = 112; q = W·112 = [112, -224, 56, 448], all exact in e4m3; scale_inv = 1/112
+    w = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
+    weight, scale = w.to(torch.float8_e4m3fn), torch.ones(1, 1)
+    q = _claim(weight, scale, (2, 2))
+    out = CODEC.quantize(q, w, (0, 2), {"weight": weight, "weight_scale_inv": scale})
+    assert out["weight"].float().tolist() == [[112.0, -224.0], [56.0, 448.0]]
+    assert out["weight_scale_inv"].tolist() == [[torch.tensor(1.0 / 112.0).item()]]
+
+
+@pytest.mark.parametrize("scale_fmt", ["float", "ue8m0"])
+@pytest.mark.parametrize(("shape", "block"), [((256, 384), (128, 128)), ((8, 12), (4, 4)), ((2, 8, 12), (4, 4))])
+def test_quantize_equals_transformers_fp8_quantize(shape, block, scale_fmt):
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(shape, generator=g) * 0.02
+    w[..., : block[0], : block[1]] = 0.0  # an all-zero block keeps scale 1
+    qconfig = FineGrainedFP8Config(weight_block_size=block, scale_fmt=scale_fmt)
+    want = Fp8Quantize(SimpleNamespace(quantization_config=qconfig))._quantize_one("m.weight", w)
+    stored_scale = want["m.weight_scale_inv"]
+    q = _claim(want["m.weight"], stored_scale, qconfig={"quant_method": "fp8", "weight_block_size": list(block), "scale_fmt": scale_fmt})
+    got = CODEC.quantize(q, w, CODEC.all_rows(q), {"weight": want["m.weight"], "weight_scale_inv": stored_scale})
+    assert torch.equal(got["weight"].view(torch.uint8), want["m.weight"].view(torch.uint8))
+    assert got["weight_scale_inv"].dtype == stored_scale.dtype
+    assert torch.equal(got["weight_scale_inv"].float(), stored_scale.float())
+
+
+def test_quantize_ragged_equals_transformers_on_zero_padding():
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(7))
+    padded = torch.nn.functional.pad(w, (0, 56, 0, 84))
+    qconfig = FineGrainedFP8Config(weight_block_size=(128, 128))
+    want = Fp8Quantize(SimpleNamespace(quantization_config=qconfig))._quantize_one("m.weight", padded)
+    weight, scale = want["m.weight"][:300, :200].contiguous(), want["m.weight_scale_inv"]
+    q = _claim(weight, scale, (128, 128))
+    parts = {"weight": weight, "weight_scale_inv": scale}
+    blocks = [CODEC.quantize(q, w[r : r + 128], (r, min(300, r + 128)), parts) for r in range(0, 300, 128)]
+    assert torch.equal(torch.cat([b["weight"] for b in blocks]).view(torch.uint8), weight.view(torch.uint8))
+    assert torch.equal(torch.cat([b["weight_scale_inv"] for b in blocks]), scale)
+
+
+def test_requantize_round_trip_is_stable():
+    """quantize(dequantize(Q)) == Q: a merge with ΔW = 0 rewrites the stored bytes unchanged."""
+    w = torch.randn(300, 200, generator=torch.Generator().manual_seed(8))
+    weight, scale = _stored((300, 200), (128, 128))
+    q = _claim(weight, scale, (128, 128))
+    first = CODEC.quantize(q, w, CODEC.all_rows(q), {"weight": weight, "weight_scale_inv": scale})
+    again = CODEC.quantize(q, CODEC.dequantize(q, first), CODEC.all_rows(q), first)
+    assert torch.equal(again["weight"].view(torch.uint8), first["weight"].view(torch.uint8))
+    assert torch.equal(again["weight_scale_inv"], first["weight_scale_inv"])
+
+
+def test_malformed_scales_are_problems():
+    weight, scale = _stored((300, 200), (128, 128))
+    tensors = {"m.weight": _info("m.weight", weight), "m.weight_scale_inv": _info("m.weight_scale_inv", scale[:1])}
+    found, problems = CODEC.claims({"quant_method": "fp8", "weight_block_size": [128, 128]}, tensors)
+    assert not found
+    assert [p.code for p in problems] == ["base-quant-malformed"]
+    assert "needs [3, 2]" in problems[0].message
+    bf16 = {"m.weight": _info("m.weight", weight.to(torch.bfloat16)), "m.weight_scale_inv": _info("m.weight_scale_inv", scale)}
+    assert "stored as BF16" in CODEC.claims(None, bf16)[1][0].message
+    alone = {"m.weight_scale_inv": _info("m.weight_scale_inv", scale)}
+    assert "has no m.weight" in CODEC.claims(None, alone)[1][0].message
