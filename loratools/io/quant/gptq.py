@@ -21,7 +21,14 @@ The codes come from calibration (GPTQ's Hessian-ordered rounding), so nothing he
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+
+from ...errors import Problem
+from ..tensorfile import TensorInfo
+from .base import Codec, Parts, QuantError, QuantTensor, Rows
 
 BITS = (2, 4, 8)
 """Widths that pack evenly into int32 words (3-bit GPTQ straddles words and is refused)."""
@@ -67,3 +74,98 @@ def dequantize(
     z = unpack(qzeros, bits, 1)[:, r0:r1] + zero_offset  # (groups, r1 - r0)
     s = scales[:, r0:r1].to(torch.float32)
     return ((q - z[groups]).to(torch.float32) * s[groups]).transpose(0, 1).contiguous()
+
+
+FORMATS = {"gptq": 1, "gptq_v2": 0}
+"""``checkpoint_format`` -> the zero-point offset added when reading."""
+
+
+class Gptq(Codec):
+    """GPTQ ``<module>.qweight``/``qzeros``/``scales``/``g_idx``, logical ``<module>.weight``; rows are outputs."""
+
+    name = "gptq"
+    methods = ("gptq",)
+    requantizable = False
+
+    def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
+        if not qconfig or qconfig.get("quant_method") != "gptq" or qconfig.get("bits") is None:
+            return {}, []  # the bits and zero-point convention live only in quantization_config: unhandled without
+        settings, why = _settings(qconfig)
+        found: dict[str, QuantTensor] = {}
+        problems: list[Problem] = []
+        for name in tensors:
+            if not name.endswith(".qweight"):
+                continue
+            module = name.removesuffix(".qweight")
+            key = f"{module}.weight"
+            q, reason = _claim(module, tensors[name], tensors, settings) if settings is not None else (None, why)
+            if q is not None:
+                found[key] = q
+            else:
+                problems.append(Problem("base-quant-malformed", key, f"GPTQ weight {key}: {reason}"))
+        return found, problems
+
+    def row_align(self, q: QuantTensor) -> int:
+        return 1
+
+    def part_rows(self, q: QuantTensor, role: str, rows: Rows) -> Rows:
+        return 0, int(q.params["rows"][role])  # packed along inputs: every output row needs every stored row
+
+    def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
+        g_idx = parts.get("g_idx")
+        if g_idx is not None and g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < q.params["groups"]):
+            raise QuantError(f"g_idx holds groups outside 0..{q.params['groups'] - 1}", key=q.parts["g_idx"])
+        return dequantize(
+            parts["qweight"],
+            parts["qzeros"],
+            parts["scales"],
+            g_idx,
+            bits=q.params["bits"],
+            group_size=q.params["group_size"],
+            zero_offset=q.params["zero_offset"],
+            rows=rows,
+        )
+
+
+def _settings(qconfig: Mapping[str, Any]) -> tuple[dict[str, int] | None, str]:
+    bits, group_size = qconfig.get("bits"), qconfig.get("group_size", -1)
+    fmt = qconfig.get("checkpoint_format", "gptq")
+    if type(bits) is not int or bits not in BITS:
+        return None, f"quantization_config bits {bits!r} is not supported (only {', '.join(map(str, BITS))})"
+    if type(group_size) is not int or not (group_size == -1 or group_size > 0):
+        return None, f"quantization_config group_size {group_size!r} is not -1 or a positive integer"
+    if fmt not in FORMATS:
+        return None, f"quantization_config checkpoint_format {fmt!r} is not supported (only {', '.join(FORMATS)})"
+    return {"bits": bits, "group_size": group_size, "zero_offset": FORMATS[fmt]}, ""
+
+
+def _claim(module: str, qweight: TensorInfo, tensors: Mapping[str, TensorInfo], settings: dict[str, int]) -> tuple[QuantTensor | None, str]:
+    """The QuantTensor of ``module``'s weight from its parts' headers, or None and why they do not fit."""
+    bits, per = settings["bits"], 32 // settings["bits"]
+    qzeros, scales, g_idx = (tensors.get(f"{module}.{part}") for part in ("qzeros", "scales", "g_idx"))
+    if qzeros is None or scales is None:
+        return None, f"{module}.qweight needs {module}.qzeros and {module}.scales beside it"
+    if qweight.dtype != "I32" or qzeros.dtype != "I32" or scales.dtype not in ("F16", "BF16", "F32"):
+        return None, f"parts are {qweight.dtype}/{qzeros.dtype}/{scales.dtype} (expected I32/I32 and a float scales)"
+    if len(qweight.shape) != 2 or len(scales.shape) != 2 or len(qzeros.shape) != 2:
+        return None, "qweight, qzeros and scales must be 2-D"
+    inputs, outputs = qweight.shape[0] * per, qweight.shape[1]
+    groups = scales.shape[0]
+    want_groups = 1 if settings["group_size"] == -1 else -(-inputs // settings["group_size"])
+    if scales.shape != (groups, outputs) or qzeros.shape != (groups, outputs // per) or outputs % per or groups != want_groups:
+        return None, (
+            f"qweight {list(qweight.shape)}, qzeros {list(qzeros.shape)}, scales {list(scales.shape)} do not fit "
+            f"{bits}-bit GPTQ of a {outputs}x{inputs} weight in {want_groups} group(s)"
+        )
+    parts = {"qweight": qweight.name, "qzeros": qzeros.name, "scales": scales.name}
+    if g_idx is not None:
+        if g_idx.dtype not in ("I32", "I64") or g_idx.shape != (inputs,):
+            return None, f"g_idx is {g_idx.dtype} {list(g_idx.shape)} (expected I32 [{inputs}])"
+        parts["g_idx"] = g_idx.name
+    rows = {role: tensors[k].shape[0] for role, k in parts.items()}
+    label = f"GPTQ {bits}-bit, group size {settings['group_size']}"
+    params = {**settings, "groups": groups, "rows": rows}
+    return QuantTensor(f"{module}.weight", "gptq", (outputs, inputs), parts, "qweight", label, params), ""
+
+
+CODEC = Gptq()

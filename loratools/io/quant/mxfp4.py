@@ -27,7 +27,14 @@ weight to bfloat16; we quantize the float32 sum as is (no double rounding).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import torch
+
+from ...errors import Problem
+from ..tensorfile import TensorInfo
+from .base import Codec, Parts, QuantError, QuantTensor, Rows
 
 BLOCK = 32
 """Elements per shared exponent (OCP MX v1.0)."""
@@ -107,3 +114,67 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def quantize_experts(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logical ``(E, in, out)`` float32 -> stored ``blocks (E, out, in/32, 16)``, ``scales (E, out, in/32)``."""
     return quantize_rows(w.transpose(1, 2))
+
+
+class Mxfp4(Codec):
+    """gpt-oss expert parameters stored as ``<name>_blocks`` / ``<name>_scales``; rows are experts."""
+
+    name = "mxfp4"
+    methods = ("mxfp4",)
+    requantizable = True
+
+    def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
+        found: dict[str, QuantTensor] = {}
+        problems: list[Problem] = []
+        for name, blocks in tensors.items():
+            if not name.endswith("_blocks"):
+                continue
+            key = name.removesuffix("_blocks")
+            q, why = _claim(key, blocks, tensors.get(f"{key}_scales"))
+            if q is not None:
+                found[key] = q
+            else:
+                problems.append(Problem("base-quant-malformed", key, f"MXFP4 parameter {key}: {why}"))
+        for name in tensors:
+            key = name.removesuffix("_scales")
+            if name.endswith("_scales") and f"{key}_blocks" not in tensors:
+                problems.append(Problem("base-quant-malformed", key, f"MXFP4 parameter {key}: {name} has no {key}_blocks beside it"))
+        return found, problems
+
+    def row_align(self, q: QuantTensor) -> int:
+        return 1
+
+    def part_rows(self, q: QuantTensor, role: str, rows: Rows) -> Rows:
+        return rows  # one row per expert in every part
+
+    def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
+        r0, r1 = rows or self.all_rows(q)
+        scales = parts["scales"][r0:r1]
+        if bool((scales == 2 * BIAS + 1).any()):
+            raise QuantError("holds an MXFP4 scale of 255 (NaN in e8m0); refusing to merge into a NaN block", key=q.parts["scales"])
+        return dequantize_experts(parts["blocks"][r0:r1], scales)
+
+    def quantize(self, q: QuantTensor, w: torch.Tensor, rows: Rows, like: Parts) -> dict[str, torch.Tensor]:
+        if not bool(torch.isfinite(w).all()):
+            raise QuantError("merged weight is not finite; MXFP4 cannot store it", key=q.key)
+        blocks, scales = quantize_experts(w)
+        return {"blocks": blocks, "scales": scales}
+
+
+def _claim(key: str, blocks: TensorInfo, scales: TensorInfo | None) -> tuple[QuantTensor | None, str]:
+    """The QuantTensor of expert parameter ``key``, or None and why its parts do not fit the format."""
+    if scales is None:
+        return None, f"{blocks.name} has no {key}_scales beside it"
+    if blocks.dtype != "U8" or scales.dtype != "U8":
+        return None, f"{blocks.name} is {blocks.dtype} and {scales.name} {scales.dtype} (both must be U8)"
+    if len(blocks.shape) != 4 or blocks.shape[-1] != BLOCK // 2:
+        return None, f"{blocks.name} is {list(blocks.shape)}; expected (experts, out, in/32, 16)"
+    if tuple(scales.shape) != tuple(blocks.shape[:-1]):
+        return None, f"{scales.name} is {list(scales.shape)} but {blocks.name} {list(blocks.shape)} needs {list(blocks.shape[:-1])}"
+    experts, out, groups, _ = blocks.shape
+    parts = {"blocks": blocks.name, "scales": scales.name}
+    label = "MXFP4 (e2m1, e8m0 scales per 32 inputs)"
+    return QuantTensor(key, "mxfp4", (experts, groups * BLOCK, out), parts, "blocks", label, {"groups": groups}), ""
+
+
+CODEC = Mxfp4()

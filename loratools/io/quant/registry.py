@@ -14,12 +14,15 @@ from typing import Any
 
 from ...errors import Problem
 from ..tensorfile import TensorInfo
-from . import fp8_block, fp8_tensor
+from . import awq, fp8_block, fp8_tensor, gptq, mxfp4
 from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
 
 CODECS: tuple[Codec, ...] = (
     fp8_block.CODEC,
     fp8_tensor.CODEC,
+    mxfp4.CODEC,
+    gptq.CODEC,
+    awq.CODEC,
 )
 """Every codec, in the order they are asked (one line per codec module)."""
 

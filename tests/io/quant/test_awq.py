@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 
 from loratools.io.quant import awq
+from loratools.io.quant.registry import scan
+from loratools.io.tensorfile import TensorInfo
 
 ORDER = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ 0.2.9 awq/modules/linear/gemm.py order_map
 
@@ -54,3 +56,19 @@ def test_dequantize_equals_definition() -> None:
     )
     assert w.dtype == torch.float32 and torch.equal(w, want)
     assert torch.equal(awq.dequantize(_pack(q), _pack(zeros), scales, group_size=group_size, rows=(5, 17)), want[5:17])
+
+
+def test_codec_claims_and_dequantizes() -> None:
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 16, (64, 16), generator=g)
+    zeros = torch.randint(0, 16, (2, 16), generator=g)
+    scales = torch.rand(2, 16, generator=g).to(torch.float16)
+    stored = {"l.qweight": _pack(q), "l.qzeros": _pack(zeros), "l.scales": scales}
+    headers = {k: TensorInfo(k, "F16" if v.dtype == torch.float16 else "I32", tuple(v.shape), 0, 0) for k, v in stored.items()}
+    found = scan({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 32, "version": "GEMM"}}, headers)
+    t = found.params["l.weight"]
+    assert (t.codec, t.shape) == ("awq", (16, 64)) and not found.unhandled
+    parts = {"qweight": stored["l.qweight"], "qzeros": stored["l.qzeros"], "scales": scales}
+    assert torch.equal(awq.CODEC.dequantize(t, parts), awq.dequantize(parts["qweight"], parts["qzeros"], scales, group_size=32))
+    gemv = scan({"quantization_config": {"quant_method": "awq", "version": "gemv"}}, headers)
+    assert not gemv.params and "version 'gemv' is not supported" in gemv.problems[0].message

@@ -9,6 +9,9 @@ import pytest
 import torch
 
 from loratools.io.quant import gptq
+from loratools.io.quant.base import QuantError
+from loratools.io.quant.registry import scan
+from loratools.io.tensorfile import TensorInfo
 
 
 def _pack_words(fields: list[int], bits: int) -> int:
@@ -96,3 +99,50 @@ def test_three_bits_refused() -> None:
             group_size=-1,
             zero_offset=1,
         )
+
+
+def _headers(tensors: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    names = {torch.int32: "I32", torch.float16: "F16", torch.int64: "I64"}
+    return {k: TensorInfo(k, names[v.dtype], tuple(v.shape), 0, 0) for k, v in tensors.items()}
+
+
+def test_codec_claims_and_dequantizes() -> None:
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(0, 16, (64, 16), generator=g)
+    zeros = torch.randint(1, 17, (2, 16), generator=g)
+    scales = torch.rand(2, 16, generator=g).to(torch.float16)
+    qweight, qzeros = _pack(q, zeros - 1, 4)
+    g_idx = (torch.arange(64) // 32).to(torch.int32)
+    stored = {"l.qweight": qweight, "l.qzeros": qzeros, "l.scales": scales, "l.g_idx": g_idx}
+    config = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32, "desc_act": False, "sym": False}}
+    found = scan(config, _headers(stored))
+    t = found.params["l.weight"]
+    assert (t.codec, t.shape, t.primary_key) == ("gptq", (16, 64), "l.qweight") and not found.unhandled
+    assert not gptq.CODEC.requantizable
+    parts = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
+    want = gptq.dequantize(qweight, qzeros, scales, g_idx, bits=4, group_size=32, zero_offset=1)
+    assert torch.equal(gptq.CODEC.dequantize(t, parts, (2, 9)), want[2:9])
+    with pytest.raises(QuantError, match="cannot be requantized"):
+        gptq.CODEC.quantize(t, want, (0, 16), parts)
+    g_idx[5] = 2
+    with pytest.raises(QuantError, match="outside 0..1"):
+        gptq.CODEC.dequantize(t, parts)
+
+
+@pytest.mark.parametrize(
+    ("qconfig", "message"),
+    [
+        ({"bits": 3}, "bits 3 is not supported"),
+        ({"bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+        ({"bits": 4, "group_size": 8}, "in 8 group(s)"),
+    ],
+)
+def test_unsupported_configs_are_problems(qconfig: dict[str, object], message: str) -> None:
+    stored = {
+        "l.qweight": torch.zeros(8, 16, dtype=torch.int32),
+        "l.qzeros": torch.zeros(1, 2, dtype=torch.int32),
+        "l.scales": torch.zeros(1, 16, dtype=torch.float16),
+    }
+    found = scan({"quantization_config": {"quant_method": "gptq", **qconfig}}, _headers(stored))
+    assert not found.params and "l.weight" in found.unhandled
+    assert message in found.problems[0].message and found.refusal("l.weight") == found.problems[0]

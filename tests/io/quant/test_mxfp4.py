@@ -13,6 +13,9 @@ from hypothesis import strategies as st
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from loratools.io.quant import mxfp4
+from loratools.io.quant.base import QuantError
+from loratools.io.quant.registry import scan
+from loratools.io.tensorfile import TensorInfo
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -148,3 +151,52 @@ def test_ragged_rows_are_refused() -> None:
         mxfp4.quantize_rows(torch.zeros(2, 48))
     with pytest.raises(ValueError, match="do not match"):
         mxfp4.dequantize_rows(torch.zeros(2, 3, 16, dtype=torch.uint8), torch.zeros(2, 2, dtype=torch.uint8))
+
+
+def _info(name: str, t: torch.Tensor) -> TensorInfo:
+    return TensorInfo(name, {torch.uint8: "U8", torch.float32: "F32"}[t.dtype], tuple(t.shape), 0, 0)
+
+
+def test_codec_claims_and_round_trips_expert_rows() -> None:
+    blocks, scales = mxfp4.quantize_experts(torch.randn(3, 64, 5, generator=torch.Generator().manual_seed(1)))
+    stored = {"m.experts.down_proj_blocks": blocks, "m.experts.down_proj_scales": scales}
+    found = scan({"quantization_config": {"quant_method": "mxfp4"}}, {k: _info(k, v) for k, v in stored.items()})
+    q = found.params["m.experts.down_proj"]
+    assert (q.codec, q.shape, q.primary_key) == ("mxfp4", (3, 64, 5), "m.experts.down_proj_blocks")
+    assert found.is_companion("m.experts.down_proj_scales") and not found.unhandled
+    parts = {"blocks": blocks, "scales": scales}
+    codec = mxfp4.CODEC
+    assert codec.requantizable and codec.row_align(q) == 1 and codec.part_rows(q, "scales", (1, 3)) == (1, 3)
+    rows = codec.dequantize(q, parts, (1, 3))
+    assert torch.equal(rows, convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)[1:3])
+    delta = torch.full_like(rows, 0.125)
+    out = codec.quantize(q, rows + delta, (1, 3), parts)
+    want = mxfp4.quantize_experts(rows + delta)
+    assert torch.equal(out["blocks"], want[0]) and torch.equal(out["scales"], want[1])
+    assert out["blocks"].shape == blocks[1:3].shape and out["scales"].shape == scales[1:3].shape
+
+
+def test_codec_refuses_nan_scales_and_non_finite_sums() -> None:
+    blocks, scales = mxfp4.quantize_experts(torch.ones(1, 32, 2))
+    q = mxfp4.CODEC.claims(None, {"e_blocks": _info("e_blocks", blocks), "e_scales": _info("e_scales", scales)})[0]["e"]
+    scales[0, 1, 0] = 255
+    with pytest.raises(QuantError, match="scale of 255"):
+        mxfp4.CODEC.dequantize(q, {"blocks": blocks, "scales": scales})
+    with pytest.raises(QuantError, match="not finite"):
+        mxfp4.CODEC.quantize(q, torch.full((1, 32, 2), float("inf")), (0, 1), {"blocks": blocks, "scales": scales})
+
+
+@pytest.mark.parametrize(
+    ("infos", "message"),
+    [
+        ([("e_blocks", "U8", (2, 4, 1, 16))], "has no e_scales"),
+        ([("e_scales", "U8", (2, 4, 1))], "has no e_blocks"),
+        ([("e_blocks", "U8", (2, 4, 1, 8)), ("e_scales", "U8", (2, 4, 1))], "expected (experts, out, in/32, 16)"),
+        ([("e_blocks", "U8", (2, 4, 1, 16)), ("e_scales", "U8", (2, 4, 2))], "needs [2, 4, 1]"),
+        ([("e_blocks", "I8", (2, 4, 1, 16)), ("e_scales", "U8", (2, 4, 1))], "both must be U8"),
+    ],
+)
+def test_malformed_parts_are_problems(infos: list[tuple[str, str, tuple[int, ...]]], message: str) -> None:
+    found = scan(None, {n: TensorInfo(n, d, s, 0, 0) for n, d, s in infos})
+    assert not found.params and "e" in found.unhandled
+    assert [p.code for p in found.problems] == ["base-quant-malformed"] and message in found.problems[0].message
