@@ -13,7 +13,10 @@ one home each:
 * a DoRA module's tensor may be touched by nothing else, since its renormalisation would make the
   result depend on the order of the terms;
 * full tensors, trainable tokens, tied heads and grown vocabularies follow
-  :mod:`loratools.fulltensors` (PEFT's inference semantics; a tied head is untied where needed).
+  :mod:`loratools.fulltensors` (PEFT's inference semantics; a tied head is untied where needed);
+* a quantized base parameter takes ΔW only through the codec that claims it
+  (:mod:`loratools.io.quant`), recorded per edit; one that looks quantized (a quantized dtype, a
+  scale companion) that no codec claims is refused by name, and no full tensor replaces a quantized one.
 
 Only headers are read: a plan for a 140 GB base costs kilobytes of I/O.
 """
@@ -32,6 +35,7 @@ from .adapter import Adapter, LoraModule
 from .errors import Problem
 from .io.checkpoint import Checkpoint, ModuleIndex, module_index
 from .io.layouts import Layout, Piece, expert_pieces, layout_of, weight_key
+from .io.quant.registry import QuantMap, scan
 from .io.tensorfile import TensorInfo
 from .orientation import orientations, variant_problems
 
@@ -92,6 +96,7 @@ class TensorEdit:
     source: str | None = None
     shape: tuple[int, ...] | None = None
     residual: Residual | None = None
+    codec: str | None = None  # the quantization codec that stores this tensor (io.quant), None for a float one
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class Plan:
     edits: dict[str, TensorEdit]
     problems: list[Problem]
     config: dict[str, Any] = field(default_factory=dict)  # config.json fields the output sets (tie_word_embeddings, vocab_size)
+    quant: QuantMap = field(default_factory=QuantMap)  # the base's quantized parameters and what no codec handles
 
     @property
     def errors(self) -> list[Problem]:
@@ -120,8 +126,10 @@ def plan(
     ``labels`` name the adapters in problem locations when there are several.
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    model_config = checkpoint.model_config()
+    quant = scan(model_config, checkpoint.tensors)
     tied = full.tying(checkpoint, checkpoint.tensors)
-    tensors = full.with_head(checkpoint.tensors, tied)
+    tensors = {**full.with_head(checkpoint.tensors, tied), **quant.logical(checkpoint.tensors)}
     vocab = full.vocab_keys(tensors, tied)
     index = module_index(tensors)
     grown = _grown(adapters, tensors, index, vocab)
@@ -132,7 +140,6 @@ def plan(
     owners: dict[str, int] = {}
     tokens: dict[str, list[full.Tokens]] = {}
     problems: list[Problem] = []
-    model_config = checkpoint.model_config()
     for i, (adapter, weight) in enumerate(zip(adapters, weights, strict=True)):
         label = f"{labels[i]}: " if labels is not None and len(adapters) > 1 else ""
         refused = variant_problems(adapter, label)
@@ -149,7 +156,7 @@ def plan(
         for name, module in adapter.modules.items():
             where = f"{label}{spec.PREFIX}{name}"
             if module.kind == "parameter":
-                expert_terms = _parameter_terms(i, name, module, weight, tensors, index, layout, where)
+                expert_terms = _parameter_terms(i, name, module, weight, tensors, index, layout, where, quant)
                 if isinstance(expert_terms, Problem):
                     problems.append(expert_terms)
                 for term_key, term in expert_terms if isinstance(expert_terms, list) else ():
@@ -164,7 +171,7 @@ def plan(
             if name not in layouts:
                 continue  # orientations() reported why
             transposed = layouts[name]
-            problem = _fit(module, transposed, tensors[key], where, grown.get(key))
+            problem = _fit(module, transposed, tensors[key], where, grown.get(key), quant)
             if problem is not None:
                 problems.append(problem)
                 continue
@@ -193,6 +200,12 @@ def plan(
             if target is None:
                 message = f"saved tensor {list(tensor.shape)} would replace a base tensor, but no base tensor matches"
                 problems.append(Problem("tokens-unmatched" if full.is_tokens(key) else "saved-unmatched", f"{label}{key}", message))
+            elif target in quant.params or target in quant.unhandled:
+                what = quant.params[target].label if target in quant.params else quant.unhandled[target]
+                message = (
+                    f"saved tensor would replace base tensor {target}, which is quantized ({what}); full tensors replace float weights only"
+                )
+                problems.append(Problem("base-quant-unsupported", f"{label}{key}", message))
             elif full.is_tokens(key):
                 indices = full.token_indices(adapter.config, key)
                 found = full.token_problems(tensor, indices, tensors[target], f"{label}{key}", weight)
@@ -229,14 +242,22 @@ def plan(
     problems += found
     edits = {
         k: TensorEdit(
-            k, tuple(terms.get(k, ())), magnitudes.get(k), replacements.get(k), merged_tokens.get(k), None, grown.get(k), residuals.get(k)
+            k,
+            tuple(terms.get(k, ())),
+            magnitudes.get(k),
+            replacements.get(k),
+            merged_tokens.get(k),
+            None,
+            grown.get(k),
+            residuals.get(k),
+            quant.params[k].codec if k in quant.params else None,
         )
         for k in keys
     }
     config = full.resolve_tied(edits, tied, lambda key: TensorEdit(key))
     problems += full.mixed_problems(edits)
     found, sizes = full.vocab_problems(edits, checkpoint.tensors, tensors, vocab)
-    return Plan(edits, problems + found, {**config, **sizes})
+    return Plan(edits, problems + found, {**config, **sizes}, quant)
 
 
 def _residuals(terms: dict[str, list[Term]]) -> tuple[dict[str, Residual], list[Problem]]:
@@ -276,13 +297,20 @@ def _grown(adapters: Sequence[Adapter], tensors: dict[str, TensorInfo], index: M
     return grown
 
 
-def _fit(module: LoraModule, transposed: bool, info: TensorInfo, where: str, grown: tuple[int, ...] | None = None) -> Problem | None:
+def _fit(
+    module: LoraModule, transposed: bool, info: TensorInfo, where: str, grown: tuple[int, ...] | None, quant: QuantMap
+) -> Problem | None:
     """Why ``module``'s ΔW (stored transposed when ``transposed``) cannot be added to base tensor ``info``
     (of shape ``grown`` when the adapter grows it), or None."""
+    refused = quant.refusal(info.name)
+    if refused is not None:
+        return Problem(refused.code, where, refused.message)
     want = module.delta_shape(fan_in_fan_out=transposed and module.kind == "linear")
     if (grown or info.shape) != want:
         return Problem("base-shape-mismatch", where, f"ΔW has shape {list(want)} but base tensor {info.name} is {list(info.shape)}")
-    if info.dtype not in FLOAT_DTYPES:
+    if info.name in quant.params and grown is not None:
+        return Problem("base-quant-unsupported", where, f"base tensor {info.name} is quantized; its vocabulary cannot grow")
+    if info.dtype not in FLOAT_DTYPES and info.name not in quant.params:
         return Problem(
             "base-dtype-unsupported",
             where,
@@ -311,6 +339,7 @@ def _parameter_terms(
     index: ModuleIndex,
     layout: Layout,
     where: str,
+    quant: QuantMap,
 ) -> list[tuple[str, Term]] | Problem:
     """The terms of a ``target_parameters`` module (fused experts, a router weight), or why it does not fit.
 
@@ -359,7 +388,10 @@ def _parameter_terms(
             delta = list(module.delta_shape())
             message = f"{what}ΔW {delta} needs base tensor {piece.key} of shape {list(want)}, but it is {list(info.shape)}"
             return Problem("base-shape-mismatch", where, message)
-        if info.dtype not in FLOAT_DTYPES:
+        refused = quant.refusal(piece.key)
+        if refused is not None:
+            return Problem(refused.code, where, refused.message)
+        if info.dtype not in FLOAT_DTYPES and piece.key not in quant.params:
             return Problem("base-dtype-unsupported", where, f"base tensor {piece.key} is stored as {info.dtype}; ΔW needs a float weight")
         found.append((piece.key, term))
     return found

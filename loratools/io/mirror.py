@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,14 +62,18 @@ def copy_side_files(root: Path, paths: list[Path], dst: Path) -> None:
         copy_regular(root / rel, dst / rel)
 
 
-def write_index(index: Mapping[str, Any], total_size: int, dst: Path, added: Mapping[str, str] | None = None) -> None:
+def write_index(
+    index: Mapping[str, Any], total_size: int, dst: Path, added: Mapping[str, str] | None = None, removed: Collection[str] = ()
+) -> None:
     """The base's ``model.safetensors.index.json`` with ``metadata.total_size`` for the new data size.
 
-    ``added``: tensors the output holds beyond the base's, by name -> shard file name.
+    ``added``: tensors the output holds beyond the base's, by name -> shard file name; ``removed``:
+    base tensors it no longer holds (scales of weights written dequantized, renamed tensors' old names).
     """
     out = dict(index)
-    if added:
-        out["weight_map"] = {**dict(index.get("weight_map") or {}), **dict(added)}
+    if added or removed:
+        kept = {k: v for k, v in dict(index.get("weight_map") or {}).items() if k not in set(removed)}
+        out["weight_map"] = {**kept, **dict(added or {})}
     out["metadata"] = {**dict(index.get("metadata") or {}), "total_size": total_size}
     dst.write_text(json.dumps(out, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
@@ -87,12 +91,13 @@ def check_free_space(where: Path, need: int) -> None:
         )
 
 
-def update_config(path: Path, updates: Mapping[str, Any]) -> None:
-    """Set top-level fields of a copied ``config.json`` (``tie_word_embeddings``, ``vocab_size``).
+def update_config(path: Path, updates: Mapping[str, Any], removed: Collection[str] = ()) -> None:
+    """Set top-level fields of a copied ``config.json`` (``tie_word_embeddings``, ``vocab_size``), delete ``removed`` ones.
 
-    transformers reads ``text_config`` first for multimodal models, so a field found there is set there too.
+    transformers reads ``text_config`` first for multimodal models, so a field found there is set
+    (or deleted) there too.  ``quantization_config`` is removed when the weights are written dequantized.
     """
-    if not updates or not path.is_file():
+    if not (updates or removed) or not path.is_file():
         return
     try:
         config = json.loads(read_text(path))
@@ -102,6 +107,9 @@ def update_config(path: Path, updates: Mapping[str, Any]) -> None:
         raise FormatError(f"is not a JSON object, so the merge cannot set {sorted(updates)} in it", path=path)
     config.update(updates)
     text = config.get("text_config")
+    for holder in (config, text) if isinstance(text, dict) else (config,):
+        for key in removed:
+            holder.pop(key, None)
     if isinstance(text, dict):
         text.update({k: v for k, v in updates.items() if k in text})
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

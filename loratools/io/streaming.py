@@ -19,7 +19,7 @@ import os
 import queue
 import threading
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,11 @@ class FilePlan:
     gives a tensor a new output shape (a vocabulary grown by the adapter): its transform then fills a
     ``dst`` with more rows than ``src``.  ``added`` appends tensors the input does not store, each
     computed from a tensor of this file (``lm_head.weight`` from the tied ``embed_tokens.weight``
-    when a merge unties them), after the input's tensors, in the order given.
+    when a merge unties them), after the input's tensors, in the order given.  ``dropped`` input
+    tensors are not written (the scales of a quantized weight written dequantized); ``renamed`` ones
+    are written under a new name (keys of ``dtypes``/``transforms``/``shapes`` are output names);
+    ``after`` writes a tensor right behind another of this file (a scale behind the weight whose
+    requantization computes it), the rest keeping file order.
     """
 
     header: Header
@@ -61,15 +65,30 @@ class FilePlan:
     transforms: Mapping[str, Transform]
     shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
     added: Mapping[str, str] = field(default_factory=dict)  # new tensor name -> source tensor name in this file
+    dropped: frozenset[str] = frozenset()
+    renamed: Mapping[str, str] = field(default_factory=dict)  # input name -> output name
+    after: Mapping[str, str] = field(default_factory=dict)  # input name -> the input name it follows
 
     @property
     def tensors(self) -> list[TensorInfo]:
-        return sorted(self.header.tensors.values(), key=lambda t: t.start)
+        """The input tensors written, in output order."""
+        ordered = sorted(self.header.tensors.values(), key=lambda t: t.start)
+        kept = [t for t in ordered if t.name not in self.dropped and self.after.get(t.name) not in self.header.tensors]
+        followers: dict[str, list[TensorInfo]] = {}
+        for t in ordered:
+            if t.name not in self.dropped and self.after.get(t.name) in self.header.tensors:
+                followers.setdefault(self.after[t.name], []).append(t)
+        return [f for t in kept for f in (t, *followers.get(t.name, ()))]
 
     @property
     def outputs(self) -> list[tuple[str, TensorInfo]]:
         """(output name, the input tensor it is read from), in output file order."""
-        return [(t.name, t) for t in self.tensors] + [(name, self.header.tensors[src]) for name, src in self.added.items()]
+        own = [(self.renamed.get(t.name, t.name), t) for t in self.tensors]
+        return own + [(name, self.header.tensors[src]) for name, src in self.added.items()]
+
+    @property
+    def reordered(self) -> bool:
+        return bool(self.dropped or self.renamed) or [t.name for t in self.tensors] != list(self.header.tensors)
 
     def out_shape(self, name: str, info: TensorInfo) -> tuple[int, ...]:
         return self.shapes.get(name, info.shape)
@@ -81,7 +100,8 @@ class FilePlan:
         return name in self.transforms or self.dtypes[name] != info.dtype or self.out_shape(name, info) != info.shape
 
     def header_bytes(self) -> bytes:
-        if not self.added and all(self.dtypes[t.name] == t.dtype and self.out_shape(t.name, t) == t.shape for t in self.tensors):
+        same = all(self.dtypes[t.name] == t.dtype and self.out_shape(t.name, t) == t.shape for t in self.tensors)
+        if not self.added and not self.reordered and same:
             with open_regular(self.header.path) as fh:
                 return fh.read(self.header.data_start)
         plan = [(name, self.dtypes[name], self.out_shape(name, info)) for name, info in self.outputs]
@@ -337,11 +357,13 @@ def write_checkpoint(
     *,
     pin: bool = False,
     config: Mapping[str, Any] | None = None,
+    removed_config: Collection[str] = (),
 ) -> int:
     """Write a checkpoint mirroring ``checkpoint`` to ``out``, atomically; returns the bytes of weights written.
 
     One output shard per plan (same names and order), the index with its new ``total_size`` and the
-    plans' added tensors, and the side files, ``config.json`` with ``config``'s fields set.  Free
+    plans' added (and renamed) tensors less their dropped ones, and the side files, ``config.json``
+    with ``config``'s fields set and ``removed_config``'s deleted.  Free
     space is checked first.  ``pin``: stage tensors in pinned memory (GPU compute).
     """
     extras = [] if checkpoint.is_file else side_files(checkpoint.root, {s.name for s in checkpoint.shards})
@@ -359,11 +381,13 @@ def write_checkpoint(
             jobs = [(p, tmp if checkpoint.is_file else tmp / s.name) for p, s in zip(plans, checkpoint.shards, strict=True)]
             stream_files(jobs, pin=pin, direct=options.direct, fsync=options.fsync, progress=tick)
             if checkpoint.index is not None:
-                added = {name: s.name for p, s in zip(plans, checkpoint.shards, strict=True) for name in p.added}
-                write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME, added)
+                pairs = list(zip(plans, checkpoint.shards, strict=True))
+                added = {name: s.name for p, s in pairs for name in (*p.added, *p.renamed.values())}
+                removed = [name for p, _ in pairs for name in (*p.dropped, *p.renamed)]
+                write_index(checkpoint.index, sum(p.data_bytes for p in plans), tmp / INDEX_NAME, added, removed)
             copy_side_files(checkpoint.root, extras, tmp)
             if not checkpoint.is_file:
-                update_config(tmp / CONFIG_NAME, config or {})
+                update_config(tmp / CONFIG_NAME, config or {}, removed_config)
         except OSError as err:
             if err.errno not in NO_SPACE and not isinstance(err, DiskSpaceError):
                 raise

@@ -252,14 +252,15 @@ def _is_count(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= _MAX_COUNT
 
 
-def load_tensors(header: Header) -> dict[str, torch.Tensor]:
-    """Every tensor of ``header``'s file, in memory, read through safetensors (never unpickled).
+def load_tensors(header: Header, names: Iterable[str] | None = None) -> dict[str, torch.Tensor]:
+    """Every tensor of ``header``'s file (or just ``names``), in memory, read through safetensors (never unpickled).
 
     The header's sizes already match the file's, but a sparse file can claim terabytes in a few
     kilobytes of disk; such a claim is refused against the machine's memory before anything is
     allocated, and a failure of the reader itself (an mmap refused) is one line naming the file.
     """
-    need, limit = sum(t.nbytes for t in header.tensors.values()), memory_bytes()
+    wanted = list(header.tensors) if names is None else list(names)
+    need, limit = sum(header.tensors[n].nbytes for n in wanted), memory_bytes()
     if limit is not None and need > limit:
         raise FormatError(
             f"its tensors claim {need / 2**30:.1f} GiB, more than this machine's {limit / 2**30:.1f} GiB of memory; refusing to load them",
@@ -267,7 +268,7 @@ def load_tensors(header: Header) -> dict[str, torch.Tensor]:
         )
     try:
         with safe_open(str(header.path), framework="pt") as fh:
-            return {name: fh.get_tensor(name) for name in header.tensors}
+            return {name: fh.get_tensor(name) for name in wanted}
     except (SafetensorError, OSError, RuntimeError, MemoryError) as err:  # RuntimeError: torch's allocator
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise FormatError(f"cannot read the tensor data ({spec.clip(reason)[1:-1]})", path=header.path) from None

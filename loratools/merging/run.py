@@ -32,6 +32,7 @@ from ..io.streaming import FilePlan, WriteOptions, write_checkpoint
 from ..io.tensorfile import DtypeLike, Header, TensorInfo
 from ..methods import MethodOptions, get_method, module_weights
 from ..planner import CONFLICTS, FLOAT_DTYPES, VARIANTS, Plan, TensorEdit, plan
+from . import quantized
 from .kernels import Kernel, kernel
 
 _LISTED = 8  # problems named in one error line; validate --base lists every one
@@ -57,6 +58,9 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)  # the planner's warnings ("where: message"), e.g. an overridden fan_in_fan_out
     added: list[str] = field(default_factory=list)  # tensors the base does not store (an untied lm_head.weight)
     config: dict[str, Any] = field(default_factory=dict)  # config.json fields set (tie_word_embeddings, vocab_size)
+    survival: dict[str, float] = field(default_factory=dict)  # requantized tensor -> fraction of ‖ΔW‖ kept
+    survival_total: float | None = None  # over every requantized tensor; None when nothing was requantized
+    quantization: dict[str, Any] = field(default_factory=dict)  # the base's (quantized.describe) and what became of it
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -75,6 +79,8 @@ class MergeResult:
             "warnings": self.warnings,
             "added": self.added,
             "config": self.config,
+            "survival": {"total": self.survival_total, "tensors": self.survival},
+            "quantization": self.quantization,
         }
 
 
@@ -197,8 +203,13 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool, m
     target = resolve_device(device)
     planned = _planned(checkpoint, adapters, weights, labels)
     edits = {key: kernel(edit, *method) for key, edit in planned.edits.items()}
-    plans = [_file_plan(checkpoint.headers[s.name], planned.edits, edits, code, target, pool) for s in checkpoint.shards]
-    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda", config=planned.config)
+    jobs = quantized.jobs(checkpoint, planned.quant, edits, code, pool)
+    plans = [_file_plan(checkpoint.headers[s.name], planned.edits, edits, code, target, pool, jobs) for s in checkpoint.shards]
+    dequantized = code is not None and bool(planned.quant.params or planned.quant.method)
+    removed = ("quantization_config",) if dequantized else ()
+    total = write_checkpoint(checkpoint, plans, out, options, pin=target.type == "cuda", config=planned.config, removed_config=removed)
+    survival, survival_total = quantized.survival(jobs)
+    quantization = {**quantized.describe(planned.quant), "written": "dequantized" if dequantized else "kept"} if planned.quant else {}
     return MergeResult(
         out,
         base,
@@ -212,9 +223,13 @@ def _merge(base, adapters, labels, weights, out, device, dtype, options, pool, m
         sorted(k for k, e in edits.items() if e.replacement is not None or e.token_rows is not None),
         total,
         time.perf_counter() - start,
-        [f"{p.where}: {p.message}" for p in planned.problems if p.severity == "warning"],
+        [f"{p.where}: {p.message}" for p in planned.problems if p.severity == "warning"]
+        + quantized.survival_warnings(survival, survival_total),
         sorted(name for p in plans for name in p.added),
         dict(planned.config),
+        survival,
+        survival_total,
+        quantization,
     )
 
 
@@ -225,9 +240,10 @@ def _file_plan(
     dtype: str | None,
     device: torch.device,
     pool: ThreadPoolExecutor,
+    jobs: dict[str, quantized.QuantJob],
 ) -> FilePlan:
     """One shard's plan: its own tensors, plus each planned tensor the base does not store (an untied head)
-    appended to the shard that holds its source."""
+    appended to the shard that holds its source; quantized parameters through their codecs' jobs."""
 
     def out_dtype(info: TensorInfo) -> str:
         return dtype if dtype is not None and info.dtype in FLOAT_DTYPES else info.dtype
@@ -237,7 +253,13 @@ def _file_plan(
     dtypes = {name: out_dtype(header.tensors[src]) for name, src in names.items()}
     transforms = {name: edits[name].transform(device, pool) for name in names if name in edits and not edits[name].trivial}
     shapes = {name: e.shape for name, e in planned.items() if name in names and e.shape is not None}
-    return FilePlan(header, dtypes, transforms, shapes, added)
+    quant = quantized.shard_parts(header, jobs, dtype)
+    for name in quant.renamed:
+        dtypes.pop(name, None)
+    dtypes = {n: d for n, d in dtypes.items() if n not in quant.dropped} | quant.dtypes
+    transforms = {**transforms, **quant.transforms}
+    shapes = {**shapes, **quant.shapes}
+    return FilePlan(header, dtypes, transforms, shapes, added, quant.dropped, quant.renamed, quant.after)
 
 
 def _check_out(base: Path, out: Path, force: bool) -> None:

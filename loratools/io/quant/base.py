@@ -30,7 +30,9 @@ Contract (stable: later changes are additive only):
 - ``codec.quantize(q, w, rows, like)`` (``requantizable`` codecs only) stores float32 logical rows
   ``w`` (rows ``rows`` of the parameter) and returns, by role, the stored tensors' matching rows
   (``codec.part_rows(q, role, rows)``), with fresh scales by the format's rule; ``like`` is the
-  original parts (their dtypes are kept).  For codecs that cannot be recomputed without calibration
+  original parts (their dtypes are kept).  Its output for ``rows`` dequantizes as parts of their own
+  with rows ``(0, r1 - r0)`` (how the merge measures what survives).  ``rewritten(q)`` names the
+  companion roles it returns; the others (static activation scales) pass through.  For codecs that cannot be recomputed without calibration
   data (GPTQ, AWQ, bnb) ``requantizable`` is False and ``quantize`` raises :class:`QuantError`.
 """
 
@@ -141,6 +143,10 @@ class Codec(ABC):
     def quantize(self, q: QuantTensor, w: torch.Tensor, rows: Rows, like: Parts) -> dict[str, torch.Tensor]:
         """Store float32 logical ``rows`` ``w``: each part's rows by role, fresh scales by the format's rule."""
         raise QuantError(f"{q.label} cannot be requantized here (it needs calibration data); merge with --dtype bf16", key=q.key)
+
+    def rewritten(self, q: QuantTensor) -> tuple[str, ...]:
+        """Companion roles ``quantize`` returns (rewritten on requantization); the others pass through unchanged."""
+        return tuple(q.companions)
 
     def all_rows(self, q: QuantTensor) -> Rows:
         return (0, q.shape[0])

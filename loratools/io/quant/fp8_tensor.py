@@ -62,6 +62,9 @@ class Fp8Tensor(Codec):
             return rows
         return 0, int(q.params["numel"][role])
 
+    def rewritten(self, q: QuantTensor) -> tuple[str, ...]:
+        return ("weight_scale",)
+
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
         r0, r1 = rows or self.all_rows(q)
         scale = parts["weight_scale"]

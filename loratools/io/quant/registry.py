@@ -50,6 +50,12 @@ class QuantMap:
             return key != q.primary_key
         return key.endswith(COMPANION_SUFFIXES)
 
+    def logical(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
+        """Header entries for parameters stored under other names (``qweight``, ``_blocks``): their logical
+        shape (unknown, empty, for unhandled ones), so adapter modules find them and get this map's verdict."""
+        found = {k: TensorInfo(k, "F32", q.shape, 0, 0) for k, q in self.params.items() if k not in tensors}
+        return {**{k: TensorInfo(k, "?", (), 0, 0) for k in self.unhandled if k not in tensors}, **found}
+
     def refusal(self, key: str) -> Problem | None:
         """The problem for merging into logical base key ``key`` when no codec handles it, else None."""
         what = self.unhandled.get(key)
@@ -58,11 +64,17 @@ class QuantMap:
         for p in self.problems:
             if p.where == key:
                 return p
-        method = f" (quant_method {self.method!r})" if self.method else ""
+        method = f", quant_method {self.method!r}" if self.method else ""
+        if what.startswith("stored as"):  # a dtype alone: the float-only rule's own code, as before codecs existed
+            message = (
+                f"base tensor {key} is {what} with no companion scales a codec reads{method}; ΔW can only be added to "
+                "F64, F32, F16, BF16 weights or to quantized ones a codec dequantizes"
+            )
+            return Problem("base-dtype-unsupported", key, message)
         return Problem(
             UNSUPPORTED,
             key,
-            f"base tensor {key} is quantized ({what}){method} in a format loratools cannot dequantize; "
+            f"base tensor {key} is quantized ({what}{method}) in a format loratools cannot dequantize; "
             "ΔW is never added to stored quantized values",
         )
 

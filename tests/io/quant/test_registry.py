@@ -44,8 +44,10 @@ def test_unhandled_formats_are_refused_by_their_logical_key():
     assert set(found.unhandled) == {"g.weight", "x.weight", "e.gate_up_proj", "b.weight"}
     problem = found.refusal("g.weight")
     assert problem is not None and problem.code == "base-quant-unsupported"
-    assert "quant_method 'gptq'" in problem.message and "never added to stored quantized values" in problem.message
+    assert "has qweight, quant_method 'gptq'" in problem.message and "never added to stored quantized values" in problem.message
     assert found.is_companion("g.qzeros") and not found.is_companion("x.weight")
+    dtype_only = found.refusal("x.weight")
+    assert dtype_only is not None and dtype_only.code == "base-dtype-unsupported" and "stored as F8_E5M2" in dtype_only.message
 
 
 def test_malformed_claim_is_unhandled():

@@ -1,0 +1,268 @@
+"""Merging into quantized base parameters: dequantize, add ΔW in float32, requantize or write dequantized.
+
+ΔW is never added to stored quantized values.  Each quantized parameter the merge touches streams
+through its codec (:mod:`loratools.io.quant`) a row block at a time, the block aligned to the
+scale blocks: ``W = dequantize(parts)`` (float32), ``W' = W + ΔW`` by the same float32 row-block
+arithmetic as a float base (:class:`~loratools.merging.kernels.Kernel`), then
+
+* ``--dtype keep``: ``quantize(W')`` with fresh scales by the format's own rule; the weight and
+  the scale tensors it owns are rewritten, ``quantization_config`` and the index kept.  The written
+  scales follow their weight in the output file (safetensors writers put F32 scales first), so each
+  is ready when written; a scale stored in another shard than its weight is computed with it.
+  Requantization can erase a small ΔW: :class:`Survival` measures ‖Q(W + ΔW) − Q(W)‖ / ‖ΔW‖ per
+  tensor, with Q(W) = W the dequantized base.
+* ``--dtype bf16|fp16|fp32``: every quantized parameter is written dequantized (merged or not),
+  under its logical name, its companions dropped from shards and index, ``quantization_config``
+  dropped from config.json.
+
+Refused in one line before anything is written: ``--dtype keep`` on a parameter whose codec cannot
+requantize (GPTQ, AWQ, bnb need calibration data), a dequantized output while some base tensor is
+quantized in a format no codec reads (it would stay quantized without its config), and PiSSA/OLoRA
+residual inits on a quantized parameter.  This path computes on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from ..errors import MergeError
+from ..io.checkpoint import Checkpoint
+from ..io.quant.base import Codec, QuantTensor
+from ..io.quant.registry import QuantMap, codec
+from ..io.streaming import Transform
+from ..io.tensorfile import Header, load_tensors
+from .kernels import DenseTerm, Kernel
+
+_BLOCK = 1 << 19  # float32 elements per row block, as kernels._BLOCK
+LOW_SURVIVAL = 0.5  # below this fraction of ‖ΔW‖ surviving requantization, the merge warns
+_CPU = torch.device("cpu")
+
+
+@dataclass
+class Survival:
+    """Squared norms summed over one tensor's row blocks: ‖ΔW‖² and ‖Q(W + ΔW) − Q(W)‖²."""
+
+    delta_sq: float = 0.0
+    kept_sq: float = 0.0
+
+    @property
+    def fraction(self) -> float | None:
+        return math.sqrt(self.kept_sq / self.delta_sq) if self.delta_sq > 0 else None
+
+
+@dataclass
+class QuantJob:
+    """One quantized base parameter through a merge: its codec, its kernel (None: dequantized only), its outputs."""
+
+    q: QuantTensor
+    codec: Codec
+    kernel: Kernel | None
+    keep: bool
+    checkpoint: Checkpoint
+    pool: ThreadPoolExecutor | None
+    survival: Survival = field(default_factory=Survival)
+    outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # rewritten companions by role (keep)
+    early: torch.Tensor | None = None  # the primary's output, when a companion asked first
+    done: bool = False
+
+    @property
+    def rewritten(self) -> tuple[str, ...]:
+        """Companion roles the requantization rewrites (the others pass through unchanged)."""
+        return self.codec.rewritten(self.q) if self.keep else ()
+
+    def primary(self) -> Transform:
+        def run(src: torch.Tensor, dst: torch.Tensor) -> None:
+            if self.done and self.early is not None:
+                dst.copy_(self.early.reshape(dst.shape))
+                self.early = None
+                return
+            self._run(src, dst)
+
+        return run
+
+    def companion(self, role: str) -> Transform:
+        def run(src: torch.Tensor, dst: torch.Tensor) -> None:
+            if not self.done:  # the scale is written before its weight (another shard): compute the weight now
+                key = self.q.primary_key
+                stored = _read(self.checkpoint, key)
+                self.early = torch.empty(stored.shape, dtype=stored.dtype)
+                self._run(stored, self.early)
+            dst.copy_(self.outputs[role].reshape(dst.shape))
+
+        return run
+
+    def _run(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        q, c = self.q, self.codec
+        shapes = {role: self.checkpoint.tensors[key].shape for role, key in q.parts.items()}
+        parts = {q.primary: src.reshape(shapes[q.primary])}
+        companions = q.companions
+        if companions:
+            loaded = {key: t for key, t in _read_many(self.checkpoint, list(companions.values())).items()}
+            parts |= {role: loaded[key] for role, key in companions.items()}
+        rows = q.shape[0]
+        edit = _prepared(self.kernel, rows) if self.kernel is not None else None
+        align = c.row_align(q)
+        cols = math.prod(q.shape[1:])
+        step = rows if edit is not None and edit.norm_cols else max(align, (_BLOCK // max(1, cols)) // align * align)
+        self.outputs = {role: torch.empty_like(parts[role]) for role in self.rewritten}
+        out_primary = dst.reshape(shapes[q.primary]) if self.keep else dst.reshape(q.shape)
+
+        def block(r0: int) -> tuple[float, float]:
+            r1 = min(rows, r0 + step)
+            base = c.dequantize(q, parts, (r0, r1))
+            x = edit.rows(base.reshape(r1 - r0, -1), r0, r1).reshape(base.shape) if edit is not None else base
+            if not self.keep:
+                out_primary[r0:r1].copy_(x)
+                return 0.0, 0.0
+            out = c.quantize(q, x, (r0, r1), parts)
+            a, b = c.part_rows(q, q.primary, (r0, r1))
+            out_primary[a:b].copy_(out[q.primary])
+            for role in self.rewritten:
+                a, b = c.part_rows(q, role, (r0, r1))
+                self.outputs[role][a:b].copy_(out[role].reshape(self.outputs[role][a:b].shape))
+            if edit is None:
+                return 0.0, 0.0
+            local = {**{r: t for r, t in parts.items() if r not in out}, **out}
+            written = c.dequantize(q, local, (0, r1 - r0))
+            return float((written - base).square().sum()), float((x - base).square().sum())
+
+        starts = range(0, rows, step)
+        sums = list(self.pool.map(block, starts)) if self.pool is not None and len(starts) > 1 else [block(r) for r in starts]
+        self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))
+        self.done = True
+
+
+def _prepared(kernel: Kernel, rows: int) -> Kernel:
+    """The kernel on the CPU with a merge method's whole-tensor combination folded into one dense term."""
+    edit = kernel.to(_CPU)
+    if edit.combination is not None:
+        combined = edit.combination.delta(edit.terms, rows, edit.key, _CPU)
+        edit = replace(edit, terms=(DenseTerm(combined, combined.new_empty(0), 1.0),), combination=None)
+    return edit
+
+
+def _read_many(checkpoint: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(checkpoint.shard_of(key).name, []).append(key)
+    return {k: t for shard, names in by_shard.items() for k, t in load_tensors(checkpoint.headers[shard], names).items()}
+
+
+def _read(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+    return _read_many(checkpoint, [key])[key]
+
+
+def jobs(
+    checkpoint: Checkpoint, quant: QuantMap, kernels: Mapping[str, Kernel], dtype: str | None, pool: ThreadPoolExecutor | None
+) -> dict[str, QuantJob]:
+    """The quantized parameters this merge writes through their codecs (logical key -> job), or the one-line refusal.
+
+    ``dtype`` None keeps the base's format (only edited parameters are requantized, the rest pass
+    through byte for byte); a float dtype writes every quantized parameter dequantized.
+    """
+    keep = dtype is None
+    if not keep and quant.unhandled:
+        names = sorted(quant.unhandled)
+        raise MergeError(
+            f"--dtype writes a dequantized model, but {len(names)} base tensor(s) are quantized in a format loratools cannot "
+            f"dequantize ({names[0]}: {quant.unhandled[names[0]]}); they would stay quantized without their quantization_config",
+            path=checkpoint.root,
+        )
+    found: dict[str, QuantJob] = {}
+    for key, q in quant.params.items():
+        kernel = kernels.get(key)
+        kernel = kernel if kernel is not None and not kernel.trivial else None
+        if keep and kernel is None:
+            continue
+        c = codec(q.codec)
+        if keep and not c.requantizable:
+            raise MergeError(
+                f"{key} is {q.label}, which cannot be requantized without calibration data, so --dtype keep cannot write it; "
+                "merge with --dtype bf16 to write a dequantized model",
+                path=checkpoint.root,
+            )
+        if kernel is not None and kernel.residual is not None:
+            raise MergeError(
+                f"a {kernel.residual.family} residual init cannot be rebuilt on quantized base tensor {key}", path=checkpoint.root
+            )
+        found[key] = QuantJob(q, c, kernel, keep, checkpoint, pool)
+    return found
+
+
+@dataclass(frozen=True)
+class ShardParts:
+    """What the quantized jobs change in one shard's :class:`~loratools.io.streaming.FilePlan`."""
+
+    dtypes: dict[str, str]
+    transforms: dict[str, Transform]
+    shapes: dict[str, tuple[int, ...]]
+    dropped: frozenset[str]
+    renamed: dict[str, str]
+    after: dict[str, str]
+
+
+def shard_parts(header: Header, found: Mapping[str, QuantJob], dtype: str | None) -> ShardParts:
+    """The dtypes, transforms, shapes, dropped, renamed and reordered tensors of one shard for the jobs."""
+    dtypes: dict[str, str] = {}
+    transforms: dict[str, Transform] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    dropped: set[str] = set()
+    renamed: dict[str, str] = {}
+    after: dict[str, str] = {}
+    for job in found.values():
+        q = job.q
+        primary = q.primary_key
+        if primary in header.tensors:
+            name = primary if job.keep else q.key
+            if name != primary:
+                renamed[primary] = name
+            transforms[name] = job.primary()
+            dtypes[name] = header.tensors[primary].dtype if job.keep else str(dtype)
+            if not job.keep:
+                shapes[name] = q.shape
+        for role, key in q.companions.items():
+            if key not in header.tensors:
+                continue
+            if not job.keep:
+                dropped.add(key)
+            elif role in job.rewritten:
+                transforms[key] = job.companion(role)
+                if primary in header.tensors:
+                    after[key] = primary
+    return ShardParts(dtypes, transforms, shapes, frozenset(dropped), renamed, after)
+
+
+def survival(found: Mapping[str, QuantJob]) -> tuple[dict[str, float], float | None]:
+    """Per edited tensor and in total, the fraction of ‖ΔW‖ the requantized weights keep."""
+    per = {k: f for k, j in sorted(found.items()) if j.keep and (f := j.survival.fraction) is not None}
+    delta = sum(j.survival.delta_sq for j in found.values() if j.keep)
+    kept = sum(j.survival.kept_sq for j in found.values() if j.keep)
+    return per, (math.sqrt(kept / delta) if delta > 0 else None)
+
+
+def survival_warnings(per: Mapping[str, float], total: float | None) -> list[str]:
+    """One line when the total is low, one naming how many tensors (and the worst) keep less than LOW_SURVIVAL."""
+    lines: list[str] = []
+    low = sorted((f, k) for k, f in per.items() if f < LOW_SURVIVAL)
+    if total is not None and total < LOW_SURVIVAL:
+        lines.append(f"only {total:.0%} of ‖ΔW‖ survives requantization in total; most of the adapter is rounded away (try --dtype bf16)")
+    if low:
+        f, k = low[0]
+        lines.append(f"{k}: {len(low)} tensor(s) keep less than {LOW_SURVIVAL:.0%} of ‖ΔW‖ after requantization (this one {f:.0%})")
+    return lines
+
+
+def describe(quant: QuantMap) -> dict[str, Any]:
+    """A base's quantization for people and --json: method, codecs with their tensor counts, unhandled tensors."""
+    codecs: dict[str, int] = {}
+    labels: dict[str, str] = {}
+    for q in quant.params.values():
+        codecs[q.codec] = codecs.get(q.codec, 0) + 1
+        labels.setdefault(q.codec, q.label)
+    return {"method": quant.method, "codecs": codecs, "labels": labels, "unhandled": dict(sorted(quant.unhandled.items()))}
