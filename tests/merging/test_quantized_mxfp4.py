@@ -149,3 +149,28 @@ def test_bf16_writes_the_dequantized_merge(mx_base: Path, experts_adapter: Path,
     loaded = _logits(_load(out, quantized=False))
     want = _logits(reference)
     assert (loaded - want).norm() / want.norm() < 0.02  # bf16 rounding of every weight
+
+
+def test_unmerge_takes_the_experts_back_out_within_mxfp4_error(mx_base: Path, experts_adapter: Path, tmp_path: Path) -> None:
+    """W'' = Q(Q(W + ΔW) − ΔW): nearer W than the merge is, off only by two MXFP4 roundings."""
+    _merge(mx_base, experts_adapter, tmp_path / "merged", "keep")
+    result = CliRunner().invoke(main, ["unmerge", str(tmp_path / "merged"), str(experts_adapter), "-o", str(tmp_path / "back"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    base, merged, back = (load_file(p / "model.safetensors") for p in (mx_base, tmp_path / "merged", tmp_path / "back"))
+    for key in (f"model.layers.{i}.{n}" for i in range(2) for n in EXPERTS):
+        w, w1, w2 = (mxfp4.dequantize_experts(t[f"{key}_blocks"], t[f"{key}_scales"]) for t in (base, merged, back))
+        assert (w2 - w).norm() < 0.5 * (w1 - w).norm(), key
+        assert (w2 - w).norm() / w.norm() < 0.5, key  # 4-bit: each rounding costs up to a quarter of a block's scale
+
+
+def test_validate_base_passes_and_a_nan_scale_is_refused_by_name(mx_base: Path, experts_adapter: Path, tmp_path: Path) -> None:
+    assert CliRunner().invoke(main, ["validate", str(experts_adapter), "--base", str(mx_base)]).exit_code == 0
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    stored = load_file(mx_base / "model.safetensors")
+    stored["model.layers.1.mlp.experts.down_proj_scales"][0, 0, 0] = 255
+    save_file(stored, broken / "model.safetensors", metadata={"format": "pt"})
+    (broken / "config.json").write_text((mx_base / "config.json").read_text())
+    result = CliRunner().invoke(main, ["merge", str(broken), str(experts_adapter), "-o", str(tmp_path / "out"), "--quiet"])
+    assert result.exit_code == 3 and "model.layers.1.mlp.experts.down_proj_scales" in result.output and "255" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
