@@ -48,12 +48,14 @@ def dequantize(
     rows: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Logical weight rows ``rows`` (output features; all for None) as float32 ``(r1 - r0, in)``."""
-    q = unpack_columns(qweight)  # (in, out)
-    r0, r1 = rows if rows is not None else (0, q.shape[1])
-    size = group_size if group_size > 0 else q.shape[0]
-    z = unpack_columns(qzeros)[:, r0:r1].repeat_interleave(size, dim=0)[: q.shape[0]]
-    s = scales[:, r0:r1].to(torch.float32).repeat_interleave(size, dim=0)[: q.shape[0]]
-    return ((q[:, r0:r1] - z).to(torch.float32) * s).transpose(0, 1).contiguous()
+    r0, r1 = rows if rows is not None else (0, qweight.shape[1] * 8)
+    c0, c1 = r0 // 8, -(-r1 // 8)  # only the words that hold these output columns are unpacked
+    q = unpack_columns(qweight[:, c0:c1])[:, r0 - 8 * c0 : r1 - 8 * c0]  # (in, r1 - r0)
+    inputs = q.shape[0]
+    size = group_size if group_size > 0 else inputs
+    z = unpack_columns(qzeros[:, c0:c1])[:, r0 - 8 * c0 : r1 - 8 * c0].repeat_interleave(size, dim=0)[:inputs]
+    s = scales[:, r0:r1].to(torch.float32).repeat_interleave(size, dim=0)[:inputs]
+    return ((q - z).to(torch.float32) * s).transpose(0, 1).contiguous()
 
 
 class Awq(Codec):

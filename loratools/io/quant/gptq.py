@@ -71,7 +71,9 @@ def dequantize(
     if g_idx is None:
         g_idx = torch.arange(inputs, dtype=torch.int64) // (group_size if group_size > 0 else inputs)
     groups = g_idx.to(torch.int64)
-    z = unpack(qzeros, bits, 1)[:, r0:r1] + zero_offset  # (groups, r1 - r0)
+    per = 32 // bits
+    c0 = r0 // per  # only the zero-point words that hold these output columns
+    z = unpack(qzeros[:, c0 : -(-r1 // per)], bits, 1)[:, r0 - per * c0 : r1 - per * c0] + zero_offset  # (groups, r1 - r0)
     s = scales[:, r0:r1].to(torch.float32)
     return ((q - z[groups]).to(torch.float32) * s[groups]).transpose(0, 1).contiguous()
 
