@@ -49,6 +49,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(("ExtractReport", "extract"), "ops.extract"),
     **dict.fromkeys(("ModuleSpectrum", "plot_spectrum", "spectra"), "ops.spectrum"),
     **dict.fromkeys(("Summary", "summarize"), "ops.summary"),
+    **dict.fromkeys(("BaseSummary", "summarize_base"), "ops.base_summary"),
     **dict.fromkeys(("PullResult", "PushResult", "pull", "push"), "hub"),
     "Plan": "planner",
     "plan": "planner",
@@ -83,6 +84,7 @@ if TYPE_CHECKING:
     from .merging import MergeResult, merge, unmerge
     from .methods import METHODS, Method, MethodOptions, parse_weight_pattern
     from .ops.arith import ResizeRow, add, resize, scale, subtract
+    from .ops.base_summary import BaseSummary, summarize_base
     from .ops.combine import combine
     from .ops.diff import DiffReport, diff
     from .ops.extract import ExtractReport, extract
@@ -122,6 +124,7 @@ def _version() -> str:
 __all__ = [
     "Adapter",
     "ArgumentError",
+    "BaseSummary",
     "Checkpoint",
     "ChecksumError",
     "DependencyError",
@@ -179,6 +182,7 @@ __all__ = [
     "spectra",
     "subtract",
     "summarize",
+    "summarize_base",
     "unmerge",
     "validate",
     "write_gguf",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.table import Table
 
@@ -21,6 +23,9 @@ from .console import emit_json, out, safe, say
 def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, force: bool) -> None:
     """Show what is inside the adapter at PATH: modules, ranks, scales, ‖ΔW‖ and totals.
 
+    A base model directory (model.safetensors or an index, no adapter_config.json) shows its
+    tensors, dtypes and quantization instead: which codec reads which weights, and what none reads.
+
     \b
     Examples:
       loratools inspect ./adapter
@@ -28,6 +33,9 @@ def inspect(path: str, as_json: bool, spectrum: bool, plot_path: str | None, for
     """
     if spectrum or plot_path:
         _show_spectrum(path, as_json, plot_path, force)
+        return
+    if _is_base(path):
+        _show_base(path, as_json)
         return
     summary = loratools.summarize(loratools.load(path))
     if as_json:
@@ -77,3 +85,31 @@ def _show_spectrum(path: str, as_json: bool, plot_path: str | None, force: bool)
     out.print(table)
     if plot_path:
         say(f"wrote {plot_path}")
+
+
+def _is_base(path: str) -> bool:
+    """A model directory with weights and no adapter config: inspected as a base checkpoint."""
+    root = Path(path)
+    weights = (root / "model.safetensors").is_file() or (root / "model.safetensors.index.json").is_file()
+    return root.is_dir() and weights and not (root / "adapter_config.json").exists()
+
+
+def _show_base(path: str, as_json: bool) -> None:
+    summary = loratools.summarize_base(path)
+    if as_json:
+        emit_json(summary.to_dict())
+        return
+    dtypes = ", ".join(f"{n} {d}" for d, n in summary.dtypes.items())
+    say(f"base checkpoint: {summary.tensors} tensors in {summary.shards} shard(s), {summary.total_bytes / 2**30:.2f} GiB ({dtypes})")
+    say(f"model type: {safe(str(summary.model_type))}")
+    quant = summary.quantization
+    if not quant:
+        say("quantization: none (float weights)")
+        return
+    say(f"quantization: quant_method {safe(str(quant['method']))}")
+    for label, entry in quant["formats"].items():
+        keep = "requantized by merge --dtype keep" if entry["requantizable"] else "merge with --dtype bf16 only"
+        say(f"  {entry['tensors']} tensors {safe(label)} [{entry['codec']}]: {keep}")
+    if quant["unhandled"]:
+        first = next(iter(quant["unhandled"].items()))
+        say(f"  {len(quant['unhandled'])} tensors quantized in a format loratools cannot read (e.g. {safe(first[0])}: {safe(first[1])})")

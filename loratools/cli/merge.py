@@ -98,6 +98,16 @@ def _run(
             f"{verb}d {len(result.merged)} of {result.tensors} tensors{replaced} -> {result.out} "
             f"({result.bytes_written / 2**30:.2f} GiB in {result.seconds:.1f} s, {rate:.2f} GiB/s, {result.device})"
         )
+        quant = result.quantization
+        if quant:
+            codecs = ", ".join(f"{n} {c} tensors" for c, n in quant["codecs"].items()) or "no tensors a codec reads"
+            say(f"quantized base ({safe(str(quant['method']))}: {codecs}), written {quant['written']}")
+        if result.survival_total is not None:
+            worst = min(result.survival.items(), key=lambda kv: kv[1])
+            say(
+                f"ΔW surviving requantization: {result.survival_total:.1%} in total over {len(result.survival)} tensors "
+                f"(lowest {safe(worst[0])}: {worst[1]:.1%})"
+            )
 
 
 @click.command()

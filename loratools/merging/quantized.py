@@ -34,9 +34,9 @@ import torch
 from ..errors import MergeError
 from ..io.checkpoint import Checkpoint
 from ..io.quant.base import Codec, QuantTensor
-from ..io.quant.registry import QuantMap, codec
+from ..io.quant.registry import QuantMap, codec, read_stored
 from ..io.streaming import Transform
-from ..io.tensorfile import Header, load_tensors
+from ..io.tensorfile import Header
 from .kernels import DenseTerm, Kernel
 
 _BLOCK = 1 << 19  # float32 elements per row block, as kernels._BLOCK
@@ -103,7 +103,7 @@ class QuantJob:
         parts = {q.primary: src.reshape(shapes[q.primary])}
         companions = q.companions
         if companions:
-            loaded = {key: t for key, t in _read_many(self.checkpoint, list(companions.values())).items()}
+            loaded = read_stored(self.checkpoint, list(companions.values()))
             parts |= {role: loaded[key] for role, key in companions.items()}
         rows = q.shape[0]
         edit = _prepared(self.kernel, rows) if self.kernel is not None else None
@@ -129,12 +129,12 @@ class QuantJob:
             if edit is None:
                 return 0.0, 0.0
             local = {**{r: t for r, t in parts.items() if r not in out}, **out}
-            written = c.dequantize(q, local, (0, r1 - r0))
-            return float((written - base).square().sum()), float((x - base).square().sum())
+            kept = float(torch.linalg.vector_norm(c.dequantize(q, local, (0, r1 - r0)).sub_(base))) ** 2
+            return kept, float(torch.linalg.vector_norm(x - base)) ** 2
 
         starts = range(0, rows, step)
         sums = list(self.pool.map(block, starts)) if self.pool is not None and len(starts) > 1 else [block(r) for r in starts]
-        self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))
+        self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))  # block() gives (kept², delta²)
         self.done = True
 
 
@@ -147,15 +147,8 @@ def _prepared(kernel: Kernel, rows: int) -> Kernel:
     return edit
 
 
-def _read_many(checkpoint: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
-    by_shard: dict[str, list[str]] = {}
-    for key in keys:
-        by_shard.setdefault(checkpoint.shard_of(key).name, []).append(key)
-    return {k: t for shard, names in by_shard.items() for k, t in load_tensors(checkpoint.headers[shard], names).items()}
-
-
 def _read(checkpoint: Checkpoint, key: str) -> torch.Tensor:
-    return _read_many(checkpoint, [key])[key]
+    return read_stored(checkpoint, [key])[key]
 
 
 def jobs(

@@ -12,6 +12,10 @@ Linear (2-D) and conv (4-D, flattened to out x in·kh·kw) weights become LoRA m
 balanced split B = U·√Σ, A = √Σ·Vᵀ and alpha = r (scale 1); a changed bias of such a module becomes
 its ``lora_B.bias``.  Embeddings, norms and other 1-D tensors that changed cannot be low-rank: their
 modules go to ``modules_to_save`` whole (or are skipped with ``skip_modules_to_save``).
+
+Quantized checkpoints (an FP8 base or tuned model, :mod:`loratools.io.quant`) are read dequantized:
+each claimed parameter is compared under its logical key in float32, its scales are never compared
+on their own, and a tensor quantized in a format no codec reads is skipped, never diffed raw.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from ..api import save_as
 from ..compute import resolve_device
 from ..errors import ArgumentError, ShapeError
 from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.quant.registry import QuantMap, dequantized, logical_tensors, scan
 
 OVERSAMPLE = 10
 POWER_ITERS = 2
@@ -113,7 +118,8 @@ def extract(
         raise ArgumentError(f"energy must be in (0, 1], got {energy!r}")
     dev = resolve_device(device)
     base_ck, tuned_ck = open_checkpoint(base), open_checkpoint(tuned)
-    base_info, tuned_info = base_ck.tensors, tuned_ck.tensors
+    base_q, tuned_q = scan(base_ck.model_config(), base_ck.tensors), scan(tuned_ck.model_config(), tuned_ck.tensors)
+    base_info, tuned_info = logical_tensors(base_ck, base_q), logical_tensors(tuned_ck, tuned_q)
     lora_weights = {k for k, info in tuned_info.items() if _low_rankable(k, info.shape)}
     lora_modules = {k[: -len(".weight")] for k in lora_weights}
     modules: dict[str, LoraModule] = {}
@@ -128,7 +134,11 @@ def extract(
         if tuple(base_info[key].shape) != tuple(info.shape):
             skipped[key] = f"shape {list(info.shape)} differs from the base's {list(base_info[key].shape)}"
             continue
-        W0, W1 = _read(base_ck, key), _read(tuned_ck, key)
+        unread = tuned_q.unhandled.get(key) or base_q.unhandled.get(key)
+        if unread is not None:
+            skipped[key] = f"quantized ({unread}) in a format loratools cannot dequantize"
+            continue
+        W0, W1 = _read(base_ck, key, base_q), _read(tuned_ck, key, tuned_q)
         if not W1.is_floating_point() or torch.equal(W0, W1):
             continue
         owner = key.rsplit(".", 1)[0]
@@ -158,7 +168,9 @@ def _low_rankable(key: str, shape: tuple[int, ...]) -> bool:
     return "embed" not in leaf and leaf not in ("wte", "wpe", "shared")
 
 
-def _read(checkpoint: Checkpoint, key: str) -> torch.Tensor:
+def _read(checkpoint: Checkpoint, key: str, quant: QuantMap | None = None) -> torch.Tensor:
+    if quant is not None and key in quant.params:
+        return dequantized(checkpoint, quant.params[key])
     with safe_open(str(checkpoint.shard_of(key)), framework="pt") as fh:
         return fh.get_tensor(key)
 

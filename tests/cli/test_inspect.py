@@ -30,3 +30,18 @@ def test_invalid_adapter_on_inspect_names_tensor(runner, tmp_path):
     path = write(tmp_path / "a", {f"{q}.lora_A.weight": torch.ones(2, 16)})
     result = runner.invoke(main, ["inspect", str(path)])
     assert result.exit_code == 3 and q in result.stderr and "lora_B" in result.stderr
+
+
+def test_inspect_of_a_quantized_base_shows_its_codecs(tmp_path):
+    from ..merging.test_quantized import _fp8_base
+
+    base = _fp8_base(tmp_path / "base")
+    result = CliRunner().invoke(main, ["inspect", str(base), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["dtypes"] == {"F32": 21, "F8_E4M3": 14} and report["model_type"] == "llama"  # 14 scales + 7 float tensors
+    (label,) = report["quantization"]["formats"]
+    assert label == "FP8 e4m3, 16x16 block scales (F32 weight_scale_inv)"
+    assert report["quantization"]["formats"][label] == {"codec": "fp8-block", "requantizable": True, "tensors": 14}
+    text = CliRunner().invoke(main, ["inspect", str(base)]).stdout
+    assert "14 tensors FP8 e4m3, 16x16 block scales" in text and "requantized by merge --dtype keep" in text

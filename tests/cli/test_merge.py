@@ -219,3 +219,47 @@ def test_a_disk_that_fills_is_one_line_naming_the_file(files: tuple[Path, Path],
     (line,) = proc.stderr.strip().splitlines()
     named = f"{mount}/out/extra/f" if where == "side files" else f"{mount}/out/n"
     assert named in line and "no space left on the device while writing it; nothing was written" in line, line
+
+
+def _fp8_base(tmp_path: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """An FP8 base: ``layer.q.weight`` = 4 in e4m3 with one 4x3 block scale 0.25, so W = 1 everywhere."""
+    base = tmp_path / "fp8"
+    base.mkdir()
+    tensors = {"layer.q.weight": torch.full((4, 3), 4.0).to(torch.float8_e4m3fn), "layer.q.weight_scale_inv": torch.full((1, 1), 0.25)}
+    write_file(base / "model.safetensors", {**tensors, **(extra or {})}, {"format": "pt"})
+    (base / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]}}))
+    return base
+
+
+def test_merge_into_fp8_base_requantizes_and_reports_survival(files: tuple[Path, Path], tmp_path: Path) -> None:
+    """W' = 1 + 2 = 3: amax 3, scale 448/3, so every entry stores e4m3 448 and scale_inv 3/448; ΔW survives whole."""
+    _, adapter = files
+    base = _fp8_base(tmp_path)
+    code, stdout, _ = _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--json")
+    assert code == 0
+    report = json.loads(stdout)
+    assert report["quantization"] == {
+        "method": "fp8",
+        "codecs": {"fp8-block": 1},
+        "labels": {"fp8-block": "FP8 e4m3, one per-tensor scale (F32 weight_scale_inv)"},  # one 128x128 block holds it all
+        "unhandled": {},
+        "written": "kept",
+    }
+    assert report["survival"]["total"] == pytest.approx(1.0, abs=1e-6)
+    out = load_file(tmp_path / "o" / "model.safetensors")
+    assert out["layer.q.weight"].float().unique().tolist() == [448.0]
+    assert out["layer.q.weight_scale_inv"].item() == pytest.approx(3 / 448)
+    code, stdout, _ = _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o2"))
+    assert code == 0 and "ΔW surviving requantization: 100.0% in total over 1 tensors" in stdout
+    code, stdout, _ = _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o3"), "--dtype", "bf16")
+    assert code == 0 and "written dequantized" in stdout
+    assert load_file(tmp_path / "o3" / "model.safetensors")["layer.q.weight"].tolist() == [[3.0] * 3] * 4
+
+
+def test_merge_refuses_unreadable_quantized_tensors_in_one_line(files: tuple[Path, Path], tmp_path: Path) -> None:
+    _, adapter = files
+    base = _fp8_base(tmp_path, {"layer.k.qweight": torch.zeros(1, 3, dtype=torch.int32)})
+    code, _, stderr = _run("merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--dtype", "bf16")
+    assert code != 0 and "Traceback" not in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "layer.k.weight: has qweight" in stderr and "cannot dequantize" in stderr
+    assert not (tmp_path / "o").exists()

@@ -27,9 +27,8 @@ import torch
 from ...errors import Problem
 from ..tensorfile import TensorInfo
 from .base import Codec, Parts, QuantTensor, Rows
+from .e4m3 import FP8, FP8_MAX, decode
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448.0
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 _SCALE = ".weight_scale_inv"
 
@@ -67,12 +66,15 @@ class Fp8Block(Codec):
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
         r = rows or self.all_rows(q)
         s = r if len(q.shape) == 3 else self.part_rows(q, "scale", r)
-        weight = parts["weight"][r[0] : r[1]].to(torch.float32)
+        weight = decode(parts["weight"][r[0] : r[1]])
         scale = parts["weight_scale_inv"][s[0] : s[1]].to(torch.float32)
         if q.params["per_tensor"]:
             return weight.mul_(scale.reshape(()))
         bm, bn = q.params["block"]
         n, k = weight.shape[-2:]
+        if n % bm == 0 and k % bn == 0:  # whole blocks: one broadcast multiply, the same product per element
+            tiles = weight.view(*weight.shape[:-2], n // bm, bm, k // bn, bn)
+            return tiles.mul_(scale[..., :, None, :, None]).view(weight.shape)
         full, rem = divmod(k, bn)
         # transformers' _dequantize_fp8_weight: the scale expanded over rows only, broadcast over columns
         scale = scale.repeat_interleave(bm, dim=-2)[..., :n, :]

@@ -25,9 +25,8 @@ import torch
 from ...errors import Problem
 from ..tensorfile import TensorInfo
 from .base import Codec, Parts, QuantTensor, Rows
+from .e4m3 import FP8, FP8_MAX, decode
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = torch.finfo(FP8).max  # 448.0
 FORMATS = (None, "float-quantized", "naive-quantized")
 SCALE_DTYPES = ("F32", "BF16", "F16")
 _SCALE = ".weight_scale"
@@ -69,7 +68,7 @@ class Fp8Tensor(Codec):
         r0, r1 = rows or self.all_rows(q)
         scale = parts["weight_scale"]
         scale = scale.reshape(-1) if q.params["per_tensor"] else scale[r0:r1]
-        return (parts["weight"][r0:r1].to(scale.dtype) * scale).to(torch.float32)
+        return (decode(parts["weight"][r0:r1], scale.dtype) * scale).to(torch.float32)
 
     def quantize(self, q: QuantTensor, w: torch.Tensor, rows: Rows, like: Parts) -> dict[str, torch.Tensor]:
         stored = like["weight_scale"]

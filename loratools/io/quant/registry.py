@@ -12,8 +12,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from ...errors import Problem
-from ..tensorfile import TensorInfo
+from ..checkpoint import Checkpoint
+from ..tensorfile import TensorInfo, load_tensors
 from . import awq, fp8_block, fp8_tensor, gptq, mxfp4
 from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
 
@@ -137,3 +140,24 @@ def _evidence(name: str, info: TensorInfo) -> tuple[str, str | None]:
     if info.dtype in QUANT_DTYPES:
         return name, f"stored as {info.dtype}"
     return name, None
+
+
+def read_stored(checkpoint: Checkpoint, keys: list[str]) -> dict[str, torch.Tensor]:
+    """Stored tensors ``keys`` of ``checkpoint`` by key, read through safetensors shard by shard (scales, small weights)."""
+    by_shard: dict[str, list[str]] = {}
+    for key in keys:
+        by_shard.setdefault(checkpoint.shard_of(key).name, []).append(key)
+    return {k: t for shard, names in by_shard.items() for k, t in load_tensors(checkpoint.headers[shard], names).items()}
+
+
+def dequantized(checkpoint: Checkpoint, q: QuantTensor) -> torch.Tensor:
+    """Quantized parameter ``q`` of ``checkpoint`` read whole and dequantized to float32 by its codec."""
+    stored = read_stored(checkpoint, list(q.parts.values()))
+    return codec(q.codec).dequantize(q, {role: stored[key] for role, key in q.parts.items()})
+
+
+def logical_tensors(checkpoint: Checkpoint, quant: QuantMap) -> dict[str, TensorInfo]:
+    """The checkpoint's tensors as a float checkpoint would hold them: claimed parameters under their
+    logical keys (float32, their logical shape), companions left out."""
+    kept = {k: t for k, t in checkpoint.tensors.items() if k not in quant.stored and not quant.is_companion(k)}
+    return {**kept, **{k: TensorInfo(k, "F32", q.shape, 0, 0) for k, q in quant.params.items()}}

@@ -1,0 +1,119 @@
+"""Benchmark: `loratools merge --dtype keep` into an FP8 block-scaled base vs the bf16 merge of the same shapes.
+
+Generates, in the same run, the Llama-shaped bf16 checkpoint of ``benchmarks/merge.py`` (hidden
+2048, MLP 5632, vocab 32000; ``--layers`` decoder layers, 30 by default) and its FP8 twin the way
+DeepSeek-V3 / Qwen3-FP8 ship: every decoder projection in float8_e4m3fn with 128 x 128 F32
+``weight_scale_inv`` block scales and ``quantization_config`` in config.json, embeddings, norms and
+head in bf16 (about 1.8 GiB at 30 layers).  One rank-16 adapter on the 7 projections is merged
+into each as a whole process (``loratools merge ... --quiet``), timed with wall time, CPU time and
+peak RSS (as benchmarks/merge.py does), and compared per output byte:
+
+    time per output byte (FP8 keep) / time per output byte (bf16)    goal <= 2x
+
+Peak RSS is shown against the largest tensor (its float32 size): streaming keeps a few row blocks
+and a few copies of one tensor in memory, never the model.
+
+    python benchmarks/merge_quant.py [--dir /tmp] [--layers 30] [--repeat 1] [--settle 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("merge_bench", _HERE / "merge.py")
+assert _spec is not None and _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+BLOCK = (128, 128)
+
+
+def make_fp8(bf16: Path, root: Path) -> int:
+    """The FP8 twin of checkpoint ``bf16``: projections quantized by the codec's rule, shard for shard; returns bytes."""
+    from loratools.io.checkpoint import open_checkpoint
+    from loratools.io.quant.fp8_block import CODEC
+    from loratools.io.tensorfile import TensorInfo, load_tensors, write_file
+
+    root.mkdir(parents=True)
+    checkpoint = open_checkpoint(bf16)
+    weight_map, size = {}, 0
+    for shard in checkpoint.shards:
+        out: dict[str, torch.Tensor] = {}
+        for name, t in load_tensors(checkpoint.headers[shard.name]).items():
+            if ".layers." in name and name.endswith("proj.weight"):
+                grid = (-(-t.shape[0] // BLOCK[0]), -(-t.shape[1] // BLOCK[1]))
+                infos = {"w.weight": TensorInfo("w.weight", "F8_E4M3", tuple(t.shape), 0, 0)}
+                infos["w.weight_scale_inv"] = TensorInfo("w.weight_scale_inv", "F32", grid, 0, 0)
+                q = CODEC.claims({"weight_block_size": list(BLOCK)}, infos)[0]["w.weight"]
+                parts = CODEC.quantize(q, t.float(), CODEC.all_rows(q), {"weight_scale_inv": torch.ones(grid)})
+                out[name], out[name.removesuffix("weight") + "weight_scale_inv"] = parts["weight"], parts["weight_scale_inv"]
+            else:
+                out[name] = t
+        write_file(root / shard.name, out, {"format": "pt"})
+        weight_map.update({k: shard.name for k in out})
+        size += sum(t.nbytes for t in out.values())
+    (root / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}))
+    config = json.loads((bf16 / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": list(BLOCK)}
+    (root / "config.json").write_text(json.dumps(config, indent=2))
+    return size
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to put the data (deleted afterwards)")
+    parser.add_argument("--layers", type=int, default=30, help="decoder layers (30: an FP8 checkpoint of about 1.8 GiB)")
+    parser.add_argument("--repeat", type=int, default=1, help="runs of each merge (best is shown)")
+    parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each run (see benchmarks/merge.py)")
+    parser.add_argument("--keep", action="store_true", help="keep the data directory")
+    args = parser.parse_args()
+    bench.LAYERS = args.layers
+    work = Path(tempfile.mkdtemp(prefix="loratools-quant-bench-", dir=args.dir))
+    os.environ["PYTHONPATH"] = str(_HERE.parent) + os.pathsep + os.environ.get("PYTHONPATH", "")
+    try:
+        bf16, fp8, adapter = work / "bf16", work / "fp8", work / "adapter"
+        bf16_size = bench.make_base(bf16)
+        fp8_size = make_fp8(bf16, fp8)
+        bench.make_adapter(adapter, bf16)
+        largest = max(s[0] * (s[1] if len(s) > 1 else 1) for s in bench._shapes().values()) * 4
+        print(
+            f"bf16 {bf16_size / 2**30:.2f} GiB and FP8 {fp8_size / 2**30:.2f} GiB ({BLOCK[0]}x{BLOCK[1]} block scales), "
+            f"{args.layers} layers; adapter rank {bench.RANK} on {len(bench.TARGETS)} targets; {os.cpu_count()} CPU(s), "
+            f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}"
+        )
+        rows = {}
+        for label, base in (("bf16 merge", bf16), ("FP8 merge --dtype keep", fp8)):
+            cmd = [sys.executable, "-c", bench.LORATOOLS_SCRIPT, "merge", str(base), str(adapter), "-o", str(work / "out"), "--quiet"]
+            best = None
+            for _ in range(args.repeat):
+                result = bench.timed(cmd, args.settle)
+                written = sum(p.stat().st_size for p in (work / "out").glob("*.safetensors"))
+                shutil.rmtree(work / "out")
+                best = (result, written) if best is None or result[0] < best[0][0] else best
+            rows[label] = best
+        print(f"{'':26}{'wall s':>9}{'CPU s':>8}{'peak RSS MiB':>15}{'out GiB':>9}{'ns/out byte':>13}")
+        per_byte = {}
+        for label, ((wall, rss, cpu, _), written) in rows.items():
+            per_byte[label] = wall / written
+            print(f"{label:26}{wall:9.2f}{cpu:8.2f}{rss:15.0f}{written / 2**30:9.2f}{1e9 * wall / written:13.2f}")
+        ratio = per_byte["FP8 merge --dtype keep"] / per_byte["bf16 merge"]
+        rss = rows["FP8 merge --dtype keep"][0][1]
+        print(f"FP8 keep / bf16: {ratio:.2f}x time per output byte (goal <= 2x)")
+        print(f"FP8 peak RSS {rss:.0f} MiB; largest tensor {largest / 2**20:.0f} MiB in float32 ({rss * 2**20 / largest:.1f}x)")
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
