@@ -60,7 +60,7 @@ def _write_base(path: Path, fmt: str) -> transformers.PreTrainedModel:
         q, zeros, scales = _codes(value)
         with torch.no_grad():
             model.get_parameter(key).copy_(_dequantized(q, zeros, scales))
-        if fmt == "gptq":  # checkpoint_format "gptq" stores each zero point minus one
+        if fmt == "gptq":  # format "gptq" (v1) stores each zero point minus one
             stored[f"{module}.qweight"], stored[f"{module}.qzeros"] = gptq_pack(q, zeros - 1, 4)
             stored[f"{module}.g_idx"] = (torch.arange(q.shape[0]) // GROUP).to(torch.int32)
         else:
@@ -71,7 +71,7 @@ def _write_base(path: Path, fmt: str) -> transformers.PreTrainedModel:
     save_file(stored, path / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = (
-        {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False, "checkpoint_format": "gptq"}
+        {"quant_method": "gptq", "bits": 4, "group_size": GROUP, "desc_act": False, "sym": False, "format": "gptq"}
         if fmt == "gptq"
         else {"quant_method": "awq", "bits": 4, "group_size": GROUP, "version": "gemm", "zero_point": True}
     )

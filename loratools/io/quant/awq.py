@@ -96,10 +96,15 @@ class Awq(Codec):
 
 def _unsupported(qconfig: Mapping[str, Any]) -> str:
     """Why this AWQ quantization_config is not the 4-bit GEMM layout read here ("" when it is)."""
-    version = str(qconfig.get("version", "gemm")).lower()
+    # transformers 5.24 utils/quantization_config.py AwqConfig: ``format``, the legacy ``version``
+    # winning when set; backend "llm-awq" means the llm-awq layout
+    legacy = qconfig.get("version")
+    version = str(legacy if legacy is not None else qconfig.get("format", "gemm")).lower()
+    if qconfig.get("backend") == "llm-awq":
+        version = "llm-awq"
     bits, group_size = qconfig.get("bits", 4), qconfig.get("group_size", 128)
     if version != "gemm":
-        return f"AWQ version {version!r} is not supported (only gemm)"
+        return f"AWQ format {version!r} is not supported (only gemm)"
     if bits != BITS:
         return f"AWQ with {bits!r} bits is not supported (only 4)"
     if qconfig.get("zero_point", True) is not True:

@@ -10,7 +10,7 @@ A linear ``q_proj`` of logical weight ``(out, in)`` is stored as:
   ``desc_act`` reordered them); absent in some checkpoints, then ``i // group_size``.
 
 ``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])`` with ``g = g_idx[i]``.  The original AutoGPTQ
-format (``checkpoint_format: "gptq"``, the default) stores each zero point minus one and adds the
+format (``format`` / legacy ``checkpoint_format`` ``"gptq"``, the default) stores each zero point minus one and adds the
 one back when reading, without wrapping (AutoGPTQ ``nn_modules/qlinear/qlinear_cuda_old.py``;
 GPTQModel ``nn_modules/qlinear/__init__.py`` ``dequantize_weight`` for ``gptq_v2``, which stores
 it as is).  ``(q - z)`` is an integer below 2**9 and the scale a float16, so the float32 product
@@ -60,7 +60,7 @@ def dequantize(
 ) -> torch.Tensor:
     """Logical weight rows ``rows`` (output features; all for None) as float32 ``(r1 - r0, in)``.
 
-    ``zero_offset`` is 1 for ``checkpoint_format "gptq"`` and 0 for ``"gptq_v2"``; ``group_size``
+    ``zero_offset`` is 1 for format ``"gptq"`` and 0 for ``"gptq_v2"``; ``group_size``
     -1 means one group over all inputs (used only when ``g_idx`` is None).
     """
     if bits not in BITS:
@@ -79,7 +79,7 @@ def dequantize(
 
 
 FORMATS = {"gptq": 1, "gptq_v2": 0}
-"""``checkpoint_format`` -> the zero-point offset added when reading."""
+"""GPTQ ``format`` -> the zero-point offset added when reading."""
 
 
 class Gptq(Codec):
@@ -131,13 +131,17 @@ class Gptq(Codec):
 
 def _settings(qconfig: Mapping[str, Any]) -> tuple[dict[str, int] | None, str]:
     bits, group_size = qconfig.get("bits"), qconfig.get("group_size", -1)
-    fmt = qconfig.get("checkpoint_format", "gptq")
+    # transformers 5.24 utils/quantization_config.py GPTQConfig: ``format``, the legacy
+    # ``checkpoint_format`` winning when set; default "gptq"
+    legacy, fmt = qconfig.get("checkpoint_format"), qconfig.get("format", "gptq")
+    fmt = legacy if legacy is not None else fmt
+    fmt = fmt.lower() if isinstance(fmt, str) else fmt
     if type(bits) is not int or bits not in BITS:
         return None, f"quantization_config bits {bits!r} is not supported (only {', '.join(map(str, BITS))})"
     if type(group_size) is not int or not (group_size == -1 or group_size > 0):
         return None, f"quantization_config group_size {group_size!r} is not -1 or a positive integer"
     if fmt not in FORMATS:
-        return None, f"quantization_config checkpoint_format {fmt!r} is not supported (only {', '.join(FORMATS)})"
+        return None, f"quantization_config format {fmt!r} is not supported (only {', '.join(FORMATS)})"
     return {"bits": bits, "group_size": group_size, "zero_offset": FORMATS[fmt]}, ""
 
 

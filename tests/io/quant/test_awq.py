@@ -70,5 +70,7 @@ def test_codec_claims_and_dequantizes() -> None:
     assert (t.codec, t.shape) == ("awq", (16, 64)) and not found.unhandled
     parts = {"qweight": stored["l.qweight"], "qzeros": stored["l.qzeros"], "scales": scales}
     assert torch.equal(awq.CODEC.dequantize(t, parts), awq.dequantize(parts["qweight"], parts["qzeros"], scales, group_size=32))
-    gemv = scan({"quantization_config": {"quant_method": "awq", "version": "gemv"}}, headers)
-    assert not gemv.params and "version 'gemv' is not supported" in gemv.problems[0].message
+    for qconfig, name in (({"version": "gemv"}, "gemv"), ({"format": "gemv_fast"}, "gemv_fast"), ({"backend": "llm-awq"}, "llm-awq")):
+        other = scan({"quantization_config": {"quant_method": "awq", **qconfig}}, headers)
+        assert not other.params and f"format {name!r} is not supported" in other.problems[0].message
+    assert scan({"quantization_config": {"quant_method": "awq", "format": "gemm", "group_size": 32}}, headers).params

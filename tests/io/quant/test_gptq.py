@@ -122,6 +122,8 @@ def test_codec_claims_and_dequantizes() -> None:
     parts = {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx}
     want = gptq.dequantize(qweight, qzeros, scales, g_idx, bits=4, group_size=32, zero_offset=1)
     assert torch.equal(gptq.CODEC.dequantize(t, parts, (2, 9)), want[2:9])
+    v2 = scan({"quantization_config": {**config["quantization_config"], "format": "gptq_v2"}}, _headers(stored)).params["l.weight"]
+    assert v2.params["zero_offset"] == 0 and t.params["zero_offset"] == 1
     with pytest.raises(QuantError, match="cannot be requantized"):
         gptq.CODEC.quantize(t, want, (0, 16), parts)
     g_idx[5] = 2
@@ -133,7 +135,9 @@ def test_codec_claims_and_dequantizes() -> None:
     ("qconfig", "message"),
     [
         ({"bits": 3}, "bits 3 is not supported"),
-        ({"bits": 4, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+        ({"bits": 4, "checkpoint_format": "marlin"}, "format 'marlin'"),
+        ({"bits": 4, "format": "marlin"}, "format 'marlin'"),
+        ({"bits": 4, "format": "gptq_v2", "checkpoint_format": "GPTQ_V3"}, "format 'gptq_v3'"),  # the legacy field wins
         ({"bits": 4, "group_size": 8}, "in 8 group(s)"),
     ],
 )
