@@ -17,12 +17,15 @@ import torch
 from ...errors import Problem
 from ..checkpoint import Checkpoint
 from ..tensorfile import TensorInfo, load_tensors
-from . import fp8_block, fp8_tensor
+from . import awq, fp8_block, fp8_tensor, gptq, mxfp4
 from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
 
 CODECS: tuple[Codec, ...] = (
     fp8_block.CODEC,
     fp8_tensor.CODEC,
+    mxfp4.CODEC,
+    gptq.CODEC,
+    awq.CODEC,
 )
 """Every codec, in the order they are asked (one line per codec module)."""
 
