@@ -29,8 +29,9 @@ META_LAYOUT = "loratools.sha256_layout"  # the tensor table META_SHA256 was comp
 META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
 META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers" / "mlx": the layout an adapter was read from
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
+META_ARCH = "loratools.architecture"  # "flux" / "sd3": read through a fused-projection table (formats/fusion.py)
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
-OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
+OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX, META_ARCH)
 # Foreign metadata that describes how the factors are scaled: every writer drops it (or, as the kohya
 # writer does with ss_network_dim/ss_network_alpha, rewrites it), since after arithmetic it would lie.
 # diffusers raises "Both network_alphas and metadata cannot be specified" on a kohya file that keeps it.
