@@ -77,7 +77,7 @@ FLUX = Architecture(
     (
         Layout(
             "kohya",
-            re.compile(r"lora_unet_(?:(?:double|single)_blocks_\d+_|img_in\.|txt_in\.|(?:time|vector|guidance)_in_|final_layer_)"),
+            re.compile(r"lora_unet_(?:(?:double|single)_blocks_\d+_|img_in\.|txt_in\.|(?:time|vector|guidance)_in_)"),
             re.compile(r"(?P<module>lora_(?:unet|te\d?)_\w+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)"),
             BFL,
             flat=True,

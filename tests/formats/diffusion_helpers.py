@@ -55,3 +55,26 @@ def our_deltas(lora: Path, **load: object) -> dict[str, torch.Tensor]:
 def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     """The largest |a - b| over modules both hold (the callers check the key sets first)."""
     return max(float((a[k].reshape(b[k].shape) - b[k]).abs().max()) for k in a)
+
+
+def original_checkpoint(state_dict: dict[str, torch.Tensor], table, blocks: int, renames: dict[str, str]) -> dict[str, torch.Tensor]:
+    """A diffusers model's ``state_dict`` in the original layout ``table`` describes: fused parts' rows concatenated,
+    (scale, shift) pairs swapped back; ``renames`` (diffusers key -> original key) for tensors outside the table."""
+    out, used = {}, set()
+    for row in table.rows:
+        for i in range(blocks) if "{i}" in row.source else [None]:
+            sub = (lambda t: t.replace("{i}", str(i))) if i is not None else (lambda t: t)  # noqa: B023
+            for param in ("weight", "bias"):
+                keys = [f"{sub(t)}.{param}" for t in row.targets]
+                if not all(k in state_dict for k in keys):
+                    continue
+                fused = torch.cat([state_dict[k] for k in keys])
+                inp = state_dict[keys[0].rsplit(".", 1)[0] + ".weight"].shape[-1] if fused.dim() else 0
+                if row.rule == "adaln" and fused.shape[0] == 2 * inp:
+                    fused = torch.cat([fused[inp:], fused[:inp]])
+                out[f"{sub(row.source)}.{param}"] = fused
+                used.update(keys)
+    for key, tensor in state_dict.items():
+        if key not in used:
+            out[renames.get(key, key)] = tensor
+    return out
