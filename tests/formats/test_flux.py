@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 import loratools
+from loratools.cli import main
 from loratools.errors import FormatError
 from loratools.formats.flux import BFL, XLABS
 
@@ -23,7 +25,7 @@ from diffusers import FluxTransformer2DModel  # noqa: E402
 from diffusers.loaders import FluxLoraLoaderMixin  # noqa: E402
 from diffusers.loaders import lora_conversion_utils as conv  # noqa: E402
 
-from .diffusion_helpers import applied_deltas, load_into, max_diff, our_deltas  # noqa: E402
+from .diffusion_helpers import applied_deltas, load_into, max_diff, original_checkpoint, our_deltas  # noqa: E402
 
 CONFIG = dict(
     patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
@@ -232,3 +234,37 @@ def test_a_module_no_table_row_maps_is_named(tmp_path):
     )
     with pytest.raises(FormatError, match=r"1 module\(s\) have no flux .*double_blocks\.0\.img_attn\.norm"):
         loratools.load(tmp_path / "u.safetensors")
+
+
+def test_kohya_flux_merges_the_same_into_a_bfl_layout_base(base, tmp_path):
+    """Onto flux1-dev's own layout (``double_blocks.0.img_attn.qkv.weight``) modules keep BFL's fused names."""
+    state = load_file(base)
+    save_file({k: v.contiguous() for k, v in original_checkpoint(state, BFL, 1, {}).items()}, tmp_path / "bfl.safetensors")
+    factors = _factors(_fused_shapes(BFL, _model()))
+    lora = _kohya_file(tmp_path / "k.safetensors", factors)
+    assert sorted(loratools.load(lora, base=tmp_path / "bfl.safetensors").modules) == sorted(factors)
+    loratools.merge(base, [lora], out=tmp_path / "d.safetensors")
+    loratools.merge(tmp_path / "bfl.safetensors", [lora], out=tmp_path / "o.safetensors")
+    via_diffusers = original_checkpoint(load_file(tmp_path / "d.safetensors"), BFL, 1, {})
+    merged = load_file(tmp_path / "o.safetensors")
+    assert sorted(via_diffusers) == sorted(merged)
+    diff = max(float((via_diffusers[k] - v).abs().max()) for k, v in merged.items())
+    assert diff < 1e-6, diff
+
+
+def test_cli_names_every_unmapped_module_in_one_line(tmp_path):
+    one, two = torch.ones(1, 4), torch.ones(4, 1)
+    tensors = {
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight": one,
+        "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight": torch.ones(12, 1),
+    }
+    for name in ("lora_unet_double_blocks_0_img_attn_norm", "lora_unet_single_blocks_0_norm_key"):
+        tensors |= {f"{name}.lora_down.weight": one, f"{name}.lora_up.weight": two}
+    save_file({k: v.clone() for k, v in tensors.items()}, tmp_path / "k.safetensors")
+    result = CliRunner().invoke(
+        main, ["convert", str(tmp_path / "k.safetensors"), "--to", "diffusers", "-o", str(tmp_path / "o.safetensors")]
+    )
+    assert result.exit_code == 3 and len(result.stderr.strip().splitlines()) == 1
+    assert "2 module(s) have no flux (kohya layout) counterpart" in result.stderr
+    assert "lora_unet_double_blocks_0_img_attn_norm" in result.stderr and "lora_unet_single_blocks_0_norm_key" in result.stderr
+    assert not (tmp_path / "o.safetensors").exists()
