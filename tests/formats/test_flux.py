@@ -214,19 +214,6 @@ def test_kohya_output_fuses_back_bitwise(tmp_path):
     assert all(torch.equal(same[k], v) for k, v in src.items())
 
 
-def test_parts_with_their_own_factors_fuse_block_diagonally():
-    from loratools.adapter import LoraModule
-    from loratools.formats.fusion import fuse
-
-    g = torch.Generator().manual_seed(6)
-    parts = [LoraModule(torch.randn(r, 8, generator=g), torch.randn(8, r, generator=g), a) for r, a in ((2, 2.0), (3, 6.0))] + [None]
-    fused = fuse(parts, BFL.rows[0], name="double_blocks.0.img_attn.qkv")
-    assert fused.rank == 5
-    dense = fused.delta()
-    assert torch.allclose(dense[:8], parts[0].delta(), atol=1e-6) and torch.allclose(dense[8:16], parts[1].delta(), atol=1e-6)
-    assert torch.equal(dense[16:], torch.zeros(8, 8))
-
-
 def test_a_module_no_table_row_maps_is_named(tmp_path):
     save_file(
         {"double_blocks.0.img_attn.norm.lora_A.weight": torch.ones(1, 4), "double_blocks.0.img_attn.norm.lora_B.weight": torch.ones(4, 1)},
