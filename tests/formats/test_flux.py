@@ -196,6 +196,16 @@ def test_bfl_layout_matches_diffusers_control_lora_converter(tmp_path):
         assert torch.equal(m.A, A) and torch.equal(m.B, B) and m.scale == 1.0  # bitwise the same factors
 
 
+def test_diffusers_applies_all_of_our_diffusers_output_of_a_kohya_flux_file(tmp_path):
+    """Read through our table, every module (embedders, final layer, linear1 too) reaches diffusers' model."""
+    lora = _kohya_file(tmp_path / "k.safetensors", _factors(_fused_shapes(BFL, _model())))
+    loratools.convert(lora, tmp_path / "d.safetensors", to="diffusers")
+    applied = applied_deltas(load_into(FluxLoraLoaderMixin, tmp_path / "d.safetensors", transformer=_model(), text_encoder=None))
+    ours = our_deltas(lora)
+    assert sorted(applied) == sorted(ours) and len(ours) == 30
+    assert max_diff(applied, ours) < 1e-6
+
+
 def test_kohya_output_fuses_back_bitwise(tmp_path):
     factors = _factors(_fused_shapes(BFL, _model()))
     lora = _kohya_file(tmp_path / "k.safetensors", factors)
