@@ -222,9 +222,13 @@ class Architecture:
     prefix: str = "transformer."
 
     def detect(self, names: Iterable[str]) -> Layout | None:
-        """The layout tensor ``names`` are in, if one of this family's."""
+        """The layout tensor ``names`` are in, if one of this family's: its marker, and at least one module its
+        table maps (HunyuanVideo's ``double_blocks.0.img_attn_qkv`` is no Flux module, and reads as before)."""
         names = list(names)
-        return next((lay for lay in self.layouts if any(lay.marker.match(n) for n in names)), None)
+        for lay in self.layouts:
+            if any(lay.marker.match(n) for n in names) and any(_maps(lay, n) for n in names):
+                return lay
+        return None
 
     def read(self, header: Header, layout: Layout, *, base: str | Path | None) -> RawAdapter:
         """The file as diffusers-named modules (``transformer.<module>``), fused projections split; onto an
@@ -259,6 +263,11 @@ class Architecture:
             raise unmapped_error(unmapped, f"{self.name} original-layout")
         rest = {n: m for n, m in adapter.modules.items() if n not in ours}
         return replace(adapter, modules={**fused, **rest})
+
+
+def _maps(layout: Layout, key: str) -> bool:
+    match = layout.pattern.fullmatch(key)
+    return match is not None and layout.table.forward(match["module"], flat=layout.flat) is not None
 
 
 def read_modules(header: Header, pattern: re.Pattern[str]) -> dict[str, LoraModule]:

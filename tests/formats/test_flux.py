@@ -225,12 +225,21 @@ def test_kohya_output_fuses_back_bitwise(tmp_path):
 
 
 def test_a_module_no_table_row_maps_is_named(tmp_path):
-    save_file(
-        {"double_blocks.0.img_attn.norm.lora_A.weight": torch.ones(1, 4), "double_blocks.0.img_attn.norm.lora_B.weight": torch.ones(4, 1)},
-        tmp_path / "u.safetensors",
-    )
+    tensors = {
+        f"double_blocks.0.img_attn.{m}.lora_{r}.weight": torch.ones(*s) for m in ("qkv", "norm") for r, s in (("A", (1, 4)), ("B", (12, 1)))
+    }
+    save_file(tensors, tmp_path / "u.safetensors")
     with pytest.raises(FormatError, match=r"1 module\(s\) have no flux .*double_blocks\.0\.img_attn\.norm"):
         loratools.load(tmp_path / "u.safetensors")
+
+
+def test_hunyuan_video_double_blocks_are_no_flux_file(tmp_path):
+    """HunyuanVideo also names double_blocks, with no Flux module among them: read as diffusers keys, as before."""
+    save_file(
+        {"double_blocks.0.img_attn_qkv.lora_A.weight": torch.ones(1, 4), "double_blocks.0.img_attn_qkv.lora_B.weight": torch.ones(12, 1)},
+        tmp_path / "h.safetensors",
+    )
+    assert list(loratools.load(tmp_path / "h.safetensors").modules) == ["double_blocks.0.img_attn_qkv"]
 
 
 def test_kohya_flux_merges_the_same_into_a_bfl_layout_base(base, tmp_path):
