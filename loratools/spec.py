@@ -29,6 +29,9 @@ META_LAYOUT = "loratools.sha256_layout"  # the tensor table META_SHA256 was comp
 META_CONFIG = "loratools.config"  # config embedded in a bare single-file adapter
 META_SOURCE = "loratools.source_format"  # "kohya" / "diffusers" / "mlx": the layout an adapter was read from
 META_PREFIX = "loratools.kohya_prefix"  # what precedes flatten(module) in kohya names mapped onto a bare base
+# "flux" / "sd3": the model family whose fused-projection table (formats/fusion.py) named the modules.  Kept in
+# every output (still true after arithmetic), so a diffusers file we wrote fuses back for kohya output.
+META_ARCH = "loratools.architecture"
 # loratools' own metadata: recomputed on every write, never carried through from what was read.
 OWN_METADATA = (META_VERSION, META_SHA256, META_LAYOUT, META_CONFIG, META_SOURCE, META_PREFIX)
 # Foreign metadata that describes how the factors are scaled: every writer drops it (or, as the kohya
@@ -40,6 +43,8 @@ SCALING_METADATA = (META_DIFFUSERS_CONFIG,)
 KOHYA_NAME = re.compile(r"^lora_(unet|te\d?)_")
 
 PREFIX = "base_model.model."
+# The component prefixes of diffusers' pipeline-level LoRA files (``unet.<module>``, ``transformer.<module>``).
+DIFFUSERS_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.")
 SUPPORTED_DTYPES = ("F32", "F16", "BF16")
 
 # Suffix of each LoRA tensor after "<prefix><module>." and the role it plays.

@@ -35,7 +35,7 @@ from ..io.tensorfile import Header, load_tensors, write_file
 from .kohya import alpha_value
 
 META_ADAPTER = spec.META_DIFFUSERS_CONFIG
-_COMPONENTS = ("unet.", "transformer.", "text_encoder.", "text_encoder_2.", "text_encoder_3.", "prior.")
+_COMPONENTS = spec.DIFFUSERS_COMPONENTS
 
 _ROLE = {"down": "A", "up": "B", "A": "A", "B": "B"}
 _PATTERNS = (

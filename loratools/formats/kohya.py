@@ -9,7 +9,9 @@ scale 1) and DoRA's ``.dora_scale`` (per output or per input feature: :func:`dor
 ΔW = alpha/r · up·down, the same rule as PEFT's.
 
 Flattening loses the dots (``attn1_to_q`` could be ``attn1.to_q`` or ``attn1_to.q``), so names are
-mapped with a base checkpoint: every base key is flattened the same way and looked up.  Without a
+mapped with a base checkpoint: every base key is flattened the same way and looked up.  UNet names
+also map across layouts (:mod:`.sdunet`): SD1/SD2 names (diffusers') onto an original single file,
+SDXL names (SGM's ``input_blocks``) onto a diffusers UNet.  Without a
 base the kohya name stays the module name and ``loratools.source_format: kohya`` in the metadata
 records where the adapter came from, so :func:`save_kohya` writes it back unchanged.
 """
@@ -29,6 +31,7 @@ from ..errors import ArgumentError, FormatError, LoratoolsError
 from ..io.atomic import atomic_output
 from ..io.checkpoint import module_index, open_checkpoint
 from ..io.tensorfile import Header, load_tensors, write_file
+from . import sdunet
 
 META_SOURCE, META_PREFIX = spec.META_SOURCE, spec.META_PREFIX
 
@@ -99,10 +102,22 @@ def map_names(names: Iterable[str], base: str | Path) -> tuple[dict[str, str], d
 
 
 def _flattenings(module: str) -> list[str]:
-    prefixed = [kp + flatten(module[len(bp) :]) for bp, kp in _COMPONENTS if module.startswith(bp)]
+    pairs = [(kp, module[len(bp) :]) for bp, kp in _COMPONENTS if module.startswith(bp)]
     if module.startswith("text_encoder."):
-        prefixed.append("lora_te1_" + flatten(module[len("text_encoder.") :]))
-    return prefixed + [kp + flatten(module) for kp in _BARE_PREFIXES]
+        pairs.append(("lora_te1_", module[len("text_encoder.") :]))
+    # a CLIPTextModel saved by transformers >= 5 under a component prefix also lacks the text_model level
+    pairs += [(kp, "text_model." + rest) for kp, rest in pairs if kp in _TE_PREFIXES and not rest.startswith("text_model.")]
+    prefixed = [kp + flatten(rest) for kp, rest in pairs]
+    return prefixed + [kp + flatten(module) for kp in _BARE_PREFIXES] + _unet_flattenings(module)
+
+
+def _unet_flattenings(module: str) -> list[str]:
+    """The kohya names of a UNet module in the other layout: diffusers names for an original single
+    file's ``model.diffusion_model.input_blocks...``, SGM names (SDXL) for a diffusers UNet's (:mod:`.sdunet`)."""
+    if module.startswith("model.diffusion_model."):
+        other = sdunet.to_diffusers(module[len("model.diffusion_model.") :])
+        return ["lora_unet_" + flatten(other)] if other else []
+    return ["lora_unet_" + flatten(o) for o in sdunet.to_original(module.removeprefix("unet."))]
 
 
 def read(header: Header, *, base: str | Path | None = None) -> RawAdapter:

@@ -2,7 +2,8 @@
 
 Reading recognises, in this order: pickles (refused, never opened), LyCORIS
 LoHa/LoKr/Tucker LoCon files (read as exact LoRA), mlx-lm files (``lora_a``/``lora_b``, their
-config beside them), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config,
+config beside them), Flux.1 and SD3 original, kohya and XLabs layouts (fused projections split:
+:mod:`.fusion`), kohya files (``lora_down``/``lora_up``), diffusers files (no PEFT config,
 diffusers key layouts) and PEFT's own layout.  Writers are one function per output format in :data:`WRITERS`.
 Local files only: ``hf://`` references are fetched before they get here.
 """
@@ -18,12 +19,26 @@ from ..errors import FormatError, SpecError
 from ..io.files import require_file_or_dir
 from ..io.tensorfile import Header, read_header
 from . import diffusers, gguf, kohya, lycoris, mlx, peft
+from .flux import FLUX
+from .fusion import Architecture
+from .sd3 import SD3
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+# Model families whose original layouts fuse projections diffusers keeps apart (formats/fusion.py).
+ARCHITECTURES: tuple[Architecture, ...] = (FLUX, SD3)
+
+
+def _write_kohya(adapter: Adapter, path: Path, *, force: bool) -> Path:
+    """kohya output: Flux/SD3 modules fused back onto the original layers kohya names (``lora_unet_double_blocks_0_img_attn_qkv``)."""
+    for arch in ARCHITECTURES:
+        if arch.owns(adapter):
+            adapter = arch.to_original(adapter)
+    return kohya.write(adapter, path, force=force)
+
 
 WRITERS: dict[spec.Format, Callable[..., Path]] = {
     "peft": peft.write,
-    "kohya": kohya.write,
+    "kohya": _write_kohya,
     "diffusers": diffusers.write,
     "gguf": gguf.write,
     "mlx": mlx.write,
@@ -94,7 +109,11 @@ def _header(weights: Path) -> Header:
 
 
 def _read_foreign(header: Header, base: str | Path | None, *, has_config: bool) -> RawAdapter | None:
-    """A kohya file, or a diffusers one when no PEFT config comes with it, read into the PEFT layout."""
+    """A Flux/SD3 original, kohya or XLabs file, a kohya file, or a diffusers one when no PEFT config comes with it."""
+    for arch in ARCHITECTURES:
+        layout = arch.detect(header.tensors)
+        if layout is not None:
+            return arch.read(header, layout, base=base)
     if kohya.is_kohya(header.tensors):
         return kohya.read(header, base=base)
     if not has_config and diffusers.is_diffusers(list(header.tensors)):

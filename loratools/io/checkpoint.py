@@ -168,7 +168,8 @@ def find_weight(module: str, modules: ModuleIndex) -> str | None:
     """The base weight key of adapter ``module``, tolerating prefixes on either side.
 
     Tries the exact name, then drops leading components of the adapter name (``model.layers.0.q``
-    finds base ``layers.0.q``), then base names that end with the adapter name.  PEFT wraps targeted
+    finds base ``layers.0.q``; a diffusers component prefix even before a one-component name:
+    ``transformer.proj_out`` finds ``proj_out``), then base names that end with the adapter name.  PEFT wraps targeted
     embeddings, so ``<module>.base_layer`` is tried too.  ``None`` if nothing or several match.
     """
     for name in dict.fromkeys((module, module.removesuffix(".base_layer"))):
@@ -177,6 +178,9 @@ def find_weight(module: str, modules: ModuleIndex) -> str | None:
         for tail in _tails(name)[:-1]:  # never the last component alone
             if tail in modules:
                 return modules[tail]
+        component = next((c for c in spec.DIFFUSERS_COMPONENTS if name.startswith(c)), None)
+        if component is not None and name[len(component) :] in modules:
+            return modules[name[len(component) :]]
         longer = modules.ending_with(name)
         if longer is not None:
             return longer

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from loratools import spec
 from loratools.errors import FormatError, SpecError
-from loratools.formats import diffusers, gguf, kohya, mlx, peft
+from loratools.formats import diffusers, gguf, mlx, peft, registry
 from loratools.formats.registry import WRITERS, read_raw, writer
 
 A_KEY = "base_model.model.layers.0.q.lora_A.weight"
@@ -82,7 +82,8 @@ def test_lone_tucker_core_is_refused_by_name(tmp_path):
 
 def test_writers_cover_every_output_format():
     assert set(WRITERS) == set(spec.FORMATS)
-    assert writer("peft") is peft.write and writer("kohya") is kohya.write and writer("gguf") is gguf.write
+    assert writer("peft") is peft.write and writer("gguf") is gguf.write
+    assert writer("kohya") is registry._write_kohya  # kohya.write, once Flux/SD3 projections are fused back
     assert writer("diffusers") is diffusers.write and writer("mlx") is mlx.write
     with pytest.raises(SpecError, match="unknown output format 'onnx'; choose one of peft, kohya, diffusers, gguf, mlx"):
         writer("onnx")

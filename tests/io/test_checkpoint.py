@@ -108,3 +108,10 @@ def test_100k_key_base_with_prefixed_names_plans_in_linear_time_under_1_gib(tmp_
     assert result == {"edits": 100_000, "problems": 0, "cpu": result["cpu"]}  # every module found under its prefix
     assert rss < GiB
     print(f"100k-key prefixed base: plan {result['cpu']:.1f} s CPU, peak RSS {rss / 2**20:.0f} MiB")
+
+
+def test_a_diffusers_component_prefix_drops_even_before_a_one_component_name():
+    index = module_index(["proj_out.weight", "transformer_blocks.0.attn.to_q.weight"])
+    assert find_weight("transformer.proj_out", index) == "proj_out.weight"
+    assert find_weight("transformer.transformer_blocks.0.attn.to_q", index) == "transformer_blocks.0.attn.to_q.weight"
+    assert find_weight("model.proj_out", index) is None  # only component prefixes: never the last component alone
