@@ -195,7 +195,8 @@ class Bnb4bit(Codec):
                 continue
             key = name.removesuffix(suffix)
             if info.dtype != "U8" or len(info.shape) != 1 or info.nbytes > MAX_STATE_BYTES:
-                why = f"quant state {name} is {info.dtype} {list(info.shape)} ({info.nbytes} bytes; expected U8 of at most {MAX_STATE_BYTES})"
+                size = f"{info.dtype} {list(info.shape)} ({info.nbytes} bytes; expected U8 of at most {MAX_STATE_BYTES})"
+                why = f"quant state {name} is {size}"
                 problems.append(_malformed(key, why))
                 continue
             book = tensors.get(f"{key}.quant_map")
@@ -223,7 +224,8 @@ class Bnb4bit(Codec):
         return rows[0] * row_size // 2, (rows[1] * row_size + 1) // 2  # two codes a byte, row major
 
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
-        state = State(q.shape, q.params["blocksize"], q.params["dtype"], q.params["nested_blocksize"], q.params["nested_offset"], q.params["quant_type"])
+        p = q.params
+        state = State(q.shape, p["blocksize"], p["dtype"], p["nested_blocksize"], p["nested_offset"], p["quant_type"])
         try:
             return dequantize(
                 parts["weight"],
