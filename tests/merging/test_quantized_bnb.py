@@ -7,6 +7,7 @@ is transformers' own ``dequantize()`` of that checkpoint reloaded, merged by PEF
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -68,7 +69,7 @@ def test_bf16_merge_matches_peft_on_the_dequantized_base(bnb_base: tuple[Path, t
     adapter = peft_adapter(tmp_path / "lora", target_modules=["q_proj", "v_proj", "down_proj"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        reference = PeftModel.from_pretrained(dequantized, adapter).merge_and_unload().eval()
+        reference = PeftModel.from_pretrained(copy.deepcopy(dequantized), adapter).merge_and_unload().eval()  # merges in place
     merged = {k: v.detach() for k, v in reference.named_parameters()}
     _merge(base, adapter, tmp_path / "fp32", "fp32")
     exact = load_file(tmp_path / "fp32" / "model.safetensors")
@@ -81,10 +82,10 @@ def test_bf16_merge_matches_peft_on_the_dequantized_base(bnb_base: tuple[Path, t
             key = _key(layer, name)
             assert written[key].dtype == torch.bfloat16 and written[key].shape == merged[key].shape
             assert torch.allclose(written[key].float(), merged[key], rtol=2**-8, atol=1e-7), key
-            if name in ("k_proj", "o_proj", "gate_proj", "up_proj"):  # not in the adapter: transformers' dequantize, bit for bit
+            # --dtype fp32: transformers' dequantize (+ ΔW as PEFT adds it, for targeted modules), bit for bit
+            assert torch.equal(exact[key].view(torch.int32), merged[key].view(torch.int32)), key
+            if name in ("k_proj", "o_proj", "gate_proj", "up_proj"):
                 assert torch.equal(exact[key].view(torch.int32), float_base[key].view(torch.int32)), key
-            else:  # W + ΔW in float32 by loratools' kernel against PEFT's
-                assert torch.allclose(exact[key], merged[key], rtol=1e-6, atol=1e-6), key
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
@@ -139,3 +140,22 @@ def test_malformed_quant_state_is_refused_by_name(
         result = CliRunner().invoke(main, args)
         assert result.exit_code != 0 and Q0 in result.output and message in result.output, result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_from_a_bnb_base(bnb_base: tuple[Path, transformers.PreTrainedModel], tmp_path: Path) -> None:
+    """extract reads the quantized base dequantized: tuned (fp32 merge) minus base is exactly the rank-4 ΔW."""
+    base, dequantized = bnb_base
+    adapter = peft_adapter(tmp_path / "lora", target_modules=["q_proj", "down_proj"])
+    _merge(base, adapter, tmp_path / "tuned", "fp32")
+    result = CliRunner().invoke(main, ["extract", str(base), str(tmp_path / "tuned"), "-o", str(tmp_path / "ex"), "--rank", "4"])
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "ex" / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == config["r"] == 4 and len(config["target_modules"]) == 4
+    lora = load_file(tmp_path / "ex" / "adapter_model.safetensors")
+    tuned = load_file(tmp_path / "tuned" / "model.safetensors")
+    float_base = dequantized.state_dict()
+    for module in config["target_modules"]:
+        prefix = f"base_model.model.{module}"
+        delta = lora[f"{prefix}.lora_B.weight"] @ lora[f"{prefix}.lora_A.weight"]
+        want = tuned[f"{module}.weight"] - float_base[f"{module}.weight"]
+        assert torch.allclose(delta, want, atol=1e-5), module
