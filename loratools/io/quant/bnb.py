@@ -120,23 +120,23 @@ def parse_state(data: bytes) -> State:
     return State(tuple(shape), blocksize, dtype, nb, float(offset), quant_type)
 
 
-def blockwise(codes: torch.Tensor, code_book: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """``code_book[codes[k]] * absmax[k // blocksize]`` in float32 over flattened ``codes`` (ragged last block)."""
-    values = code_book.to(torch.float32)[codes.reshape(-1).to(torch.int64)]
-    scale = absmax.to(torch.float32).repeat_interleave(blocksize)[: values.numel()]
-    return values * scale
-
-
 def absmax_of(
-    state: State, absmax: torch.Tensor, nested_absmax: torch.Tensor | None, nested_quant_map: torch.Tensor | None
+    state: State,
+    absmax: torch.Tensor,
+    nested_absmax: torch.Tensor | None,
+    nested_quant_map: torch.Tensor | None,
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """The float32 first-level scales: stored as is, or dequantized from the double quantization."""
+    """The float32 first-level scales of ``blocks`` (all for None): stored as is, or dequantized from the double quantization."""
+    b0, b1 = blocks if blocks is not None else (0, absmax.numel())
     if state.nested_blocksize is None:
-        return absmax.to(torch.float32)
+        return absmax.reshape(-1)[b0:b1].to(torch.float32)
     if nested_absmax is None or nested_quant_map is None or state.nested_offset is None:
         raise ValueError("double-quantized absmax without nested_absmax and nested_quant_map")
     offset = torch.tensor(state.nested_offset, dtype=torch.float32)
-    return blockwise(absmax, nested_quant_map, nested_absmax, state.nested_blocksize) + offset
+    codes = absmax.reshape(-1)[b0:b1].to(torch.int64)
+    nested = nested_absmax.reshape(-1).to(torch.float32)[torch.arange(b0, b1) // state.nested_blocksize]
+    return nested_quant_map.to(torch.float32)[codes] * nested + offset
 
 
 def dequantize(
@@ -158,9 +158,8 @@ def dequantize(
     k0, k1 = r0 * row_size, r1 * row_size
     packed = weight.reshape(-1)[k0 // 2 : (k1 + 1) // 2].to(torch.uint8)
     codes = torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(-1)[k0 % 2 :][: k1 - k0]
-    scales = absmax_of(state, absmax, nested_absmax, nested_quant_map)
-    b0 = k0 // state.blocksize
-    per_element = scales[b0 : (k1 + state.blocksize - 1) // state.blocksize].repeat_interleave(state.blocksize)
+    b0, b1 = k0 // state.blocksize, -(-k1 // state.blocksize)
+    per_element = absmax_of(state, absmax, nested_absmax, nested_quant_map, (b0, b1)).repeat_interleave(state.blocksize)
     per_element = per_element[k0 - b0 * state.blocksize :][: k1 - k0]
     values = torch.tensor(CODE_BOOKS[state.quant_type], dtype=torch.float32)[codes.to(torch.int64)]
     return (values * per_element).reshape(r1 - r0, *state.shape[1:])

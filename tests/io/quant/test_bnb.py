@@ -31,7 +31,9 @@ def test_fp4_code_book_is_bitsandbytes() -> None:
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("nested", [False, True])
-@pytest.mark.parametrize(("shape", "blocksize"), [((64, 48), 64), ((33, 7), 64), ((130, 50), 128), ((5, 3), 32), ((1, 4097), 4096)])
+@pytest.mark.parametrize(
+    ("shape", "blocksize"), [((64, 48), 64), ((33, 7), 64), ((130, 50), 128), ((5, 3), 32), ((1, 4097), 4096), ((300, 64), 32)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_equals_bitsandbytes(quant_type: str, nested: bool, shape: tuple[int, int], blocksize: int, dtype: torch.dtype) -> None:
     torch.manual_seed(shape[0] * shape[1] + blocksize)
@@ -50,11 +52,10 @@ def test_dequantize_equals_bitsandbytes(quant_type: str, nested: bool, shape: tu
         assert torch.equal(ours.to(dtype), reference)
     else:
         assert torch.equal(ours.to(dtype).view(bits), reference.view(bits))
-    rows = (1, min(4, shape[0]))
-    part = bnb.dequantize(
-        packed, saved["absmax"], parsed, nested_absmax=saved.get("nested_absmax"), nested_quant_map=saved.get("nested_quant_map"), rows=rows
-    )
-    assert torch.equal(part, ours[rows[0] : rows[1]])
+    for rows in ((1, min(4, shape[0])), (shape[0] // 2, shape[0])):  # (300, 64) in 32s: 600 scales, 3 nested blocks
+        nested_parts = {"nested_absmax": saved.get("nested_absmax"), "nested_quant_map": saved.get("nested_quant_map")}
+        part = bnb.dequantize(packed, saved["absmax"], parsed, **nested_parts, rows=rows)
+        assert torch.equal(part.view(torch.int32), ours[rows[0] : rows[1]].view(torch.int32))
 
 
 def test_hand_checked_bytes() -> None:
