@@ -35,7 +35,7 @@ from .adapter import Adapter, LoraModule
 from .errors import Problem
 from .io.checkpoint import Checkpoint, ModuleIndex, module_index
 from .io.layouts import Layout, Piece, expert_pieces, layout_of, weight_key
-from .io.quant.registry import QuantMap, scan
+from .io.quant.registry import QuantMap, reader, scan
 from .io.tensorfile import TensorInfo
 from .orientation import orientations, variant_problems
 
@@ -127,7 +127,7 @@ def plan(
     """
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     model_config = checkpoint.model_config()
-    quant = scan(model_config, checkpoint.tensors)
+    quant = scan(model_config, checkpoint.tensors, reader(checkpoint))
     tied = full.tying(checkpoint, checkpoint.tensors)
     tensors = {**full.with_head(checkpoint.tensors, tied), **quant.logical(checkpoint.tensors)}
     vocab = full.vocab_keys(tensors, tied)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..io.checkpoint import open_checkpoint
-from ..io.quant.registry import codec, scan
+from ..io.quant.registry import codec, reader, scan
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def summarize_base(path: str | Path) -> BaseSummary:
     """The header-only summary of the base checkpoint at ``path`` (a model directory or one ``.safetensors`` file)."""
     checkpoint = open_checkpoint(path)
     config = checkpoint.model_config()
-    quant = scan(config, checkpoint.tensors)
+    quant = scan(config, checkpoint.tensors, reader(checkpoint))
     quantization: dict[str, Any] = {}
     if quant:
         formats: dict[str, dict[str, Any]] = {}

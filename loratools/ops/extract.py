@@ -33,7 +33,7 @@ from ..api import save_as
 from ..compute import resolve_device
 from ..errors import ArgumentError, ShapeError
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.quant.registry import QuantMap, dequantized, logical_tensors, scan
+from ..io.quant.registry import QuantMap, dequantized, logical_tensors, reader, scan
 
 OVERSAMPLE = 10
 POWER_ITERS = 2
@@ -118,7 +118,8 @@ def extract(
         raise ArgumentError(f"energy must be in (0, 1], got {energy!r}")
     dev = resolve_device(device)
     base_ck, tuned_ck = open_checkpoint(base), open_checkpoint(tuned)
-    base_q, tuned_q = scan(base_ck.model_config(), base_ck.tensors), scan(tuned_ck.model_config(), tuned_ck.tensors)
+    base_q = scan(base_ck.model_config(), base_ck.tensors, reader(base_ck))
+    tuned_q = scan(tuned_ck.model_config(), tuned_ck.tensors, reader(tuned_ck))
     base_info, tuned_info = logical_tensors(base_ck, base_q), logical_tensors(tuned_ck, tuned_q)
     lora_weights = {k for k, info in tuned_info.items() if _low_rankable(k, info.shape)}
     lora_modules = {k[: -len(".weight")] for k in lora_weights}

@@ -130,20 +130,19 @@ def test_validate_base_understands_the_format(fmt: str, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-def test_bitsandbytes_base_is_refused_by_name(tmp_path: Path) -> None:
-    """NF4 reads bit for bit (tests/io/quant/test_bnb.py), but its logical shape is only in the
-    quant-state bytes, which the codec interface (headers only) cannot see yet: refused, named."""
-    bnb_functional = pytest.importorskip("bitsandbytes.functional")
+def test_bitsandbytes_8bit_base_is_refused_by_name(tmp_path: Path) -> None:
+    """bitsandbytes int8 (``SCB`` row scales) has no codec: refused naming the tensor and the method."""
     model = tiny_llama(seed=0)
     model.save_pretrained(tmp_path / "base")
     stored = load_file(tmp_path / "base" / "model.safetensors")
     key = "model.layers.0.self_attn.q_proj.weight"
-    packed, state = bnb_functional.quantize_4bit(stored.pop(key), blocksize=64, quant_type="nf4")
-    stored[key] = packed
-    stored.update({f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()})
+    w = stored.pop(key)
+    scb = w.abs().amax(dim=1)
+    stored[key] = torch.round(w / scb[:, None] * 127).to(torch.int8)
+    stored[key.removesuffix(".weight") + ".SCB"] = scb
     save_file(stored, tmp_path / "base" / "model.safetensors", metadata={"format": "pt"})
     config = json.loads((tmp_path / "base" / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"}
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_8bit": True}
     (tmp_path / "base" / "config.json").write_text(json.dumps(config))
     adapter = peft_adapter(tmp_path / "lora")
     args = ["merge", str(tmp_path / "base"), str(adapter), "-o", str(tmp_path / "out"), "--dtype", "bf16", "--quiet"]

@@ -17,6 +17,13 @@ Contract (stable: later changes are additive only):
   :class:`~loratools.errors.Problem` for each tensor that looks like its format but is malformed
   (a scale of the wrong shape, a missing companion).  Claims come from the checkpoint itself:
   ``quantization_config`` narrows which codecs are asked, the tensors decide.
+- Added later: ``codec.claims_reading(qconfig, tensors, read)`` is what ``registry.scan`` asks when
+  it can read the checkpoint; by default it is ``claims``.  A format whose headers do not say a
+  parameter's logical shape (bitsandbytes 4-bit keeps it in the bytes of a small JSON tensor)
+  overrides it and reads such companions through ``read`` (a :data:`Reader`: whole tensors of at
+  most :data:`SMALL_BYTES` each, a larger one raises :class:`QuantError` without being read; the
+  codec checks sizes in the headers first and reports an oversized one as malformed).  Without a
+  reader (``scan`` on headers alone) such a codec claims nothing, so its tensors stay refused.
 - ``parts`` maps a *role* (``"weight"``, ``"weight_scale_inv"``, ``"qweight"``, ``"blocks"`` ...) to
   the stored checkpoint key.  ``QuantTensor.primary`` is the role whose tensor carries the data
   (streamed row block by row block); the others are companions (small, read whole).
@@ -39,7 +46,7 @@ Contract (stable: later changes are additive only):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +59,10 @@ Parts = Mapping[str, torch.Tensor]
 """Stored tensors of one parameter by role, as on disk (dtype and shape of the checkpoint)."""
 Rows = tuple[int, int]
 """A half-open range ``(r0, r1)`` of logical rows (dimension 0)."""
+Reader = Callable[[Sequence[str]], Mapping[str, torch.Tensor]]
+"""Reads small stored tensors whole by key (at most :data:`SMALL_BYTES` each, else :class:`QuantError`)."""
+SMALL_BYTES = 1 << 16
+"""The most bytes a :data:`Reader` reads of one tensor while claiming: companions, never weights."""
 
 QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "I16", "U16", "U32", "F4")
 """Stored dtypes that can only be quantized data: a base weight of one of these no codec claims is refused."""
@@ -127,6 +138,12 @@ class Codec(ABC):
     @abstractmethod
     def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
         """The parameters this codec stores in ``tensors`` (logical key -> QuantTensor), and malformed ones."""
+
+    def claims_reading(
+        self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo], read: Reader | None
+    ) -> tuple[dict[str, QuantTensor], list[Problem]]:
+        """:meth:`claims` for formats that must read small companions (``read``, None on headers alone) to know a shape."""
+        return self.claims(qconfig, tensors)
 
     @abstractmethod
     def row_align(self, q: QuantTensor) -> int:

@@ -8,7 +8,7 @@ refused by name, never treated as a float weight.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +17,8 @@ import torch
 from ...errors import Problem
 from ..checkpoint import Checkpoint
 from ..tensorfile import TensorInfo, load_tensors
-from . import awq, fp8_block, fp8_tensor, gptq, mxfp4
-from .base import COMPANION_SUFFIXES, QUANT_DTYPES, Codec, QuantTensor
+from . import awq, bnb, fp8_block, fp8_tensor, gptq, mxfp4
+from .base import COMPANION_SUFFIXES, QUANT_DTYPES, SMALL_BYTES, Codec, QuantError, QuantTensor, Reader
 
 CODECS: tuple[Codec, ...] = (
     fp8_block.CODEC,
@@ -26,6 +26,7 @@ CODECS: tuple[Codec, ...] = (
     mxfp4.CODEC,
     gptq.CODEC,
     awq.CODEC,
+    bnb.CODEC,
 )
 """Every codec, in the order they are asked (one line per codec module)."""
 
@@ -56,7 +57,11 @@ class QuantMap:
     def logical(self, tensors: Mapping[str, TensorInfo]) -> dict[str, TensorInfo]:
         """Header entries for parameters stored under other names (``qweight``, ``_blocks``): their logical
         shape (unknown, empty, for unhandled ones), so adapter modules find them and get this map's verdict."""
-        found = {k: TensorInfo(k, "F32", q.shape, 0, 0) for k, q in self.params.items() if k not in tensors}
+        found = {
+            k: TensorInfo(k, "F32", q.shape, 0, 0)
+            for k, q in self.params.items()
+            if k not in tensors or tensors[k].shape != q.shape  # bnb 4-bit: packed bytes stored under the logical key
+        }
         return {**{k: TensorInfo(k, "?", (), 0, 0) for k in self.unhandled if k not in tensors}, **found}
 
     def refusal(self, key: str) -> Problem | None:
@@ -100,11 +105,13 @@ def qconfig_of(config: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return None
 
 
-def scan(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> QuantMap:
+def scan(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo], read: Reader | None = None) -> QuantMap:
     """Every codec's claims over ``tensors`` and the quantized-looking tensors none claims.
 
     ``config`` is the checkpoint's ``config.json`` (or None).  A ``quant_method`` selects the codecs
-    that list it; with none (or one no codec lists) every codec looks at the tensors.
+    that list it; with none (or one no codec lists) every codec looks at the tensors.  ``read``
+    (:func:`reader` of the checkpoint) lets codecs whose shapes live in data read small companions;
+    without it they claim nothing and their tensors are refused.
     """
     qconfig = qconfig_of(config)
     method = qconfig.get("quant_method") if qconfig else None
@@ -113,7 +120,7 @@ def scan(config: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) ->
     params: dict[str, QuantTensor] = {}
     problems: list[Problem] = []
     for c in asked:
-        found, bad = c.claims(qconfig, tensors)
+        found, bad = c.claims_reading(qconfig, tensors, read)
         problems += bad
         for key, q in found.items():
             params.setdefault(key, q)
@@ -148,6 +155,19 @@ def read_stored(checkpoint: Checkpoint, keys: list[str]) -> dict[str, torch.Tens
     for key in keys:
         by_shard.setdefault(checkpoint.shard_of(key).name, []).append(key)
     return {k: t for shard, names in by_shard.items() for k, t in load_tensors(checkpoint.headers[shard], names).items()}
+
+
+def reader(checkpoint: Checkpoint) -> Reader:
+    """A :data:`~loratools.io.quant.base.Reader` over ``checkpoint``: small tensors only, checked in the header before reading."""
+
+    def read(keys: Sequence[str]) -> dict[str, torch.Tensor]:
+        for key in keys:
+            info = checkpoint.tensors[key]
+            if info.nbytes > SMALL_BYTES:
+                raise QuantError(f"{info.nbytes} bytes, more than the {SMALL_BYTES} a codec reads while claiming", key=key)
+        return read_stored(checkpoint, list(keys))
+
+    return read
 
 
 def dequantized(checkpoint: Checkpoint, q: QuantTensor) -> torch.Tensor:
