@@ -23,8 +23,8 @@ import torch
 
 from ...errors import Problem
 from ..tensorfile import TensorInfo
-from .base import Codec, Parts, QuantTensor, Rows
-from .gptq import unpack
+from .base import Parts, QuantTensor, Rows
+from .gptq import Packed, claim_qweights, unpack
 
 BITS = 4
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -58,37 +58,18 @@ def dequantize(
     return ((q - z).to(torch.float32) * s).transpose(0, 1).contiguous()
 
 
-class Awq(Codec):
+class Awq(Packed):
     """AWQ GEMM ``<module>.qweight``/``qzeros``/``scales``, logical ``<module>.weight``; rows are outputs."""
 
     name = "awq"
     methods = ("awq",)
-    requantizable = False
 
     def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
         if not qconfig or qconfig.get("quant_method") != "awq":
             return {}, []  # the group size and layout live only in quantization_config
         why = _unsupported(qconfig)
         group_size = qconfig.get("group_size", 128)
-        found: dict[str, QuantTensor] = {}
-        problems: list[Problem] = []
-        for name in tensors:
-            if not name.endswith(".qweight"):
-                continue
-            module = name.removesuffix(".qweight")
-            key = f"{module}.weight"
-            q, reason = (None, why) if why else _claim(module, tensors, int(group_size))
-            if q is not None:
-                found[key] = q
-            else:
-                problems.append(Problem("base-quant-malformed", key, f"AWQ weight {key}: {reason}"))
-        return found, problems
-
-    def row_align(self, q: QuantTensor) -> int:
-        return 1
-
-    def part_rows(self, q: QuantTensor, role: str, rows: Rows) -> Rows:
-        return 0, int(q.params["rows"][role])  # codes run along inputs in every stored row
+        return claim_qweights(tensors, "AWQ", lambda module: (None, why) if why else _claim(module, tensors, int(group_size)))
 
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
         return dequantize(parts["qweight"], parts["qzeros"], parts["scales"], group_size=q.params["group_size"], rows=rows)

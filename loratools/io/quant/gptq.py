@@ -21,7 +21,7 @@ The codes come from calibration (GPTQ's Hessian-ordered rounding), so nothing he
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -82,36 +82,52 @@ FORMATS = {"gptq": 1, "gptq_v2": 0}
 """GPTQ ``format`` -> the zero-point offset added when reading."""
 
 
-class Gptq(Codec):
-    """GPTQ ``<module>.qweight``/``qzeros``/``scales``/``g_idx``, logical ``<module>.weight``; rows are outputs."""
+class Packed(Codec):
+    """Read-only ``<module>.qweight`` formats (GPTQ, AWQ): int32 words packed along inputs, rows are outputs."""
 
-    name = "gptq"
-    methods = ("gptq",)
     requantizable = False
-
-    def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
-        if not qconfig or qconfig.get("quant_method") != "gptq" or qconfig.get("bits") is None:
-            return {}, []  # the bits and zero-point convention live only in quantization_config: unhandled without
-        settings, why = _settings(qconfig)
-        found: dict[str, QuantTensor] = {}
-        problems: list[Problem] = []
-        for name in tensors:
-            if not name.endswith(".qweight"):
-                continue
-            module = name.removesuffix(".qweight")
-            key = f"{module}.weight"
-            q, reason = _claim(module, tensors[name], tensors, settings) if settings is not None else (None, why)
-            if q is not None:
-                found[key] = q
-            else:
-                problems.append(Problem("base-quant-malformed", key, f"GPTQ weight {key}: {reason}"))
-        return found, problems
 
     def row_align(self, q: QuantTensor) -> int:
         return 1
 
     def part_rows(self, q: QuantTensor, role: str, rows: Rows) -> Rows:
         return 0, int(q.params["rows"][role])  # packed along inputs: every output row needs every stored row
+
+
+def claim_qweights(
+    tensors: Mapping[str, TensorInfo], label: str, claim: Callable[[str], tuple[QuantTensor | None, str]]
+) -> tuple[dict[str, QuantTensor], list[Problem]]:
+    """Each ``<module>.qweight`` as the parameter ``<module>.weight``: ``claim(module)``'s tensor, or a problem with its reason."""
+    found: dict[str, QuantTensor] = {}
+    problems: list[Problem] = []
+    for name in tensors:
+        if not name.endswith(".qweight"):
+            continue
+        module = name.removesuffix(".qweight")
+        key = f"{module}.weight"
+        q, reason = claim(module)
+        if q is not None:
+            found[key] = q
+        else:
+            problems.append(Problem("base-quant-malformed", key, f"{label} weight {key}: {reason}"))
+    return found, problems
+
+
+class Gptq(Packed):
+    """GPTQ ``<module>.qweight``/``qzeros``/``scales``/``g_idx``, logical ``<module>.weight``; rows are outputs."""
+
+    name = "gptq"
+    methods = ("gptq",)
+
+    def claims(self, qconfig: Mapping[str, Any] | None, tensors: Mapping[str, TensorInfo]) -> tuple[dict[str, QuantTensor], list[Problem]]:
+        if not qconfig or qconfig.get("quant_method") != "gptq" or qconfig.get("bits") is None:
+            return {}, []  # the bits and zero-point convention live only in quantization_config: unhandled without
+        settings, why = _settings(qconfig)
+        return claim_qweights(
+            tensors,
+            "GPTQ",
+            lambda module: _claim(module, tensors[f"{module}.qweight"], tensors, settings) if settings is not None else (None, why),
+        )
 
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
         g_idx = parts.get("g_idx")
