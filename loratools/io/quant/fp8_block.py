@@ -26,8 +26,8 @@ import torch
 
 from ...errors import Problem
 from ..tensorfile import TensorInfo
-from .base import Codec, Parts, QuantTensor, Rows
-from .e4m3 import FP8, FP8_MAX, decode
+from .base import Codec, Edit, Parts, QuantTensor, Rows, scratch
+from .e4m3 import FP8, FP8_MAX, decode, table
 
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 _SCALE = ".weight_scale_inv"
@@ -96,6 +96,53 @@ class Fp8Block(Codec):
         if q.params["per_tensor"]:
             inv = inv.reshape(like["weight_scale_inv"].shape)
         return {"weight": weight.contiguous() if pad_n or pad_k else weight, "weight_scale_inv": inv}
+
+    def requantize(self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+        """:meth:`dequantize`, ``edit``, :meth:`quantize` and the survival norms fused, in this thread's reused buffers.
+
+        For whole 2-D blocks (every released checkpoint but a ragged edge): the decode gathers from
+        a table of each block's 256 values times its scale (one gather instead of decode, then
+        scale), amax and the scaled weight go into reused buffers, the cast writes straight into the
+        output rows, and the requantized weight is decoded the same way for the survival.  Each
+        float32 value is the same product of the same operands as in the unfused methods, and the
+        norms are taken over the same tensors, so the bytes written and both norms are identical.
+        """
+        bm, bn = q.params["block"]
+        r0, r1 = rows
+        n, k = r1 - r0, q.shape[-1]
+        if len(q.shape) != 2 or q.params["per_tensor"] or n % bm or k % bn:
+            return super().requantize(q, parts, rows, edit, out)
+        grid = (n // bm, k // bn)
+        s0, s1 = self.part_rows(q, "weight_scale_inv", rows)
+        stored = parts["weight_scale_inv"]
+        index = scratch("fp8-index", n * k, torch.int32).view(grid[0], bm, grid[1], bn)
+        base = _decode_blocks(parts["weight"][r0:r1], stored[s0:s1].to(torch.float32), index, scratch("fp8-base", n * k))
+        x = edit(base)
+        work = scratch("fp8-work", n * k).view(grid[0], bm, grid[1], bn)
+        tiles = x.reshape(grid[0], bm, grid[1], bn)
+        amax = torch.abs(tiles, out=work).amax(dim=(-3, -1))
+        inv, scale = _scales(amax, stored.dtype, bool(q.params["ue8m0"]))
+        torch.mul(tiles, scale[:, None, :, None], out=work).clamp_(-FP8_MAX, FP8_MAX)
+        weight = out["weight"]
+        weight.view(grid[0], bm, grid[1], bn).copy_(work)  # the cast to e4m3, as .to(FP8) rounds it
+        out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
+        delta = float(torch.linalg.vector_norm(torch.sub(x, base, out=work.view(n, k)))) ** 2
+        new = _decode_blocks(weight, inv.to(torch.float32), index, work.view(-1))
+        return float(torch.linalg.vector_norm(new.sub_(base))) ** 2, delta
+
+
+def _decode_blocks(weight: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``float(weight) * scale`` per whole block into ``out`` (flat float32): one gather from each block's 256 products.
+
+    ``index`` (int32, viewed as the block tiles) receives byte + 256 * block number; the table
+    holds e4m3 value times block scale in float32, the very product the unfused decode forms.
+    """
+    rows, blocks = scale.shape
+    products = (table(torch.float32)[None, :] * scale.reshape(-1, 1)).reshape(-1)
+    offsets = torch.arange(0, rows * blocks * 256, 256, dtype=torch.int32).view(rows, 1, blocks, 1)
+    tiles = weight.view(torch.uint8).view(index.shape)
+    torch.add(tiles, offsets, out=index)
+    return torch.index_select(products, 0, index.view(-1), out=out).view(weight.shape)
 
 
 def _scales(amax: torch.Tensor, stored: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
