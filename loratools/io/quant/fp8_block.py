@@ -31,6 +31,8 @@ from .e4m3 import FP8, FP8_MAX, decode, table
 
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 _SCALE = ".weight_scale_inv"
+_SIGN_EXP_MANT = 0x87F00000 - (1 << 32)  # a sign-extended e4m3 byte << 20: keep bit 31 and bits 20-26 (int32)
+_TWO_120 = 2.0**120
 
 
 class Fp8Block(Codec):
@@ -100,10 +102,10 @@ class Fp8Block(Codec):
     def requantize(self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor]) -> tuple[float, float]:
         """:meth:`dequantize`, ``edit``, :meth:`quantize` and the survival norms fused, in this thread's reused buffers.
 
-        For whole 2-D blocks (every released checkpoint but a ragged edge): the decode gathers from
-        a table of each block's 256 values times its scale (one gather instead of decode, then
-        scale), amax and the scaled weight go into reused buffers, the cast writes straight into the
-        output rows, and the requantized weight is decoded the same way for the survival.  Each
+        For whole 2-D blocks (every released checkpoint but a ragged edge): the decode is integer
+        bit moves (:func:`_decode_blocks`), amax and the scaled weight go into reused buffers, the
+        cast writes straight into the output rows, and the requantized weight is decoded the same
+        way for the survival.  Each
         float32 value is the same product of the same operands as in the unfused methods, and the
         norms are taken over the same tensors, so the bytes written and both norms are identical.
         """
@@ -115,8 +117,8 @@ class Fp8Block(Codec):
         grid = (n // bm, k // bn)
         s0, s1 = self.part_rows(q, "weight_scale_inv", rows)
         stored = parts["weight_scale_inv"]
-        index = scratch("fp8-index", n * k, torch.int32).view(grid[0], bm, grid[1], bn)
-        base = _decode_blocks(parts["weight"][r0:r1], stored[s0:s1].to(torch.float32), index, scratch("fp8-base", n * k))
+        bits = scratch("fp8-bits", n * k, torch.int32)
+        base = _decode_blocks(parts["weight"][r0:r1], stored[s0:s1].to(torch.float32), bits, scratch("fp8-base", n * k))
         x = edit(base)
         work = scratch("fp8-work", n * k).view(grid[0], bm, grid[1], bn)
         tiles = x.reshape(grid[0], bm, grid[1], bn)
@@ -127,22 +129,37 @@ class Fp8Block(Codec):
         weight.view(grid[0], bm, grid[1], bn).copy_(work)  # the cast to e4m3, as .to(FP8) rounds it
         out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
         delta = float(torch.linalg.vector_norm(torch.sub(x, base, out=work.view(n, k)))) ** 2
-        new = _decode_blocks(weight, inv.to(torch.float32), index, work.view(-1))
+        new = _decode_blocks(weight, inv.to(torch.float32), bits, work.view(-1))
         return float(torch.linalg.vector_norm(new.sub_(base))) ** 2, delta
 
 
-def _decode_blocks(weight: torch.Tensor, scale: torch.Tensor, index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``float(weight) * scale`` per whole block into ``out`` (flat float32): one gather from each block's 256 products.
+def _decode_blocks(weight: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``float(weight) * scale`` per whole block into ``out`` (flat float32), ``bits`` (int32, n) as work space.
 
-    ``index`` (int32, viewed as the block tiles) receives byte + 256 * block number; the table
-    holds e4m3 value times block scale in float32, the very product the unfused decode forms.
+    The e4m3 byte's 7 low bits shifted into a float32's exponent and mantissa (sign to sign) are
+    its value times 2^-120, exactly (e4m3 subnormals land on float32 subnormals), so one exact
+    multiply by 2^120 decodes it; then the block scale multiplies, the product the unfused decode
+    forms.  Measured 0.22 against 0.43 ms per MiB of float32 for the table gather (one thread).
+    The two NaN bytes (0x7F, 0xFF) would read as ±480, and a thread flushing subnormals would
+    zero the small values: either way the table decode (:func:`~loratools.io.quant.e4m3.decode`) is used.
     """
     rows, blocks = scale.shape
-    products = (table(torch.float32)[None, :] * scale.reshape(-1, 1)).reshape(-1)
-    offsets = torch.arange(0, rows * blocks * 256, 256, dtype=torch.int32).view(rows, 1, blocks, 1)
-    tiles = weight.view(torch.uint8).view(index.shape)
-    torch.add(tiles, offsets, out=index)
-    return torch.index_select(products, 0, index.view(-1), out=out).view(weight.shape)
+    tiles = out.view(rows, -1, blocks, weight.shape[-1] // blocks)
+    if (
+        int(torch.bitwise_and(weight.view(torch.uint8).reshape(-1), 0x7F, out=scratch("fp8-nan", weight.numel(), torch.uint8)).max())
+        == 0x7F
+        or not _exact_subnormals()
+    ):
+        torch.index_select(table(torch.float32), 0, bits.copy_(weight.view(torch.uint8).reshape(-1)), out=out)
+    else:
+        bits.copy_(weight.view(torch.int8).reshape(-1)).bitwise_left_shift_(20).bitwise_and_(_SIGN_EXP_MANT)
+        torch.mul(bits.view(torch.float32), _TWO_120, out=out)
+    return tiles.mul_(scale[:, None, :, None]).view(weight.shape)
+
+
+def _exact_subnormals() -> bool:
+    """Whether this thread multiplies float32 subnormals exactly (torch.set_flush_denormal(True) makes it not)."""
+    return bool(torch.tensor(2.0**-140, dtype=torch.float32).mul(_TWO_120) == 2.0**-20)
 
 
 def _scales(amax: torch.Tensor, stored: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
