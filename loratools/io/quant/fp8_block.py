@@ -33,6 +33,7 @@ SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 _SCALE = ".weight_scale_inv"
 _SIGN_EXP_MANT = 0x87F00000 - (1 << 32)  # a sign-extended e4m3 byte << 20: keep bit 31 and bits 20-26 (int32)
 _TWO_120 = 2.0**120
+_PROBE = torch.tensor(2.0**-140, dtype=torch.float32)  # a float32 subnormal; read only
 
 
 class Fp8Block(Codec):
@@ -68,11 +69,21 @@ class Fp8Block(Codec):
     def dequantize(self, q: QuantTensor, parts: Parts, rows: Rows | None = None) -> torch.Tensor:
         r = rows or self.all_rows(q)
         s = r if len(q.shape) == 3 else self.part_rows(q, "scale", r)
-        weight = decode(parts["weight"][r[0] : r[1]])
+        stored = parts["weight"][r[0] : r[1]]
         scale = parts["weight_scale_inv"][s[0] : s[1]].to(torch.float32)
+        bm, bn = q.params["block"]
+        if (
+            len(q.shape) == 2
+            and not q.params["per_tensor"]
+            and (r[1] - r[0]) % bm == 0
+            and q.shape[1] % bn == 0
+            and stored.device.type == "cpu"
+        ):
+            numel = stored.numel()  # whole blocks: decoded by bit moves, the same values (see _decode_blocks)
+            return _decode_blocks(stored, scale, torch.empty(numel, dtype=torch.int32), torch.empty(numel))
+        weight = decode(stored)
         if q.params["per_tensor"]:
             return weight.mul_(scale.reshape(()))
-        bm, bn = q.params["block"]
         n, k = weight.shape[-2:]
         if n % bm == 0 and k % bn == 0:  # whole blocks: one broadcast multiply, the same product per element
             tiles = weight.view(*weight.shape[:-2], n // bm, bm, k // bn, bn)
@@ -159,7 +170,7 @@ def _decode_blocks(weight: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor
 
 def _exact_subnormals() -> bool:
     """Whether this thread multiplies float32 subnormals exactly (torch.set_flush_denormal(True) makes it not)."""
-    return bool(torch.tensor(2.0**-140, dtype=torch.float32).mul(_TWO_120) == 2.0**-20)
+    return _PROBE.mul(_TWO_120).item() == 2.0**-20
 
 
 def _scales(amax: torch.Tensor, stored: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
