@@ -115,13 +115,16 @@ class QuantJob:
 
         def block(r0: int) -> tuple[float, float]:
             r1 = min(rows, r0 + step)
-            if not self.keep or edit is None:  # written dequantized (edit None: unedited, only for a float output)
+            if not self.keep:
                 base = c.dequantize(q, parts, (r0, r1))
                 x = _merged(edit, base, r0, r1) if edit is not None else base
                 out_primary[r0:r1].copy_(x)
                 return 0.0, 0.0
             out = {q.primary: _rows(out_primary, c.part_rows(q, q.primary, (r0, r1)))}
             out |= {role: _rows(self.outputs[role], c.part_rows(q, role, (r0, r1))) for role in self.rewritten}
+            if edit is None:  # requantized unedited: nothing of an adapter to survive
+                c.requantize(q, parts, (r0, r1), lambda base: base, out)
+                return 0.0, 0.0
             return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out)
 
         starts = range(0, rows, step)

@@ -116,9 +116,9 @@ class Fp8Block(Codec):
         For whole 2-D blocks (every released checkpoint but a ragged edge): the decode is integer
         bit moves (:func:`_decode_blocks`), amax and the scaled weight go into reused buffers, the
         cast writes straight into the output rows, and the requantized weight is decoded the same
-        way for the survival.  Each
-        float32 value is the same product of the same operands as in the unfused methods, and the
-        norms are taken over the same tensors, so the bytes written and both norms are identical.
+        way for the survival.  Each float32 value is the same product of the same operands as in
+        the unfused methods, and the norms are taken over the same tensors, so the bytes written
+        and both norms are identical (tests/io/quant/test_fp8_block.py compares them).
         """
         bm, bn = q.params["block"]
         r0, r1 = rows
