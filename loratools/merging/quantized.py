@@ -33,7 +33,7 @@ import torch
 
 from ..errors import MergeError
 from ..io.checkpoint import Checkpoint
-from ..io.quant.base import Codec, QuantTensor
+from ..io.quant.base import Codec, QuantTensor, scratch
 from ..io.quant.registry import QuantMap, codec, read_stored
 from ..io.streaming import Transform
 from ..io.tensorfile import Header
@@ -115,27 +115,32 @@ class QuantJob:
 
         def block(r0: int) -> tuple[float, float]:
             r1 = min(rows, r0 + step)
-            base = c.dequantize(q, parts, (r0, r1))
-            x = edit.rows(base.reshape(r1 - r0, -1), r0, r1).reshape(base.shape) if edit is not None else base
             if not self.keep:
+                base = c.dequantize(q, parts, (r0, r1))
+                x = _merged(edit, base, r0, r1) if edit is not None else base
                 out_primary[r0:r1].copy_(x)
                 return 0.0, 0.0
-            out = c.quantize(q, x, (r0, r1), parts)
-            a, b = c.part_rows(q, q.primary, (r0, r1))
-            out_primary[a:b].copy_(out[q.primary])
-            for role in self.rewritten:
-                a, b = c.part_rows(q, role, (r0, r1))
-                self.outputs[role][a:b].copy_(out[role].reshape(self.outputs[role][a:b].shape))
-            if edit is None:
+            out = {q.primary: _rows(out_primary, c.part_rows(q, q.primary, (r0, r1)))}
+            out |= {role: _rows(self.outputs[role], c.part_rows(q, role, (r0, r1))) for role in self.rewritten}
+            if edit is None:  # requantized unedited: nothing of an adapter to survive
+                c.requantize(q, parts, (r0, r1), lambda base: base, out)
                 return 0.0, 0.0
-            local = {**{r: t for r, t in parts.items() if r not in out}, **out}
-            kept = float(torch.linalg.vector_norm(c.dequantize(q, local, (0, r1 - r0)).sub_(base))) ** 2
-            return kept, float(torch.linalg.vector_norm(x - base)) ** 2
+            return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out)
 
         starts = range(0, rows, step)
         sums = list(self.pool.map(block, starts)) if self.pool is not None and len(starts) > 1 else [block(r) for r in starts]
         self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))  # block() gives (kept², delta²)
         self.done = True
+
+
+def _merged(edit: Kernel, base: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Merged logical rows ``r0:r1`` from dequantized ``base`` (left as it was), in this thread's reused buffer."""
+    flat = base.reshape(r1 - r0, -1)
+    return edit.rows(flat, r0, r1, scratch("merge", 2 * flat.numel())).reshape(base.shape)
+
+
+def _rows(t: torch.Tensor, span: tuple[int, int]) -> torch.Tensor:
+    return t[span[0] : span[1]]
 
 
 def _prepared(kernel: Kernel, shape: tuple[int, int]) -> Kernel:

@@ -14,12 +14,17 @@ FP8_MAX = torch.finfo(FP8).max  # 448.0
 _TABLES: dict[torch.dtype, torch.Tensor] = {}
 
 
+def table(dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The 256 float8_e4m3fn values, by byte, as ``dtype`` (torch's own cast of each)."""
+    found = _TABLES.get(dtype)
+    if found is None:
+        found = _TABLES[dtype] = torch.arange(256, dtype=torch.uint8).view(FP8).to(dtype)
+    return found
+
+
 def decode(q: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """``q.to(dtype)`` for float8_e4m3fn ``q`` (any shape), bit for bit, as a new contiguous tensor."""
-    table = _TABLES.get(dtype)
-    if table is None:
-        table = _TABLES[dtype] = torch.arange(256, dtype=torch.uint8).view(FP8).to(dtype)
     if q.device.type != "cpu":
         return q.to(dtype)
     index = q.contiguous().view(torch.uint8).reshape(-1).to(torch.int32)
-    return torch.index_select(table, 0, index).reshape(q.shape)
+    return torch.index_select(table(dtype), 0, index).reshape(q.shape)

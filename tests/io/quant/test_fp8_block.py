@@ -10,7 +10,8 @@ import torch
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
 
-from loratools.io.quant.fp8_block import CODEC
+from loratools.io.quant.base import Codec
+from loratools.io.quant.fp8_block import CODEC, _decode_blocks
 from loratools.io.tensorfile import DTYPE_NAMES, TensorInfo
 
 
@@ -136,3 +137,47 @@ def test_malformed_scales_are_problems():
     assert "stored as BF16" in CODEC.claims(None, bf16)[1][0].message
     alone = {"m.weight_scale_inv": _info("m.weight_scale_inv", scale)}
     assert "has no m.weight" in CODEC.claims(None, alone)[1][0].message
+
+
+@pytest.mark.parametrize(
+    ("shape", "rows"), [((256, 384), (0, 256)), ((256, 384), (128, 256)), ((300, 200), (256, 300)), ((300, 256), (0, 128))]
+)
+@pytest.mark.parametrize(
+    ("scale_dtype", "scale_fmt"), [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "ue8m0"), (torch.float8_e8m0fnu, None)]
+)
+def test_fused_requantize_equals_the_unfused_methods(shape, rows, scale_dtype, scale_fmt):
+    """Fp8Block.requantize (table-scaled decode, reused buffers) writes the bytes and scales, and gives the two
+    survival norms, of Codec.requantize's dequantize -> edit -> quantize -> dequantize, bit for bit."""
+    weight, scale = _stored(shape, (128, 128), seed=5, scale_dtype=scale_dtype)
+    weight[:128, :128] = 0  # an all-zero block keeps scale 1 unless ΔW lands in it
+    config = {"quant_method": "fp8", "weight_block_size": [128, 128]} | ({"scale_fmt": scale_fmt} if scale_fmt else {})
+    q = _claim(weight, scale, qconfig=config)
+    parts = {"weight": weight, "weight_scale_inv": scale}
+    g = torch.Generator().manual_seed(6)
+    delta = torch.randn(rows[1] - rows[0], shape[1], generator=g) * 1e-3
+    delta[:, -7:] *= 1e6  # saturates the last block column's old scale: a fresh, larger scale
+    results = []
+    for requantize in (CODEC.requantize, lambda *a: Codec.requantize(CODEC, *a)):
+        s = CODEC.part_rows(q, "weight_scale_inv", rows)
+        out = {
+            "weight": torch.zeros(rows[1] - rows[0], shape[1], dtype=torch.float8_e4m3fn),
+            "weight_scale_inv": torch.zeros_like(scale[s[0] : s[1]]),
+        }
+        norms = requantize(q, parts, rows, lambda base: base + delta, out)
+        results.append((norms, out["weight"].view(torch.uint8), out["weight_scale_inv"].to(torch.float32)))
+    (fused, w1, s1), (plain, w2, s2) = results
+    assert fused == plain and torch.equal(w1, w2) and torch.equal(s1, s2)
+    assert 0 < fused[0] and 0 < fused[1]
+
+
+@pytest.mark.parametrize("with_nan", [False, True])
+def test_block_decode_by_bit_moves_equals_the_table_for_every_byte(with_nan):
+    """Every e4m3 byte (subnormals, ±0, ±448; the NaN bytes take the table path) times a block scale, bit for bit."""
+    raw = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    keep = raw if with_nan else raw[(raw & 0x7F) != 0x7F]
+    weight = keep.repeat(-(-2 * 128 * 256 // keep.numel()))[: 2 * 128 * 256].view(torch.float8_e4m3fn).reshape(256, 256)
+    scale = torch.tensor([[1.0, 3.0e-3], [2.0**-20, 0.7]])
+    got = _decode_blocks(weight, scale, torch.empty(weight.numel(), dtype=torch.int32), torch.empty(weight.numel()))
+    want = weight.to(torch.float32) * scale.repeat_interleave(128, 0).repeat_interleave(128, 1)
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+    assert bool(torch.isnan(got).any()) == with_nan
