@@ -167,7 +167,9 @@ def module_generator(seed: int, module: str, device: torch.device | str = "cpu")
     """A generator seeded from (seed, module name): reproducible per module whatever order modules run in.
 
     ``add`` and ``merge`` run modules in different orders and threads; deriving each module's stream
-    from its name gives both the same drops for the same seed.
+    from its adapter module name (``merge`` too, not the base tensor's key; see
+    ``merging.kernels.Combination``) and drawing in B·A's orientation gives both the same drops
+    for the same seed.
     """
     digest = hashlib.blake2b(f"{seed}\0{module}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
