@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
 DEFAULT_EPSILON = 0.15  # DELLA's window half-width when none is given: mergekit 0.1.5's default (generalized_task_arithmetic.py)
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
 _SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
+_work = threading.local()  # per-thread scratch for the passes below (see _scratch)
 
 
 @dataclass(frozen=True)
@@ -216,14 +218,31 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
     """
     votes = ordered_sum(deltas if options.majority_sign == "total" else [d.sign() for d in deltas])
     elected = torch.copysign(_ONE, votes, out=votes)  # ±1, in place
-    mixed, count, agree = torch.zeros_like(votes), torch.zeros_like(votes), torch.empty_like(votes)
-    part = torch.empty_like(votes)
+    count, agree, part = (_scratch(i, votes) for i in range(3))
+    mixed = torch.zeros_like(votes)
+    count.zero_()
     for d, w in zip(deltas, weights, strict=True):
         torch.gt(torch.mul(d, elected, out=agree), 0, out=agree)  # float 0/1
         torch.mul(d, agree, out=part)  # wᵢ·τᵢ where it agrees, ±0 elsewhere ((τᵢ·1)·w = τᵢ·w; zeros' signs vanish in +0 + ...)
         mixed.add_(part if w == 1 else part.mul_(w))
         count.add_(agree)
     return mixed.div_(count.clamp_(min=1))
+
+
+def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread work buffer shaped as ``like`` (CPU only; elsewhere a fresh tensor), reused from call to call.
+
+    Row blocks and pieces are a few MiB: fresh allocations that size are returned to the system
+    and fault their pages back in on every block (~5x the cost of the arithmetic on them, measured).
+    """
+    if like.device.type != "cpu":
+        return torch.empty_like(like)
+    buffers: dict[tuple[int, torch.dtype], torch.Tensor] = getattr(_work, "buffers", None) or {}
+    _work.buffers = buffers
+    buf = buffers.get((slot, like.dtype))
+    if buf is None or buf.numel() < like.numel():
+        buf = buffers[(slot, like.dtype)] = torch.empty(max(like.numel(), _CHUNK), dtype=like.dtype)
+    return buf[: like.numel()].view(like.shape)
 
 
 _ONE = torch.ones(())
@@ -269,7 +288,8 @@ def _tied_cut(flat: torch.Tensor, threshold: torch.Tensor, need: int) -> int:
     """
     seen = 0
     for i in range(0, flat.numel(), _CHUNK):
-        equal = torch.eq(flat[i : i + _CHUNK].abs(), threshold, out=torch.empty_like(flat[i : i + _CHUNK]))
+        piece = flat[i : i + _CHUNK]
+        equal = torch.eq(torch.abs(piece, out=_scratch(0, piece)), threshold, out=_scratch(0, piece))
         count = int(equal.sum())
         if seen + count >= need:
             return i + int(torch.nonzero(equal)[need - seen - 1]) + 1
@@ -312,12 +332,14 @@ def _kth(delta: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tens
     reach = float(half + margin)
 
     def scan(i: int) -> tuple[int, torch.Tensor]:
-        a = flat[i : i + _CHUNK].abs()
+        piece = flat[i : i + _CHUNK]
+        a = torch.abs(piece, out=_scratch(0, piece))
         if high is None:
             return 0, a[torch.ge(a, low)]
-        above = int(torch.gt(a, high, out=torch.empty_like(a)).sum())
+        above = int(torch.gt(a, high, out=_scratch(1, a)).sum())
         # |a - mid| <= reach as a bool mask: hardshrink zeroes exactly those, and float -> bool is cheap (a compare to bool is not)
-        near = a[torch.hardshrink(a - mid, reach).bool().logical_not_()]
+        offset = torch.sub(a, mid, out=_scratch(1, a))
+        near = a[torch.hardshrink(offset, reach, out=_scratch(2, a)).bool().logical_not_()]
         return above, near[(near >= low) & (near <= high)]
 
     found = list((pool.map if pool is not None else map)(scan, range(0, n, _CHUNK)))
