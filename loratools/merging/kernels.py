@@ -151,7 +151,12 @@ class Combination:
             r1 = min(rows, r0 + step)
             filled: set[int] = set()
             for term, owner in zip(terms, self.owners, strict=True):
-                target = deltas[slot[owner]][r0 * cols : r1 * cols].view(r1 - r0, cols)
+                flat_target = deltas[slot[owner]][r0 * cols : r1 * cols]
+                if owner not in filled and type(term) is RowTerm and not term.transposed:
+                    term.rows(r0, r1, flat_target)  # B·A straight into the buffer, then ·s in place: no copy
+                    filled.add(owner)
+                    continue
+                target = flat_target.view(r1 - r0, cols)
                 part = term.rows(r0, r1)
                 if owner in filled:
                     target.add_(part)

@@ -223,8 +223,9 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
     count.zero_()
     for d, w in zip(deltas, weights, strict=True):
         torch.gt(torch.mul(d, elected, out=agree), 0, out=agree)  # float 0/1
-        torch.mul(d, agree, out=part)  # wᵢ·τᵢ where it agrees, ±0 elsewhere ((τᵢ·1)·w = τᵢ·w; zeros' signs vanish in +0 + ...)
-        mixed.add_(part if w == 1 else part.mul_(w))
+        # + (wᵢ·τᵢ)·agreeᵢ: the product by 0/1 is exact, so a fused multiply-add rounds as the separate steps do;
+        # a non-agreeing ±0 vanishes in the sum, which starts from +0
+        mixed.addcmul_(d if w == 1 else torch.mul(d, w, out=part), agree)
         count.add_(agree)
     return mixed.div_(count.clamp_(min=1))
 
