@@ -7,16 +7,16 @@
    (benchmarks/resize.py's shapes) against PEFT 0.21's ties_svd steps per module (what
    ``add_weighted_adapter(..., combination_type="ties_svd")`` runs, peft/tuners/lora/model.py:
    get_delta_weight, merge_utils.ties, torch.linalg.svd with full_matrices=True, its default; keep 16).
-   Both are timed on whole modules and scaled up to the 224 modules, as benchmarks/resize.py does
-   for its dense peer: by default on layer 0's q_proj only (4096 x 4096; the 4 attention modules of
-   a layer share its shape), the 3 MLP modules (11008 x 4096 and its transpose: the same SVD cost)
-   scaled from it by the operation counts of an SVD with vectors (Golub & Van Loan, Matrix
-   Computations, R-SVD: thin U 6mn² + 20n³ for ours, full U and V 4m²n + 22n³ for
-   PEFT's), so the whole benchmark stays under 10 minutes on 2 shared cores; ``--add-measure-mlp``
-   times gate_proj too (both sides; ~3x longer) instead of the model.  The Frobenius errors of
-   both rank-16 results against the exact TIES ΔW are printed too.
+   Both are timed on whole modules of layer 0, one per SVD shape class (q_proj 4096 x 4096 for the 4
+   attention modules of a layer; gate_proj 11008 x 4096 for the 3 MLP modules, down_proj being its
+   transpose: the same SVD cost), and scaled up to the 224 modules, as benchmarks/resize.py does for
+   its dense peer (~4 minutes on 2 shared cores).  ``--add-quick`` times q_proj only and scales the
+   MLP class from it by the operation counts of an SVD with vectors (Golub & Van Loan, Matrix
+   Computations, R-SVD: thin U 6mn² + 20n³ for ours, full U and V 4m²n + 22n³ for PEFT's); measured,
+   that model underestimates both, PEFT's full U of 11008² twice as much, so the quick speed-up is
+   conservative.  The Frobenius errors of both rank-16 results against the exact TIES ΔW are printed.
 
-    python benchmarks/merge_methods.py [--dir /tmp] [--cores 2] [--skip-merge] [--skip-add] [--add-measure-mlp]
+    python benchmarks/merge_methods.py [--dir /tmp] [--cores 2] [--skip-merge] [--skip-add] [--add-quick]
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ def time_module(a: Adapter, b: Adapter, key: str, rank: int) -> tuple[float, flo
     return ours_t, ours_err, peft_t, peft_err
 
 
-def bench_add(cores: int, measure_mlp: bool) -> None:
+def bench_add(cores: int, quick: bool) -> None:
     torch.set_num_threads(cores)
     a, b = resize_bench.build(1, seed=0), resize_bench.build(1, seed=1)
     layers, rank = 32, 16
@@ -109,7 +109,7 @@ def bench_add(cores: int, measure_mlp: bool) -> None:
     ours_s = peft_s = 0.0
     for label, (name, count) in classes.items():
         out, inp = resize_bench.SHAPES[name]
-        if label == "attention" or measure_mlp:
+        if label == "attention" or not quick:
             ours_t, ours_err, peft_t, peft_err = time_module(a, b, f"model.layers.0.{name}", rank)
             measured[label] = (ours_t, peft_t)
             how = f"measured (rel err ours {ours_err:.5f}, PEFT {peft_err:.5f})"
@@ -133,12 +133,12 @@ def main() -> None:
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--skip-merge", action="store_true")
     parser.add_argument("--skip-add", action="store_true")
-    parser.add_argument("--add-measure-mlp", action="store_true", help="time gate_proj too instead of scaling it from q_proj")
+    parser.add_argument("--add-quick", action="store_true", help="time q_proj only; scale the MLP modules from it (conservative)")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="loratools-methods-", dir=args.dir))
     try:
         if not args.skip_add:
-            bench_add(args.cores, args.add_measure_mlp)
+            bench_add(args.cores, args.add_quick)
         if not args.skip_merge:
             bench_merge(work, args.settle)
     finally:
