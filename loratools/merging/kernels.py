@@ -113,13 +113,17 @@ class Combination:
     """A merge method over one tensor's terms: term j belongs to adapter ``owners[j]`` of weight ``weights[j]``.
 
     The terms then carry sᵢ only (no weight), because methods such as TIES elect signs on the
-    unweighted ΔWᵢ and apply the weights in the mean.
+    unweighted ΔWᵢ and apply the weights in the mean.  ``stream``: the name a random method's
+    drops are seeded by (:func:`~loratools.methods.module_generator`): the adapter module's name
+    when one module edits the tensor, as ``add`` seeds it, so the same seed drops the same entries
+    in both; the tensor key when several do (a fused tensor, which ``add`` never forms).
     """
 
     method: Method
     options: MethodOptions
     owners: tuple[int, ...]
     weights: tuple[float, ...]
+    stream: str = ""
 
     @property
     def inputs(self) -> list[int]:
@@ -134,7 +138,10 @@ class Combination:
 
     def term(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], key: str, device: torch.device, pool: Executor | None) -> MethodTerm:
         """The method's term for the whole tensor: each adapter's ΔWᵢ (the sum of its terms, s·B·A, stored layout,
-        float32) formed in row blocks on ``pool``, then what each keeps (DARE's drops seeded by (seed, ``key``))."""
+        float32) formed in row blocks on ``pool``, then what each keeps (DARE's drops seeded by (seed, ``stream``), else ``key``).
+
+        Random and row-wise methods select on ΔWᵢ in factor orientation (B·A, as ``add`` forms it)
+        even where the base stores (B·A)ᵀ, so drops and row ranks follow the module, not the layout."""
         rows, cols = shape
         deltas = _workspace(len(self.inputs), rows * cols, device)
         slot = {owner: i for i, owner in enumerate(self.inputs)}
@@ -144,7 +151,12 @@ class Combination:
             r1 = min(rows, r0 + step)
             filled: set[int] = set()
             for term, owner in zip(terms, self.owners, strict=True):
-                target = deltas[slot[owner]][r0 * cols : r1 * cols].view(r1 - r0, cols)
+                flat_target = deltas[slot[owner]][r0 * cols : r1 * cols]
+                if owner not in filled and type(term) is RowTerm and not term.transposed:
+                    term.rows(r0, r1, flat_target)  # B·A straight into the buffer, then ·s in place: no copy
+                    filled.add(owner)
+                    continue
+                target = flat_target.view(r1 - r0, cols)
                 part = term.rows(r0, r1)
                 if owner in filled:
                     target.add_(part)
@@ -154,9 +166,9 @@ class Combination:
 
         _run(block, range(0, rows, step), pool if device.type == "cpu" else None)
         dense = tuple(d[: rows * cols].view(rows, cols) for d in deltas)
-        generator = module_generator(self.options.seed, key, device) if self.method.random else None
+        generator = module_generator(self.options.seed, self.stream or key, device) if self.method.random else None
         workers = pool if device.type == "cpu" else None
-        flip = self.method.rowwise and any(t.transposed for t in terms)  # rank within rows of B·A, not of the stored (B·A)ᵀ
+        flip = (self.method.rowwise or self.method.random) and any(t.transposed for t in terms)  # B·A, not the stored (B·A)ᵀ
 
         def select(d: torch.Tensor, inner: Executor | None) -> Kept:
             kept = self.method.select(d.T if flip else d, self.options, generator, inner)
@@ -344,7 +356,9 @@ def kernel(edit: TensorEdit, method: Method | None = None, options: MethodOption
     combination = None
     if combining:
         owners, weights = tuple(t.adapter for t in edit.terms), tuple(t.weight for t in edit.terms)
-        combination = Combination(method, options or MethodOptions(), owners, weights)  # type: ignore[arg-type]
+        modules = {t.module for t in edit.terms}
+        stream = modules.pop() if len(modules) == 1 else edit.key
+        combination = Combination(method, options or MethodOptions(), owners, weights, stream)  # type: ignore[arg-type]
     axis: MagnitudeAxis = "in" if in_axis else "out"
     weight = edit.terms[0].weight if in_axis else 1.0  # a DoRA tensor has no other term (planner: dora-shared-tensor)
     return Kernel(edit.key, tuple(terms), edit.magnitude, edit.replacement, rows, values, edit.residual, combination, axis, weight)

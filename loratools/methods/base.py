@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -31,6 +32,7 @@ MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
 DEFAULT_EPSILON = 0.15  # DELLA's window half-width when none is given: mergekit 0.1.5's default (generalized_task_arithmetic.py)
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
 _SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
+_work = threading.local()  # per-thread scratch for the passes below (see _scratch)
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,16 @@ class MethodOptions:
 class Kept:
     """What one input keeps of its ΔW, decided over the whole tensor and applied to any row block.
 
-    ``threshold``: keep entries with |x| >= it (exactly k entries reach it); ``mask``: keep where
-    1 (float 0/1, whole tensor); neither: keep all; ``nothing``: keep none.  Kept entries are divided by
-    ``divisor`` (DARE's p, a whole tensor for DELLA's per-entry keep probabilities) when given.
+    ``threshold``: keep entries with |x| >= it (exactly k entries reach it); ``strict``: keep those
+    with |x| > it, and of the entries equal to it those at flat (row-major) indices below ``cut``;
+    ``mask``: keep where 1 (float 0/1, whole tensor); none of them: keep all; ``nothing``: keep
+    none.  Kept entries are divided by ``divisor`` (DARE's p, a whole tensor for DELLA's per-entry
+    keep probabilities) when given.
     """
 
     threshold: torch.Tensor | None = None
-    strict: bool = False  # keep |x| > threshold, plus the entries at flat indices ``extra`` (sorted)
-    extra: torch.Tensor | None = None
+    strict: bool = False
+    cut: int = 0
     mask: torch.Tensor | None = None
     divisor: float | torch.Tensor | None = None
     nothing: bool = False
@@ -62,29 +66,39 @@ class Kept:
     def apply(self, block: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of the kept ΔW, from the same rows ``block`` of the input's ΔW: x·keep (then / divisor).
 
-        Masks are float 0/1 and multiply, as PEFT's ``magnitude_based_pruning`` and ``random_pruning``
-        do (so a dropped negative entry is -0.0 as there); float-valued comparisons are also ~5x
-        faster than bool-valued ones on CPU.
+        Masks are float 0/1 and multiply, as PEFT's ``random_pruning`` does; float-valued
+        comparisons are also ~5x faster than bool-valued ones on CPU.  A threshold is one
+        ``hardshrink`` pass (x where |x| > λ, else +0; λ = the float below the threshold for
+        |x| >= it), 4x cheaper than |x|, compare, multiply; its dropped entries are +0 where PEFT's
+        ``magnitude_based_pruning`` multiplies a negative one to -0.0, which no join can tell
+        apart: every sum starts from +0 and agreement needs a nonzero entry.
         """
         if self.nothing:
             return torch.zeros_like(block)
         if self.mask is not None:
             kept = block * self.mask[r0:r1]
         elif self.threshold is not None:
-            keep = block.abs()
-            (torch.gt if self.strict else torch.ge)(keep, self.threshold, out=keep)
-            if self.extra is not None and block.numel():
-                width = block.numel() // block.shape[0]
-                lo, hi = (int(i) for i in torch.searchsorted(self.extra, torch.tensor([r0 * width, r1 * width], device=block.device)))
-                keep.view(-1)[self.extra[lo:hi] - r0 * width] = 1
-            kept = keep.mul_(block)
+            t = float(self.threshold)
+            below = float(torch.nextafter(self.threshold.to(block.dtype), torch.tensor(-math.inf, dtype=block.dtype)))
+            start = self.cut - r0 * (block.numel() // max(1, r1 - r0)) if self.strict else block.numel()
+            if start <= 0:
+                kept = torch.hardshrink(block, t)
+            elif start >= block.numel():
+                kept = torch.hardshrink(block, below)
+            else:  # the tied entries before the cut are kept, those after it dropped
+                flat, kept = block.reshape(-1), torch.empty_like(block)
+                torch.hardshrink(flat[:start], below, out=kept.view(-1)[:start])
+                torch.hardshrink(flat[start:], t, out=kept.view(-1)[start:])
         else:
             return block
         divisor = self.divisor[r0:r1] if isinstance(self.divisor, torch.Tensor) else self.divisor
         return kept if divisor is None else kept.div_(divisor)
 
     def transposed(self) -> Kept:
-        """The same selection of the transposed ΔW (2-D): what a merge streams for fan_in_fan_out layers and embeddings."""
+        """The same selection of the transposed ΔW (2-D): what a merge streams for fan_in_fan_out layers and embeddings.
+
+        Only for mask and divisor selections (random and row-wise methods): a ``cut`` counts row-major indices.
+        """
         divisor = self.divisor.T if isinstance(self.divisor, torch.Tensor) else self.divisor
         return replace(self, mask=None if self.mask is None else self.mask.T, divisor=divisor)
 
@@ -167,7 +181,9 @@ def module_generator(seed: int, module: str, device: torch.device | str = "cpu")
     """A generator seeded from (seed, module name): reproducible per module whatever order modules run in.
 
     ``add`` and ``merge`` run modules in different orders and threads; deriving each module's stream
-    from its name gives both the same drops for the same seed.
+    from its adapter module name (``merge`` too, not the base tensor's key; see
+    ``merging.kernels.Combination``) and drawing in B·A's orientation gives both the same drops
+    for the same seed.
     """
     digest = hashlib.blake2b(f"{seed}\0{module}".encode(), digest_size=8).digest()
     return torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") & (2**63 - 1))
@@ -201,13 +217,36 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
     Then ΔW = Σ (wᵢ·τᵢ)·agreeᵢ / max(1, Σ agreeᵢ), summed as :func:`ordered_sum`.
     """
     votes = ordered_sum(deltas if options.majority_sign == "total" else [d.sign() for d in deltas])
-    elected = torch.ones_like(votes).copysign_(votes)
-    agree = []
-    for d in deltas:
-        a = d * elected
-        agree.append(torch.gt(a, 0, out=a))  # float 0/1
-    mixed = ordered_sum([(d * w).mul_(a) for d, w, a in zip(deltas, weights, agree, strict=True)])
-    return mixed.div_(ordered_sum(agree).clamp_(min=1))
+    elected = torch.copysign(_ONE, votes, out=votes)  # ±1, in place
+    count, agree, part = (_scratch(i, votes) for i in range(3))
+    mixed = torch.zeros_like(votes)
+    count.zero_()
+    for d, w in zip(deltas, weights, strict=True):
+        torch.gt(torch.mul(d, elected, out=agree), 0, out=agree)  # float 0/1
+        # + (wᵢ·τᵢ)·agreeᵢ: the product by 0/1 is exact, so a fused multiply-add rounds as the separate steps do;
+        # a non-agreeing ±0 vanishes in the sum, which starts from +0
+        mixed.addcmul_(d if w == 1 else torch.mul(d, w, out=part), agree)
+        count.add_(agree)
+    return mixed.div_(count.clamp_(min=1))
+
+
+def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-thread work buffer shaped as ``like`` (CPU only; elsewhere a fresh tensor), reused from call to call.
+
+    Row blocks and pieces are a few MiB: fresh allocations that size are returned to the system
+    and fault their pages back in on every block (~5x the cost of the arithmetic on them, measured).
+    """
+    if like.device.type != "cpu":
+        return torch.empty_like(like)
+    buffers: dict[tuple[int, torch.dtype], torch.Tensor] = getattr(_work, "buffers", None) or {}
+    _work.buffers = buffers
+    buf = buffers.get((slot, like.dtype))
+    if buf is None or buf.numel() < like.numel():
+        buf = buffers[(slot, like.dtype)] = torch.empty(max(like.numel(), _CHUNK), dtype=like.dtype)
+    return buf[: like.numel()].view(like.shape)
+
+
+_ONE = torch.ones(())
 
 
 def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
@@ -236,11 +275,27 @@ def select_top(delta: torch.Tensor, density: float, pool: Executor | None = None
     k = int(density * n)
     if k == 0:
         return Kept(nothing=True)
-    threshold, reaching = kth_largest_magnitude(delta, k, pool)
+    threshold, reaching, tied = _kth(delta, k, pool)
     if reaching == k:
         return Kept(threshold=threshold)
-    tied = torch.nonzero(delta.reshape(-1).abs() == threshold).reshape(-1)  # ascending flat indices
-    return Kept(threshold=threshold, strict=True, extra=tied[: k - (reaching - tied.numel())])
+    return Kept(threshold=threshold, strict=True, cut=_tied_cut(delta.reshape(-1), threshold, k - (reaching - tied)))
+
+
+def _tied_cut(flat: torch.Tensor, threshold: torch.Tensor, need: int) -> int:
+    """The flat index just past the ``need``-th entry (row-major) whose |x| equals ``threshold``.
+
+    Pieces are counted in order with float-valued comparisons and the scan stops at the piece
+    holding it, so only that piece is searched for positions.
+    """
+    seen = 0
+    for i in range(0, flat.numel(), _CHUNK):
+        piece = flat[i : i + _CHUNK]
+        equal = torch.eq(torch.abs(piece, out=_scratch(0, piece)), threshold, out=_scratch(0, piece))
+        count = int(equal.sum())
+        if seen + count >= need:
+            return i + int(torch.nonzero(equal)[need - seen - 1]) + 1
+        seen += count
+    raise AssertionError("fewer tied entries than counted")  # unreachable: _kth counted them
 
 
 def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = None) -> tuple[torch.Tensor, int]:
@@ -249,11 +304,17 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = N
     ``kthvalue`` on a whole 10M-entry ΔW costs ~0.3 s on one core.  Instead a sample of 2¹⁶
     entries (fixed seed) brackets the k-th largest between two sample values, by 8 standard deviations of
     the sample's rank; one pass (in cache-sized pieces on ``pool``, with float-valued comparisons)
-    counts the entries above the bracket and gathers those inside it (~1%), and ``kthvalue`` of
+    counts the entries above the bracket and gathers those inside it (~3%), and ``kthvalue`` of
     the gathered ones is the exact answer.  A bracket that misses (a sample unlike the whole: many
     equal values) falls back to ``kthvalue`` of the whole tensor, so the result never depends on
     the sample.
     """
+    threshold, reaching, _ = _kth(delta, k, pool)
+    return threshold, reaching
+
+
+def _kth(delta: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tensor, int, int]:
+    """:func:`kth_largest_magnitude`, plus how many entries equal the threshold."""
     flat = delta.reshape(-1)
     n = flat.numel()
     if n <= 4 * _SAMPLE:
@@ -269,12 +330,18 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = N
     mid, half = (low + (high if high is not None else low)) / 2, ((high if high is not None else low) - low) / 2
     # (a - mid) and the rounded mid and half err by a few ulp of the bracket's ends: gather a superset, then filter exactly
     margin = (low.abs() + (high.abs() if high is not None else 0)) * 1e-6 + float(torch.finfo(flat.dtype).tiny)
+    reach = float(half + margin)
 
     def scan(i: int) -> tuple[int, torch.Tensor]:
-        a = flat[i : i + _CHUNK].abs()
-        above = 0 if high is None else int(torch.gt(a, high, out=torch.empty_like(a)).sum())
-        near = a[(a - mid).abs_() <= half + margin] if high is not None else a[torch.ge(a, low)]
-        return above, near[(near >= low) & (near <= high)] if high is not None else near
+        piece = flat[i : i + _CHUNK]
+        a = torch.abs(piece, out=_scratch(0, piece))
+        if high is None:
+            return 0, a[torch.ge(a, low)]
+        above = int(torch.gt(a, high, out=_scratch(1, a)).sum())
+        # |a - mid| <= reach as a bool mask: hardshrink zeroes exactly those, and float -> bool is cheap (a compare to bool is not)
+        offset = torch.sub(a, mid, out=_scratch(1, a))
+        near = a[torch.hardshrink(offset, reach, out=_scratch(2, a)).bool().logical_not_()]
+        return above, near[(near >= low) & (near <= high)]
 
     found = list((pool.map if pool is not None else map)(scan, range(0, n, _CHUNK)))
     above = sum(count for count, _ in found)
@@ -283,13 +350,13 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = N
     if not 1 <= need <= inside.numel():
         return _kth_whole(flat, k)
     threshold = torch.kthvalue(inside, inside.numel() - need + 1).values
-    return threshold, above + int((inside >= threshold).sum())
+    return threshold, above + int((inside >= threshold).sum()), int((inside == threshold).sum())
 
 
-def _kth_whole(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int]:
+def _kth_whole(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
     magnitude = flat.abs()
     threshold = torch.kthvalue(magnitude, flat.numel() - k + 1).values
-    return threshold, int((magnitude >= threshold).sum())
+    return threshold, int((magnitude >= threshold).sum()), int((magnitude == threshold).sum())
 
 
 def select_drop(delta: torch.Tensor, options: MethodOptions, gen: torch.Generator | None, pool: Executor | None = None) -> Kept:

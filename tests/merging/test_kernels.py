@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from loratools.compute import single_threaded
 from loratools.merging import kernels
+from loratools.methods import MethodOptions, get_method, module_generator
 
 
 @settings(max_examples=30, deadline=None)
@@ -84,3 +85,15 @@ def test_in_axis_dora_weight_interpolates_the_full_result() -> None:
     r2 = 2**0.5
     got = kernels.Kernel("w", (kernels.RowTerm(B, A, 1.0),), m, magnitude_axis="in", dora_weight=0.5).rows(W, 0, 2)
     assert torch.allclose(got, torch.tensor([[4.5, r2 / 2], [6.0, 1 + (r2 - 1) / 2]]), atol=1e-6)
+
+
+def test_random_methods_draw_in_the_modules_orientation_whatever_the_layout():
+    # a fan_in_fan_out base stores (B·A)ᵀ: DARE still drops the entries add drops on B·A (same seed, same module)
+    g = torch.Generator().manual_seed(0)
+    B, A = torch.randn(6, 2, generator=g), torch.randn(2, 5, generator=g)
+    combination = kernels.Combination(get_method("dare"), MethodOptions(0.5, seed=1), (0,), (1.0,), "m")
+    cpu = torch.device("cpu")
+    plain = combination.term((kernels.RowTerm(B, A, 1.0),), (6, 5), "k", cpu, None).rows(0, 6)
+    stored = combination.term((kernels.RowTerm(B, A, 1.0, True),), (5, 6), "k", cpu, None).rows(0, 5)
+    assert torch.equal(stored, plain.T)
+    assert torch.equal(plain, get_method("dare").combine([B @ A], [1.0], MethodOptions(0.5, seed=1), module_generator(1, "m")))

@@ -20,6 +20,7 @@ from loratools.adapter import LoraModule
 from loratools.cli import main
 from loratools.merging.kernels import _BLOCK
 from loratools.methods import get_method, module_generator
+from loratools.ops.combine import combine
 
 from ..factories import make_adapter, random_module
 
@@ -102,7 +103,7 @@ def test_cli_merge_method_reports_json(tmp_path):
 
 @pytest.mark.parametrize(("method", "epsilon"), [("dare_ties", None), ("della", 0.2), ("della_linear", 0.1)])
 def test_random_methods_merge_as_the_whole_tensor_method_with_the_tensors_seed(tmp_path, method, epsilon):
-    # row blocks join slices of what each input keeps, drawn once per whole tensor from (seed, tensor key)
+    # row blocks join slices of what each input keeps, drawn once per whole tensor from (seed, module name)
     base, adapters, weights = _base(tmp_path), _adapters(), [0.7, -0.5, 1.2]
     out = tmp_path / "out.safetensors"
     merge(base, adapters, weights=weights, out=out, method=method, density=0.4, epsilon=epsilon, seed=9)
@@ -111,5 +112,22 @@ def test_random_methods_merge_as_the_whole_tensor_method_with_the_tensors_seed(t
     options = chosen.options(density=0.4, seed=9, epsilon=epsilon)
     for name in SHAPES:
         key = f"{name}.weight"
-        delta = chosen.combine([_dense(a.modules[name]) for a in adapters], weights, options, module_generator(9, key))
+        delta = chosen.combine([_dense(a.modules[name]) for a in adapters], weights, options, module_generator(9, name))
         assert torch.equal(got[key], w0[key] + delta), name
+
+
+@pytest.mark.parametrize("method", ["dare", "della"])
+def test_add_and_merge_drop_the_same_entries_under_one_seed(tmp_path, method):
+    # both seed a module's drops by (seed, module name): add at full rank gives merge's ΔW per module
+    base, adapters, weights = _base(tmp_path), _adapters()[:2], [0.7, 1.2]
+    out = tmp_path / "out.safetensors"
+    merge(base, adapters, weights=weights, out=out, method=method, density=0.4, seed=3)
+    added, _ = combine(*adapters, method=method, weights=weights, density=0.4, seed=3, rank="full")
+    other, _ = combine(*adapters, method=method, weights=weights, density=0.4, seed=4, rank="full")
+    got, w0 = load_file(str(out)), load_file(str(base))
+    for name in SHAPES:
+        merged = got[f"{name}.weight"] - w0[f"{name}.weight"]
+        same, differs = (_dense(a.modules[name]) for a in (added, other))
+        tol = 1e-5 * float(merged.abs().max()) + 4 * float(w0[f"{name}.weight"].abs().max()) * torch.finfo(torch.float32).eps
+        assert float((same - merged).abs().max()) <= tol, name
+        assert float((differs - merged).abs().max()) > 100 * tol, name
