@@ -57,10 +57,10 @@ from ..io.streaming import Transform
 from ..linalg import flat
 from ..methods import Kept, Method, MethodOptions, module_generator
 from ..planner import Residual, TensorEdit
+from ..scratch import buffer
 
 _BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
 _EPS = torch.finfo(torch.float32).eps  # LyCORIS's ε in the in-axis DoRA norm
-_scratch = threading.local()  # per-thread float32 work buffer for CPU row blocks: no page faults per block
 _deltas = threading.local()  # the streaming thread's buffers for a merge method's whole ΔWᵢ (see _workspace)
 
 
@@ -312,9 +312,8 @@ class Kernel:
             def block(r0: int) -> None:
                 r1 = min(rows, r0 + step)
                 need = 2 * (r1 - r0) * src.shape[1]
-                if getattr(_scratch, "buf", None) is None or _scratch.buf.numel() < need:
-                    _scratch.buf = torch.empty(max(need, 2 * _BLOCK), dtype=torch.float32)
-                dst[r0:r1].copy_(edit.rows(src[r0:r1] if src.shape[0] else src, r0, r1, _scratch.buf))
+                work = buffer("kernels", need, least=2 * _BLOCK)
+                dst[r0:r1].copy_(edit.rows(src[r0:r1] if src.shape[0] else src, r0, r1, work))
 
             if pool is None:
                 for r0 in range(0, rows, step):

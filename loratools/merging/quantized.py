@@ -33,10 +33,11 @@ import torch
 
 from ..errors import MergeError
 from ..io.checkpoint import Checkpoint
-from ..io.quant.base import Codec, QuantTensor, scratch
+from ..io.quant.base import Codec, QuantTensor
 from ..io.quant.registry import QuantMap, codec, read_stored
 from ..io.streaming import Transform
 from ..io.tensorfile import Header
+from ..scratch import buffer as scratch
 from .kernels import Kernel
 
 _BLOCK = 1 << 19  # float32 elements per row block, as kernels._BLOCK

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ArgumentError
+from ..scratch import buffer
 from ..spec import MAJORITY_SIGN_CHOICES
 
 MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
@@ -32,7 +32,6 @@ MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
 DEFAULT_EPSILON = 0.15  # DELLA's window half-width when none is given: mergekit 0.1.5's default (generalized_task_arithmetic.py)
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
 _SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
-_work = threading.local()  # per-thread scratch for the passes below (see _scratch)
 
 
 @dataclass(frozen=True)
@@ -231,19 +230,10 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
 
 
 def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
-    """A per-thread work buffer shaped as ``like`` (CPU only; elsewhere a fresh tensor), reused from call to call.
-
-    Row blocks and pieces are a few MiB: fresh allocations that size are returned to the system
-    and fault their pages back in on every block (~5x the cost of the arithmetic on them, measured).
-    """
+    """A per-thread work buffer shaped as ``like`` (:mod:`loratools.scratch`; off the CPU a fresh tensor)."""
     if like.device.type != "cpu":
         return torch.empty_like(like)
-    buffers: dict[tuple[int, torch.dtype], torch.Tensor] = getattr(_work, "buffers", None) or {}
-    _work.buffers = buffers
-    buf = buffers.get((slot, like.dtype))
-    if buf is None or buf.numel() < like.numel():
-        buf = buffers[(slot, like.dtype)] = torch.empty(max(like.numel(), _CHUNK), dtype=like.dtype)
-    return buf[: like.numel()].view(like.shape)
+    return buffer(f"methods-{slot}", like.numel(), like.dtype, least=_CHUNK).view(like.shape)
 
 
 _ONE = torch.ones(())

@@ -50,7 +50,6 @@ Contract (stable: later changes are additive only):
 
 from __future__ import annotations
 
-import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,8 +70,6 @@ SMALL_BYTES = 1 << 16
 """The most bytes a :data:`Reader` reads of one tensor while claiming: companions, never weights."""
 Edit = Callable[[torch.Tensor], torch.Tensor]
 """Float32 logical rows -> the merged float32 rows (a new tensor or a scratch view; its input is left as it was)."""
-_scratch = threading.local()
-_KEEP = 1 << 22  # elements: the largest scratch buffer a thread keeps (16 MiB of float32; row blocks are 2 MiB)
 
 QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "I16", "U16", "U32", "F4")
 """Stored dtypes that can only be quantized data: a base weight of one of these no codec claims is refused."""
@@ -189,23 +186,3 @@ class Codec(ABC):
 
     def all_rows(self, q: QuantTensor) -> Rows:
         return (0, q.shape[0])
-
-
-def scratch(name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """This thread's flat work buffer ``name`` of at least ``numel`` elements, kept for the next row block.
-
-    Row blocks are a few MiB; fresh allocations of that size are mmapped and freed back each
-    time, and faulting their pages in again cost more than the arithmetic (an FP8 row block's
-    dequantize, merge, requantize and survival: 5.1 ms per MiB of float32 with fresh tensors,
-    2.4 ms in reused buffers, one thread, 2-core VM).  Each pool worker has its own.  A request
-    above _KEEP elements (a whole tensor, as DoRA's column norms need) gets a fresh tensor that
-    is not kept, so a thread never holds more than a few row blocks.
-    """
-    if numel > _KEEP:
-        return torch.empty(numel, dtype=dtype)
-    buffers: dict[str, torch.Tensor] = getattr(_scratch, "buffers", None) or {}
-    _scratch.buffers = buffers
-    buf = buffers.get(name)
-    if buf is None or buf.numel() < numel or buf.dtype != dtype:
-        buf = buffers[name] = torch.empty(max(numel, 1 << 19), dtype=dtype)
-    return buf[:numel]

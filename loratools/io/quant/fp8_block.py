@@ -25,8 +25,9 @@ from typing import Any
 import torch
 
 from ...errors import Problem
+from ...scratch import buffer as scratch
 from ..tensorfile import TensorInfo
-from .base import Codec, Edit, Parts, QuantTensor, Rows, scratch
+from .base import Codec, Edit, Parts, QuantTensor, Rows
 from .e4m3 import FP8, FP8_MAX, decode, table
 
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")

@@ -1,4 +1,4 @@
-"""The codec interface's shared helpers: per-thread scratch buffers."""
+"""Per-thread work buffers: reused within a thread, never shared across threads, never kept whole-tensor sized."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import threading
 
 import torch
 
-from loratools.io.quant import base
-from loratools.io.quant.base import scratch
+from loratools import scratch as base
+from loratools.scratch import buffer as scratch
 
 
 def test_scratch_is_reused_per_thread_and_never_kept_whole_tensor_sized():
@@ -22,5 +22,5 @@ def test_scratch_is_reused_per_thread_and_never_kept_whole_tensor_sized():
     thread.start()
     thread.join()
     assert other[0] != a.data_ptr()  # each pool worker has its own
-    big = scratch("test-big", base._KEEP + 1)
-    assert big.numel() == base._KEEP + 1 and scratch("test-big", 10).data_ptr() != big.data_ptr()
+    big = scratch("test-big", base.KEEP + 1)
+    assert big.numel() == base.KEEP + 1 and scratch("test-big", 10).data_ptr() != big.data_ptr()
