@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/resize.py
 	$(BIN)/python benchmarks/extract.py --layers 1
 	$(BIN)/python benchmarks/merge.py
+	$(BIN)/python benchmarks/merge_methods.py
+	$(BIN)/python benchmarks/merge_quant.py
 	$(BIN)/python -m benchmarks.hub
 
 clean:
