@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from ..errors import ArgumentError
@@ -293,7 +294,7 @@ def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = N
 
     ``kthvalue`` on a whole 10M-entry ΔW costs ~0.3 s on one core.  Instead a sample of 2¹⁶
     entries (fixed seed) brackets the k-th largest between two sample values, by 8 standard deviations of
-    the sample's rank; one pass (in cache-sized pieces on ``pool``, with float-valued comparisons)
+    the sample's rank; one pass (in cache-sized pieces on ``pool``; numpy on the CPU, :func:`_scan_cpu`)
     counts the entries above the bracket and gathers those inside it (~3%), and ``kthvalue`` of
     the gathered ones is the exact answer.  A bracket that misses (a sample unlike the whole: many
     equal values) falls back to ``kthvalue`` of the whole tensor, so the result never depends on
@@ -325,6 +326,8 @@ def _kth(delta: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tens
     def scan(i: int) -> tuple[int, torch.Tensor]:
         piece = flat[i : i + _CHUNK]
         a = torch.abs(piece, out=_scratch(0, piece))
+        if a.device.type == "cpu":
+            return _scan_cpu(a.numpy(), low.numpy(), None if high is None else high.numpy())
         if high is None:
             return 0, a[torch.ge(a, low)]
         above = int(torch.gt(a, high, out=_scratch(1, a)).sum())
@@ -341,6 +344,20 @@ def _kth(delta: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tens
         return _kth_whole(flat, k)
     threshold = torch.kthvalue(inside, inside.numel() - need + 1).values
     return threshold, above + int((inside >= threshold).sum()), int((inside == threshold).sum())
+
+
+def _scan_cpu(a: np.ndarray, low: np.ndarray, high: np.ndarray | None) -> tuple[int, torch.Tensor]:
+    """One CPU piece's count above the bracket and its entries inside it (row-major order), in numpy.
+
+    The same comparisons, in the piece's dtype (0-d arrays of it, so no promotion), as torch's
+    ``a[(a >= low) & (a <= high)]`` but ~3x cheaper per entry on one core (numpy 2.4: bool-valued
+    compares 0.1 ns, boolean gather 0.65 ns, against torch 2.13's ~2 ns for its ``nonzero``), and
+    numpy releases the GIL in these loops, so pieces still run side by side on the pool.
+    """
+    if high is None:
+        return 0, torch.from_numpy(a[a >= low])
+    above = int(np.count_nonzero(a > high))
+    return above, torch.from_numpy(a[(a >= low) & (a <= high)])
 
 
 def _kth_whole(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
