@@ -59,7 +59,7 @@ from ..methods import Kept, Method, MethodOptions, module_generator
 from ..planner import Residual, TensorEdit
 from ..scratch import buffer
 
-_BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
+BLOCK = 1 << 19  # float32 elements per CPU row block: a few MiB, so temporaries stay in cache
 _EPS = torch.finfo(torch.float32).eps  # LyCORIS's ε in the in-axis DoRA norm
 _deltas = threading.local()  # the streaming thread's buffers for a merge method's whole ΔWᵢ (see _workspace)
 
@@ -145,7 +145,7 @@ class Combination:
         rows, cols = shape
         deltas = _workspace(len(self.inputs), rows * cols, device)
         slot = {owner: i for i, owner in enumerate(self.inputs)}
-        step = rows if device.type != "cpu" else max(1, _BLOCK // max(1, cols))
+        step = rows if device.type != "cpu" else max(1, BLOCK // max(1, cols))
 
         def block(r0: int) -> None:
             r1 = min(rows, r0 + step)
@@ -307,12 +307,12 @@ class Kernel:
             if device.type != "cpu":
                 dst.copy_(edit.rows(src.to(device, non_blocking=True), 0, rows))  # waits for the GPU
                 return
-            step = rows if edit.norm_cols else max(1, _BLOCK // max(1, src.shape[1]))
+            step = rows if edit.norm_cols else max(1, BLOCK // max(1, src.shape[1]))
 
             def block(r0: int) -> None:
                 r1 = min(rows, r0 + step)
                 need = 2 * (r1 - r0) * src.shape[1]
-                work = buffer("kernels", need, least=2 * _BLOCK)
+                work = buffer("kernels", need, least=2 * BLOCK)
                 dst[r0:r1].copy_(edit.rows(src[r0:r1] if src.shape[0] else src, r0, r1, work))
 
             if pool is None:

@@ -38,9 +38,8 @@ from ..io.quant.registry import QuantMap, codec, read_stored
 from ..io.streaming import Transform
 from ..io.tensorfile import Header
 from ..scratch import buffer as scratch
-from .kernels import Kernel
+from .kernels import BLOCK, Kernel
 
-_BLOCK = 1 << 19  # float32 elements per row block, as kernels._BLOCK
 LOW_SURVIVAL = 0.5  # below this fraction of ‖ΔW‖ surviving requantization, the merge warns
 _CPU = torch.device("cpu")
 
@@ -110,7 +109,7 @@ class QuantJob:
         align = c.row_align(q)
         cols = math.prod(q.shape[1:])
         edit = _prepared(self.kernel, (rows, cols)) if self.kernel is not None else None
-        step = rows if edit is not None and edit.norm_cols else max(align, (_BLOCK // max(1, cols)) // align * align)
+        step = rows if edit is not None and edit.norm_cols else max(align, (BLOCK // max(1, cols)) // align * align)
         self.outputs = {role: torch.empty_like(parts[role]) for role in self.rewritten}
         out_primary = dst.reshape(shapes[q.primary]) if self.keep else dst.reshape(q.shape)
 
@@ -123,9 +122,7 @@ class QuantJob:
                 return 0.0, 0.0
             out = {q.primary: _rows(out_primary, c.part_rows(q, q.primary, (r0, r1)))}
             out |= {role: _rows(self.outputs[role], c.part_rows(q, role, (r0, r1))) for role in self.rewritten}
-            if edit is None:  # requantized unedited: nothing of an adapter to survive
-                c.requantize(q, parts, (r0, r1), lambda base: base, out)
-                return 0.0, 0.0
+            assert edit is not None  # jobs() requantizes edited parameters only; the rest pass through byte for byte
             return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out)
 
         starts = range(0, rows, step)

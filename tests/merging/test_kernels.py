@@ -38,13 +38,13 @@ def test_row_blocks_equal_the_whole_tensor_bit_for_bit(
     edit = kernels.Kernel("w", (kernels.RowTerm(B, A, 0.75, transposed),), magnitude, magnitude_axis="in" if in_axis else "out")
     whole = edit.rows(W, 0, rows).to(torch.bfloat16)
     streamed = torch.empty_like(W)
-    old = kernels._BLOCK
-    kernels._BLOCK = block * cols
+    old = kernels.BLOCK
+    kernels.BLOCK = block * cols
     try:
         with single_threaded() as pool:
             edit.transform(torch.device("cpu"), pool)(W, streamed)
     finally:
-        kernels._BLOCK = old
+        kernels.BLOCK = old
     assert torch.equal(streamed, whole)
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from loratools import ArgumentError, SpecError, merge
 from loratools.adapter import LoraModule
 from loratools.cli import main
-from loratools.merging.kernels import _BLOCK
+from loratools.merging.kernels import BLOCK
 from loratools.methods import get_method, module_generator
 from loratools.ops.combine import combine
 
@@ -49,7 +49,7 @@ def _dense(m: LoraModule) -> torch.Tensor:
 
 @pytest.mark.parametrize(("method", "sign"), [("ties", "total"), ("ties", "frequency"), ("magnitude_prune", None)])
 def test_merge_with_a_method_is_bit_identical_to_the_reference(tmp_path, method, sign):
-    assert SHAPES[Q][0] > _BLOCK // SHAPES[Q][1]  # two row blocks at least
+    assert SHAPES[Q][0] > BLOCK // SHAPES[Q][1]  # two row blocks at least
     base, adapters, weights = _base(tmp_path), _adapters(), [0.7, -0.5, 1.2]
     merge(base, adapters, weights=weights, out=tmp_path / "out.safetensors", method=method, density=0.3, majority_sign=sign)
     got, w0 = load_file(str(tmp_path / "out.safetensors")), load_file(str(base))
