@@ -106,7 +106,7 @@ def _rank(value: str | None) -> int | str | None:
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each input, in order (one per input; default 1).")
 @method_options(
     method_help="How ΔWs combine: the exact sum, or per module on the dense ΔW (then compressed by SVD).",
-    seed_help="Seed of DARE's random drops (per module, reproducible).",
+    seed_help="Seed of DARE/DELLA's random drops (per module, the same drops as merge).",
 )
 @click.option("--rank", "rank_text", metavar="N|full", help="Compress the result to this rank (truncated SVD; full: exact).")
 @click.option("--energy", type=float, help="Per module, the smallest rank keeping this fraction of ‖ΔW‖_F².")

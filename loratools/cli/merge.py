@@ -117,7 +117,7 @@ def _run(
 @click.option("-w", "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (repeat: -w 0.7 -w 0.3).")
 @method_options(
     method_help="How the ΔWs combine per base tensor (exact, no SVD): the weighted sum, or one of the methods.",
-    seed_help="Seed of DARE's random drops (per tensor, reproducible).",
+    seed_help="Seed of DARE/DELLA's random drops (per module, the same drops as add).",
 )
 @_merge_options
 def merge(
