@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import re
 
-from .fusion import Architecture, Layout, Row, Table
+from .fusion import KOHYA_KEY, ORIGINAL_KEY, ORIGINAL_PREFIX, Architecture, Layout, Row, Table
 
 _QKV = ("to_q", "to_k", "to_v")
 _ADD_QKV = ("add_q_proj", "add_k_proj", "add_v_proj")
@@ -70,31 +70,29 @@ XLABS = Table(
     ]
 )
 
-_PREFIX = r"(?:model\.diffusion_model\.|diffusion_model\.)?"
-_ROLE = r"(?P<role>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale)"
 FLUX = Architecture(
     "flux",
     (
         Layout(
             "kohya",
             re.compile(r"lora_unet_(?:(?:double|single)_blocks_\d+_|img_in\.|txt_in\.|(?:time|vector|guidance)_in_)"),
-            re.compile(r"(?P<module>lora_(?:unet|te\d?)_\w+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)"),
+            KOHYA_KEY,
             BFL,
             flat=True,
             source="kohya",
         ),
         Layout(
             "xlabs",
-            re.compile(_PREFIX + r"(?:double|single)_blocks\.\d+\.processor\."),
-            re.compile(_PREFIX + r"(?P<module>.+?)\.(?P<role>down\.weight|up\.weight)"),
+            re.compile(ORIGINAL_PREFIX + r"(?:double|single)_blocks\.\d+\.processor\."),
+            re.compile(ORIGINAL_PREFIX + r"(?P<module>.+?)\.(?P<role>down\.weight|up\.weight)"),
             XLABS,
             flat=False,
             source="diffusers",
         ),
         Layout(
             "BFL",
-            re.compile(_PREFIX + r"(?:double|single)_blocks\.\d+\.\w+"),
-            re.compile(_PREFIX + r"(?P<module>.+?)\." + _ROLE),
+            re.compile(ORIGINAL_PREFIX + r"(?:double|single)_blocks\.\d+\.\w+"),
+            ORIGINAL_KEY,
             BFL,
             flat=False,
             source="diffusers",

@@ -194,6 +194,11 @@ ROLES = {
     "alpha": kohya.ALPHA,
     "dora_scale": kohya.DORA,
 }
+ORIGINAL_PREFIX = r"(?:model\.diffusion_model\.|diffusion_model\.)?"  # as single-file checkpoints prefix the original names
+ORIGINAL_KEY = re.compile(
+    ORIGINAL_PREFIX + r"(?P<module>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale)"
+)
+KOHYA_KEY = re.compile(r"(?P<module>lora_(?:unet|te\d?)_\w+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)")
 
 
 @dataclass(frozen=True)

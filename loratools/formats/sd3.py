@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from .fusion import Architecture, Layout, Row, Table
+from .fusion import KOHYA_KEY, ORIGINAL_KEY, ORIGINAL_PREFIX, Architecture, Layout, Row, Table
 
 _B = "transformer_blocks.{i}."
 
@@ -47,24 +47,21 @@ MMDIT = Table(
     ]
 )
 
-_PREFIX = r"(?:model\.diffusion_model\.|diffusion_model\.)?"
 SD3 = Architecture(
     "sd3",
     (
         Layout(
             "kohya",
             re.compile(r"lora_unet_joint_blocks_\d+_"),
-            re.compile(r"(?P<module>lora_(?:unet|te\d?)_\w+?)\.(?P<role>lora_down\.weight|lora_up\.weight|alpha|dora_scale)"),
+            KOHYA_KEY,
             MMDIT,
             flat=True,
             source="kohya",
         ),
         Layout(
             "original",
-            re.compile(_PREFIX + r"joint_blocks\.\d+\.(?:x|context)_block\."),
-            re.compile(
-                _PREFIX + r"(?P<module>.+?)\.(?P<role>lora_A\.weight|lora_B\.weight|lora_down\.weight|lora_up\.weight|alpha|dora_scale)"
-            ),
+            re.compile(ORIGINAL_PREFIX + r"joint_blocks\.\d+\.(?:x|context)_block\."),
+            ORIGINAL_KEY,
             MMDIT,
             flat=False,
             source="diffusers",
