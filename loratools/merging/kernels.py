@@ -55,7 +55,7 @@ from ..adapter import MagnitudeAxis
 from ..errors import SpecError
 from ..io.streaming import Transform
 from ..linalg import flat
-from ..methods import Kept, Method, MethodOptions, module_generator
+from ..methods import Kept, Method, MethodOptions, join_rows, module_generator, sample_rows, select_top_rows, selects_by_magnitude
 from ..planner import Residual, TensorEdit
 from ..scratch import buffer
 
@@ -136,13 +136,23 @@ class Combination:
             first.setdefault(owner, w)
         return tuple(first[i] for i in self.inputs)
 
-    def term(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], key: str, device: torch.device, pool: Executor | None) -> MethodTerm:
-        """The method's term for the whole tensor: each adapter's ΔWᵢ (the sum of its terms, s·B·A, stored layout,
-        float32) formed in row blocks on ``pool``, then what each keeps (DARE's drops seeded by (seed, ``stream``), else ``key``).
+    def term(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], key: str, device: torch.device, pool: Executor | None) -> RowTerm:
+        """The method's term for the whole tensor: what each adapter keeps of its ΔWᵢ (the sum of its terms, s·B·A,
+        stored layout, float32), and how row blocks join.
+
+        On the CPU, for methods that keep by magnitude (TIES, magnitude pruning) on plain terms,
+        ΔWᵢ is never formed whole: the threshold pass and the join compute its row blocks from the
+        factors (:class:`StreamedTerm`), which reads no ΔWᵢ back from memory.  Otherwise each ΔWᵢ
+        is formed in row blocks on ``pool`` (:class:`MethodTerm`) and each input selects on it
+        (DARE's drops seeded by (seed, ``stream``), else ``key``).
 
         Random and row-wise methods select on ΔWᵢ in factor orientation (B·A, as ``add`` forms it)
         even where the base stores (B·A)ᵀ, so drops and row ranks follow the module, not the layout."""
         rows, cols = shape
+        if device.type == "cpu" and selects_by_magnitude(self.method) and all(type(t) is RowTerm and not t.transposed for t in terms):
+            streamed = self._streamed(terms, shape, pool)
+            if streamed is not None:
+                return streamed
         deltas = _workspace(len(self.inputs), rows * cols, device)
         slot = {owner: i for i, owner in enumerate(self.inputs)}
         step = rows if device.type != "cpu" else max(1, BLOCK // max(1, cols))
@@ -181,6 +191,56 @@ class Combination:
         empty = torch.empty(0)
         return MethodTerm(empty, empty, 1.0, deltas=dense, kept=kept, combination=self)
 
+    def _streamed(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], pool: Executor | None) -> StreamedTerm | None:
+        """Each input's :class:`Kept` from row blocks computed and dropped (:func:`~loratools.methods.select_top_rows`),
+        bracketed by a sample of ΔWᵢ taken from the factors; None when a small tensor or a missed bracket needs the whole ΔWᵢ."""
+        rows, cols = shape
+        owned = tuple(tuple(t for t, o in zip(terms, self.owners, strict=True) if o == owner) for owner in self.inputs)
+        side_by_side = pool is not None and len(owned) > 1  # each input's whole pass on one worker, serial steps included
+
+        def select(parts: tuple[RowTerm, ...]) -> Kept | None:
+            def block(r0: int, r1: int) -> tuple[torch.Tensor, float]:
+                return _input_rows(parts, r0, r1, buffer("methods-select", (r1 - r0) * cols).view(r1 - r0, cols))
+
+            sample = sample_rows(tuple((t.B, t.A, t.scale) for t in parts), shape).abs_()
+            return select_top_rows(block, shape, self.options.density, sample, None if side_by_side else pool)
+
+        kept = list(pool.map(select, owned)) if side_by_side else [select(parts) for parts in owned]  # type: ignore[union-attr]
+        if any(k is None for k in kept):
+            return None
+        empty = torch.empty(0)
+        return StreamedTerm(empty, empty, 1.0, inputs=owned, kept=tuple(k for k in kept if k is not None), combination=self)
+
+
+def _input_rows(parts: tuple[RowTerm, ...], r0: int, r1: int, target: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Rows ``r0:r1`` of one input's ΔWᵢ into ``target`` as (P, s), ΔWᵢ = P·s in float32: one term's B·A and its s
+    (the kernels multiply as they read), or the first term's (B·A)·s plus each further term, as
+    :meth:`Combination.term` forms ΔWᵢ, and 1."""
+    if len(parts) == 1:
+        B, A = parts[0].B[r0:r1], parts[0].A
+        return torch.mm(B, A, out=target.view(B.shape[0], A.shape[1])), parts[0].scale
+    parts[0].rows(r0, r1, target.view(-1))
+    for part in parts[1:]:
+        target.add_(part.rows(r0, r1))
+    return target, 1.0
+
+
+@dataclass(frozen=True)
+class StreamedTerm(RowTerm):
+    """A magnitude method's ΔW, joined row block by row block from each input's rows recomputed from its factors."""
+
+    inputs: tuple[tuple[RowTerm, ...], ...] = ()
+    kept: tuple[Kept, ...] = ()
+    combination: Combination | None = None
+
+    def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        c = cast(Combination, self.combination)  # always set: Combination.term builds these
+        cols = self.inputs[0][0].A.shape[1]
+        n = (r1 - r0) * cols
+        blocks = buffer("methods-rows", len(self.inputs) * n).view(len(self.inputs), r1 - r0, cols)
+        scales = [_input_rows(parts, r0, r1, target)[1] for parts, target in zip(self.inputs, blocks, strict=True)]
+        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, buffer("methods-joined", n), scales)
+
 
 @dataclass(frozen=True)
 class MethodTerm(RowTerm):
@@ -192,8 +252,8 @@ class MethodTerm(RowTerm):
 
     def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         c = cast(Combination, self.combination)  # always set: Combination.term builds these
-        blocks = [k.apply(d[r0:r1], r0, r1) for k, d in zip(self.kept, self.deltas, strict=True)]
-        return c.method.join(blocks, c.input_weights, c.options)
+        blocks = torch.stack([d[r0:r1] for d in self.deltas]) if len(self.deltas) > 1 else self.deltas[0][r0:r1].unsqueeze(0)
+        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights)
 
 
 def _run(fn: Callable[[int], None], items: range, pool: Executor | None) -> None:
@@ -261,6 +321,14 @@ class Kernel:
             self.magnitude_axis,
             self.dora_weight,
         )
+
+    def low_rank(self, r0: int, r1: int) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...] | None:
+        """Rows ``r0:r1`` of this edit as (B rows, A, s) terms when it only adds plain LoRA products (:meth:`rows`
+        then adds (B·A)·s for each, in order), else None; for codecs that fuse the sum into their decode."""
+        plain = all(type(t) is RowTerm and not t.transposed and not t.rounded for t in self.terms)
+        if not plain or self.magnitude is not None or self.replacement is not None or self.token_rows is not None:
+            return None
+        return tuple((t.B[r0:r1], t.A, t.scale) for t in self.terms)
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Merged rows ``r0:r1`` in float32, from base rows ``src`` (any float dtype).

@@ -33,7 +33,7 @@ import torch
 
 from ..errors import MergeError
 from ..io.checkpoint import Checkpoint
-from ..io.quant.base import Codec, QuantTensor
+from ..io.quant.base import Codec, LowRank, QuantTensor
 from ..io.quant.registry import QuantMap, codec, read_stored
 from ..io.streaming import Transform
 from ..io.tensorfile import Header
@@ -123,7 +123,9 @@ class QuantJob:
             out = {q.primary: _rows(out_primary, c.part_rows(q, q.primary, (r0, r1)))}
             out |= {role: _rows(self.outputs[role], c.part_rows(q, role, (r0, r1))) for role in self.rewritten}
             assert edit is not None  # jobs() requantizes edited parameters only; the rest pass through byte for byte
-            return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out)
+            terms = edit.low_rank(r0, r1)
+            low_rank = LowRank(terms) if terms is not None and edit.residual is None else None
+            return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out, low_rank=low_rank)
 
         starts = range(0, rows, step)
         sums = list(self.pool.map(block, starts)) if self.pool is not None and len(starts) > 1 else [block(r) for r in starts]

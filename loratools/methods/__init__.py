@@ -8,7 +8,8 @@ same arithmetic.
 
 from __future__ import annotations
 
-from .base import MAJORITY_SIGNS, Kept, Method, MethodOptions, module_generator
+from .base import MAJORITY_SIGNS, Kept, Method, MethodOptions, join_rows, module_generator
+from .magnitude import sample_rows, select_top, select_top_rows, selects_by_magnitude
 from .registry import METHOD_NAMES, METHODS, describe_method, get_method
 from .weights import module_weights, parse_weight_pattern
 
@@ -21,7 +22,12 @@ __all__ = [
     "MethodOptions",
     "describe_method",
     "get_method",
+    "join_rows",
     "module_generator",
     "module_weights",
     "parse_weight_pattern",
+    "sample_rows",
+    "select_top",
+    "select_top_rows",
+    "selects_by_magnitude",
 ]

@@ -32,7 +32,6 @@ MAJORITY_SIGNS = MAJORITY_SIGN_CHOICES
 
 DEFAULT_EPSILON = 0.15  # DELLA's window half-width when none is given: mergekit 0.1.5's default (generalized_task_arithmetic.py)
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
-_SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
 
 
 @dataclass(frozen=True)
@@ -230,6 +229,59 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
     return mixed.div_(count.clamp_(min=1))
 
 
+def join_rows(
+    method: Method,
+    options: MethodOptions,
+    kept: Sequence[Kept],
+    blocks: torch.Tensor,
+    r0: int,
+    weights: Sequence[float],
+    out: torch.Tensor | None = None,
+    scales: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Rows ``r0:`` of the method's ΔW from the same rows of every input's ΔW, ``blocks`` (inputs, rows, cols).
+
+    Each input's :meth:`Kept.apply`, then the method's ``join``.  On the CPU, when every input
+    keeps by a magnitude threshold or keeps all (TIES, magnitude pruning, task arithmetic) and the
+    join is :func:`weighted_sum` or :func:`ties_mean`, both run as one compiled pass in tiles
+    (:func:`loratools.fused.methods.join`): the same float operations in the same order, so the
+    same bits, about 5x cheaper, into ``out`` (flat, at least rows·cols) when given.  Otherwise the torch steps.
+    ``scales``: each input's ΔW is ``blocks[i] · scales[i]`` (products B·A and their s), 1 when not given.
+    """
+    count, rows, cols = blocks.shape
+    modes: dict[Join, int] = {weighted_sum: 0, ties_mean: 1}  # fused.methods.join's modes (2: ties_mean, frequency signs)
+    mode = modes.get(method.join)
+    fusable = blocks.device.type == "cpu" and blocks.dtype in (torch.float32, torch.float64)
+    if mode is None or not fusable or any(k.mask is not None or isinstance(k.divisor, torch.Tensor) for k in kept):
+        if scales is not None:
+            blocks = torch.stack([b * s for b, s in zip(blocks, scales, strict=True)])
+        return method.join([k.apply(b, r0, r0 + rows) for k, b in zip(kept, blocks, strict=True)], weights, options)
+    from ..fused import methods as fused  # numba: imported by the merge methods' CPU paths only
+
+    lam_before, lam_after, divisor = np.zeros(count), np.zeros(count), np.zeros(count)
+    start, keep = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int8)
+    first = r0 * cols
+    for i, k in enumerate(kept):
+        divisor[i] = 1.0 if k.divisor is None else float(k.divisor)  # type: ignore[arg-type]  # a tensor divisor is not fusable
+        if k.nothing:
+            keep[i] = 2
+        elif k.threshold is None:
+            keep[i] = 1
+            divisor[i] = 1.0  # Kept.apply returns a kept-all block as it is
+        else:  # hardshrink at the float below the threshold (|x| >= t), or at t itself from the tied cut on
+            t = k.threshold.to(blocks.dtype).numpy()
+            lam_before[i] = float(np.nextafter(t, t.dtype.type(-math.inf)))
+            lam_after[i] = float(t)
+            start[i] = k.cut - first if k.strict else rows * cols
+    out = torch.empty(rows * cols, dtype=blocks.dtype) if out is None else out[: rows * cols]
+    mode += int(mode == 1 and options.majority_sign == "frequency")
+    flat = blocks.reshape(count, -1)
+    factors = np.ones(count) if scales is None else np.asarray(scales, dtype=np.float64)
+    thresholds = (lam_before, lam_after, start, keep, divisor)
+    fused.join(flat.numpy(), factors, *thresholds, np.asarray(weights, dtype=np.float64), mode, out.numpy())
+    return out.view(rows, cols)
+
+
 def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
     """A per-thread work buffer shaped as ``like`` (:mod:`loratools.scratch`; off the CPU a fresh tensor)."""
     if like.device.type != "cpu":
@@ -238,132 +290,6 @@ def _scratch(slot: int, like: torch.Tensor) -> torch.Tensor:
 
 
 _ONE = torch.ones(())
-
-
-def trim(delta: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the k = ⌊density·numel⌋ entries of largest |x| over the whole tensor, zero the rest (density 1: unchanged)."""
-    return select_top(delta, density).apply(delta, 0, delta.shape[0] if delta.dim() else 1)
-
-
-def select_trim(delta: torch.Tensor, options: MethodOptions, gen: torch.Generator | None, pool: Executor | None = None) -> Kept:
-    """The select step of TIES and magnitude pruning: :func:`select_top` at the options' density."""
-    return select_top(delta, options.density, pool)
-
-
-def select_top(delta: torch.Tensor, density: float, pool: Executor | None = None) -> Kept:
-    """TIES's trim as a :class:`Kept`: the k = ⌊density·numel⌋ entries of largest |x| over the whole tensor.
-
-    The k-th largest |x| is found exactly by :func:`kth_largest_magnitude`; when exactly k entries
-    reach it, they are the top-k set, kept as |x| >= it (no mask stored).  When magnitudes tie at
-    it (common for bf16 factors: their products take few distinct values), the top-k set is
-    ambiguous: we keep every entry above it and the first tied ones in row-major order, which is
-    deterministic and ~40x cheaper than PEFT's ``topk`` (``merge_utils.magnitude_based_pruning``),
-    whose pick among equal magnitudes torch leaves unspecified; only those tied entries can differ.
-    """
-    if density >= 1:
-        return Kept()
-    n = delta.numel()
-    k = int(density * n)
-    if k == 0:
-        return Kept(nothing=True)
-    threshold, reaching, tied = _kth(delta, k, pool)
-    if reaching == k:
-        return Kept(threshold=threshold)
-    return Kept(threshold=threshold, strict=True, cut=_tied_cut(delta.reshape(-1), threshold, k - (reaching - tied)))
-
-
-def _tied_cut(flat: torch.Tensor, threshold: torch.Tensor, need: int) -> int:
-    """The flat index just past the ``need``-th entry (row-major) whose |x| equals ``threshold``.
-
-    Pieces are counted in order with float-valued comparisons and the scan stops at the piece
-    holding it, so only that piece is searched for positions.
-    """
-    seen = 0
-    for i in range(0, flat.numel(), _CHUNK):
-        piece = flat[i : i + _CHUNK]
-        equal = torch.eq(torch.abs(piece, out=_scratch(0, piece)), threshold, out=_scratch(0, piece))
-        count = int(equal.sum())
-        if seen + count >= need:
-            return i + int(torch.nonzero(equal)[need - seen - 1]) + 1
-        seen += count
-    raise AssertionError("fewer tied entries than counted")  # unreachable: _kth counted them
-
-
-def kth_largest_magnitude(delta: torch.Tensor, k: int, pool: Executor | None = None) -> tuple[torch.Tensor, int]:
-    """The k-th largest |x| of ``delta`` (exactly ``kthvalue``'s), and how many entries reach it.
-
-    ``kthvalue`` on a whole 10M-entry ΔW costs ~0.3 s on one core.  Instead a sample of 2¹⁶
-    entries (fixed seed) brackets the k-th largest between two sample values, by 8 standard deviations of
-    the sample's rank; one pass (in cache-sized pieces on ``pool``; numpy on the CPU, :func:`_scan_cpu`)
-    counts the entries above the bracket and gathers those inside it (~3%), and ``kthvalue`` of
-    the gathered ones is the exact answer.  A bracket that misses (a sample unlike the whole: many
-    equal values) falls back to ``kthvalue`` of the whole tensor, so the result never depends on
-    the sample.
-    """
-    threshold, reaching, _ = _kth(delta, k, pool)
-    return threshold, reaching
-
-
-def _kth(delta: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tensor, int, int]:
-    """:func:`kth_largest_magnitude`, plus how many entries equal the threshold."""
-    flat = delta.reshape(-1)
-    n = flat.numel()
-    if n <= 4 * _SAMPLE:
-        return _kth_whole(flat, k)
-    picks = torch.randint(n, (_SAMPLE,), generator=torch.Generator().manual_seed(0)).to(flat.device)
-    sample = flat[picks].abs()  # uniform: a stride could follow the columns' scales
-    m = sample.numel()
-    j = k * m / n  # the k-th largest's expected rank in the sample, from the top
-    spread = 8 * math.sqrt(max(j * (1 - j / m), 1.0)) + 2
-    top, bottom = int(j - spread), int(j + spread)  # ranks from the top, 0-based
-    high = torch.kthvalue(sample, m - top).values if top >= 0 else None
-    low = torch.kthvalue(sample, m - bottom).values if bottom < m else sample.new_zeros(())
-    mid, half = (low + (high if high is not None else low)) / 2, ((high if high is not None else low) - low) / 2
-    # (a - mid) and the rounded mid and half err by a few ulp of the bracket's ends: gather a superset, then filter exactly
-    margin = (low.abs() + (high.abs() if high is not None else 0)) * 1e-6 + float(torch.finfo(flat.dtype).tiny)
-    reach = float(half + margin)
-
-    def scan(i: int) -> tuple[int, torch.Tensor]:
-        piece = flat[i : i + _CHUNK]
-        a = torch.abs(piece, out=_scratch(0, piece))
-        if a.device.type == "cpu":
-            return _scan_cpu(a.numpy(), low.numpy(), None if high is None else high.numpy())
-        if high is None:
-            return 0, a[torch.ge(a, low)]
-        above = int(torch.gt(a, high, out=_scratch(1, a)).sum())
-        # |a - mid| <= reach as a bool mask: hardshrink zeroes exactly those, and float -> bool is cheap (a compare to bool is not)
-        offset = torch.sub(a, mid, out=_scratch(1, a))
-        near = a[torch.hardshrink(offset, reach, out=_scratch(2, a)).bool().logical_not_()]
-        return above, near[(near >= low) & (near <= high)]
-
-    found = list((pool.map if pool is not None else map)(scan, range(0, n, _CHUNK)))
-    above = sum(count for count, _ in found)
-    inside = torch.cat([near for _, near in found])
-    need = k - above  # the need-th largest inside the bracket is the k-th largest overall
-    if not 1 <= need <= inside.numel():
-        return _kth_whole(flat, k)
-    threshold = torch.kthvalue(inside, inside.numel() - need + 1).values
-    return threshold, above + int((inside >= threshold).sum()), int((inside == threshold).sum())
-
-
-def _scan_cpu(a: np.ndarray, low: np.ndarray, high: np.ndarray | None) -> tuple[int, torch.Tensor]:
-    """One CPU piece's count above the bracket and its entries inside it (row-major order), in numpy.
-
-    The same comparisons, in the piece's dtype (0-d arrays of it, so no promotion), as torch's
-    ``a[(a >= low) & (a <= high)]`` but ~3x cheaper per entry on one core (numpy 2.4: bool-valued
-    compares 0.1 ns, boolean gather 0.65 ns, against torch 2.13's ~2 ns for its ``nonzero``), and
-    numpy releases the GIL in these loops, so pieces still run side by side on the pool.
-    """
-    if high is None:
-        return 0, torch.from_numpy(a[a >= low])
-    above = int(np.count_nonzero(a > high))
-    return above, torch.from_numpy(a[(a >= low) & (a <= high)])
-
-
-def _kth_whole(flat: torch.Tensor, k: int) -> tuple[torch.Tensor, int, int]:
-    magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude, flat.numel() - k + 1).values
-    return threshold, int((magnitude >= threshold).sum()), int((magnitude == threshold).sum())
 
 
 def select_drop(delta: torch.Tensor, options: MethodOptions, gen: torch.Generator | None, pool: Executor | None = None) -> Kept:

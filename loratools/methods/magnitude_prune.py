@@ -5,6 +5,7 @@ trim keeps each input's k = ⌊density·numel⌋ largest-magnitude entries over 
 
 from __future__ import annotations
 
-from .base import Method, select_trim, weighted_sum
+from .base import Method, weighted_sum
+from .magnitude import select_trim
 
 METHOD = Method("magnitude_prune", select_trim, weighted_sum, uses_density=True, uses_sign=False, random=False, paper="arXiv:2306.01708")

@@ -7,6 +7,7 @@ mean ΔW = Σ_{i: sign τᵢ = γ} wᵢ·τᵢ / |{i: sign τᵢ = γ}|, entry b
 
 from __future__ import annotations
 
-from .base import Method, select_trim, ties_mean
+from .base import Method, ties_mean
+from .magnitude import select_trim
 
 METHOD = Method("ties", select_trim, ties_mean, uses_density=True, uses_sign=True, random=False, paper="arXiv:2306.01708")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -97,3 +98,54 @@ def test_random_methods_draw_in_the_modules_orientation_whatever_the_layout():
     stored = combination.term((kernels.RowTerm(B, A, 1.0, True),), (5, 6), "k", cpu, None).rows(0, 5)
     assert torch.equal(stored, plain.T)
     assert torch.equal(plain, get_method("dare").combine([B @ A], [1.0], MethodOptions(0.5, seed=1), module_generator(1, "m")))
+
+
+def _stored_reference(method: str, options: MethodOptions, parts, weights) -> torch.Tensor:
+    """The method on each input's whole ΔWᵢ formed as the merge forms it (first term's (B·A)·s, then each further term added)."""
+    deltas = []
+    for terms in parts:
+        delta = (terms[0][0] @ terms[0][1]).mul_(terms[0][2])
+        for B, A, s in terms[1:]:
+            delta.add_((B @ A).mul_(s))
+        deltas.append(delta)
+    return get_method(method).combine(deltas, weights, options)
+
+
+@pytest.mark.parametrize(
+    ("method", "sign", "density", "bf16"),
+    [
+        ("ties", "total", 0.5, False),
+        ("ties", "frequency", 0.3, False),
+        ("magnitude_prune", "total", 0.2, False),
+        ("ties", "total", 0.5, True),
+    ],
+)
+def test_magnitude_methods_from_factors_equal_the_method_on_whole_deltas(method, sign, density, bf16):
+    """CPU TIES/magnitude pruning never form ΔWᵢ whole (StreamedTerm): thresholds from blocks computed and dropped,
+    the join recomputing them; the result equals the method on whole ΔWᵢ bit for bit, in any row blocks on a pool.
+    bf16-valued factors make magnitudes tie at the threshold, so the cut among tied entries is exercised too."""
+    g = torch.Generator().manual_seed(4)
+    rows, cols, rank = 700, 520, 8  # 364,000 entries: above the sampled-bracket size
+
+    def factor(*shape):
+        t = torch.randn(*shape, generator=g)
+        return t.bfloat16().float() if bf16 else t
+
+    # input 0: one term; input 1: two terms on the same tensor (a fused tensor's parts)
+    parts = [
+        [(factor(rows, rank) * 0.1, factor(rank, cols), 0.5)],
+        [(factor(rows, rank), factor(rank, cols), 0.25), (factor(rows, 2), factor(2, cols), 2.0)],
+    ]
+    if bf16:
+        parts = [[(B.round(decimals=1), A.round(decimals=1), s) for B, A, s in terms] for terms in parts]
+    options = MethodOptions(density, sign)
+    weights = (1.0, 0.7)
+    terms = tuple(kernels.RowTerm(B, A, s) for terms in parts for B, A, s in terms)
+    combination = kernels.Combination(get_method(method), options, (0, 1, 1), (1.0, 0.7, 0.7), "m")
+    with single_threaded() as pool:
+        term = combination.term(terms, (rows, cols), "k", torch.device("cpu"), pool)
+        assert isinstance(term, kernels.StreamedTerm)
+        if bf16:
+            assert any(k.strict for k in term.kept)  # ties at the threshold: the cut was needed
+        blocks = [term.rows(r0, min(rows, r0 + 97)).clone() for r0 in range(0, rows, 97)]
+    assert torch.equal(torch.cat(blocks), _stored_reference(method, options, parts, weights))

@@ -13,8 +13,8 @@ from peft.utils import merge_utils
 from loratools import ArgumentError
 from loratools.compute import single_threaded
 from loratools.methods import MethodOptions, get_method, module_generator
-from loratools.methods.base import _scan_cpu, kth_largest_magnitude, select_top, trim
 from loratools.methods.della import select_della
+from loratools.methods.magnitude import _scan_cpu, kth_largest_magnitude, select_top, trim
 
 X = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
 Y = torch.tensor([[-2.0, 2.0], [1.0, 1.0]])
@@ -132,11 +132,11 @@ def test_cpu_scan_counts_and_gathers_as_torch_compares(dtype):
     # ties at both ends, zeros, infinities, a NaN: numpy's compares in the piece's dtype pick what torch's do
     a = torch.tensor([0.5, 0.25, 0.5, 0.0, 1.0, float("inf"), 0.75, float("nan"), 0.25, 0.3], dtype=dtype)
     low, high = torch.tensor(0.25, dtype=dtype), torch.tensor(0.5, dtype=dtype)
-    above, inside = _scan_cpu(a.numpy(), low.numpy(), high.numpy())
+    above, inside = _scan_cpu(a, low, high)
     assert above == int((a > high).sum()) == 3
     assert torch.equal(inside, a[(a >= low) & (a <= high)])
     assert inside.numel() == 5  # 0.5, 0.25, 0.5, 0.25, 0.3 in order
-    _, unbounded = _scan_cpu(a.numpy(), low.numpy(), None)
+    _, unbounded = _scan_cpu(a, low, None)
     assert torch.equal(unbounded, a[a >= low])
 
 

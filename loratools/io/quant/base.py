@@ -43,7 +43,10 @@ Contract (stable: later changes are additive only):
 - ``codec.requantize(q, parts, rows, edit, out)`` (additive) is one merge row block: dequantize,
   ``edit``, quantize into ``out`` (each rewritten role's rows), and the two squared norms of the
   survival measure.  The default composes the three methods above; a codec may fuse them (FP8
-  block scales do) as long as every written bit and both norms stay the same.
+  block scales do) as long as every written bit stays the same (the norms may be summed in
+  another order).  Added later: the keyword ``low_rank`` (a :class:`LowRank`, or None) says that
+  ``edit`` adds nothing but scaled low-rank products, so a codec may compute W' itself, fused
+  with its decode; the result must equal ``edit``'s bit for bit.
 - For codecs that cannot be recomputed without calibration data (GPTQ, AWQ, bnb) ``requantizable``
   is False and ``quantize`` raises :class:`QuantError`.
 """
@@ -70,6 +73,18 @@ SMALL_BYTES = 1 << 16
 """The most bytes a :data:`Reader` reads of one tensor while claiming: companions, never weights."""
 Edit = Callable[[torch.Tensor], torch.Tensor]
 """Float32 logical rows -> the merged float32 rows (a new tensor or a scratch view; its input is left as it was)."""
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """An :data:`Edit` that only adds low-rank terms: W' = (W + (B₁·A₁)·s₁) + (B₂·A₂)·s₂ + ..., in float32.
+
+    Each product is formed, then scaled, then added, in order (a merge kernel's plain LoRA terms,
+    PEFT's order).  ``terms``: (B rows of the row block (n, r), A (r, k), s), float32 on the CPU.
+    """
+
+    terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+
 
 QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "I16", "U16", "U32", "F4")
 """Stored dtypes that can only be quantized data: a base weight of one of these no codec claims is refused."""
@@ -168,9 +183,12 @@ class Codec(ABC):
         """Store float32 logical ``rows`` ``w``: each part's rows by role, fresh scales by the format's rule."""
         raise QuantError(f"{q.label} cannot be requantized here (it needs calibration data); merge with --dtype bf16", key=q.key)
 
-    def requantize(self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor]) -> tuple[float, float]:
+    def requantize(
+        self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor], low_rank: LowRank | None = None
+    ) -> tuple[float, float]:
         """Merge logical ``rows``: W = dequantize, W' = edit(W), quantize(W') written into ``out`` by role (rows of
-        each rewritten part, as :meth:`part_rows` gives them); returns (‖Q(W') − W‖², ‖W' − W‖²) for the survival."""
+        each rewritten part, as :meth:`part_rows` gives them); returns (‖Q(W') − W‖², ‖W' − W‖²) for the survival.
+        ``low_rank``: what ``edit`` adds, when it is only low-rank terms (unused here; a fused codec may use it)."""
         base = self.dequantize(q, parts, rows)
         x = edit(base)
         new = self.quantize(q, x, rows, parts)

@@ -22,19 +22,17 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...errors import Problem
 from ...scratch import buffer as scratch
 from ..tensorfile import TensorInfo
-from .base import Codec, Edit, Parts, QuantTensor, Rows
-from .e4m3 import FP8, FP8_MAX, decode, table
+from .base import Codec, Edit, LowRank, Parts, QuantTensor, Rows
+from .e4m3 import FP8, FP8_MAX, decode
 
 SCALE_DTYPES = ("F32", "BF16", "F16", "F8_E8M0")
 _SCALE = ".weight_scale_inv"
-_SIGN_EXP_MANT = 0x87F00000 - (1 << 32)  # a sign-extended e4m3 byte << 20: keep bit 31 and bits 20-26 (int32)
-_TWO_120 = 2.0**120
-_PROBE = torch.tensor(2.0**-140, dtype=torch.float32)  # a float32 subnormal; read only
 
 
 class Fp8Block(Codec):
@@ -73,15 +71,12 @@ class Fp8Block(Codec):
         stored = parts["weight"][r[0] : r[1]]
         scale = parts["weight_scale_inv"][s[0] : s[1]].to(torch.float32)
         bm, bn = q.params["block"]
-        if (
-            len(q.shape) == 2
-            and not q.params["per_tensor"]
-            and (r[1] - r[0]) % bm == 0
-            and q.shape[1] % bn == 0
-            and stored.device.type == "cpu"
-        ):
-            numel = stored.numel()  # whole blocks: decoded by bit moves, the same values (see _decode_blocks)
-            return _decode_blocks(stored, scale, torch.empty(numel, dtype=torch.int32), torch.empty(numel))
+        if len(q.shape) == 2 and stored.device.type == "cpu":  # one fused pass, the same values (loratools.fused.e4m3)
+            from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
+
+            out = torch.empty(stored.shape)
+            fused.decode(_bytes(stored), scale.reshape(_grid(stored.shape, (bm, bn))).numpy(), bm, bn, out.numpy())
+            return out
         weight = decode(stored)
         if q.params["per_tensor"]:
             return weight.mul_(scale.reshape(()))
@@ -111,67 +106,61 @@ class Fp8Block(Codec):
             inv = inv.reshape(like["weight_scale_inv"].shape)
         return {"weight": weight.contiguous() if pad_n or pad_k else weight, "weight_scale_inv": inv}
 
-    def requantize(self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor]) -> tuple[float, float]:
-        """:meth:`dequantize`, ``edit``, :meth:`quantize` and the survival norms fused, in this thread's reused buffers.
+    def requantize(
+        self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor], low_rank: LowRank | None = None
+    ) -> tuple[float, float]:
+        """:meth:`dequantize`, ``edit``, :meth:`quantize` and the survival norms, fused on the CPU (2-D weights).
 
-        For whole 2-D blocks (every released checkpoint but a ragged edge): the decode is integer
-        bit moves (:func:`_decode_blocks`), amax and the scaled weight go into reused buffers, the
-        cast writes straight into the output rows, and the requantized weight is decoded the same
-        way for the survival.  Each float32 value is the same product of the same operands as in
-        the unfused methods, and the norms are taken over the same tensors, so the bytes written
-        and both norms are identical (tests/io/quant/test_fp8_block.py compares them).
+        Compiled passes (:mod:`loratools.fused.e4m3`) in this thread's reused buffers: the decode
+        with the block maxima (and, when ``low_rank`` is one term, W + (B·A)·s in the same pass;
+        otherwise ``edit`` between them), the fresh scales, then the requantization with both
+        norms (decoding the base again from its bytes, cheaper than reading a float copy).  Each
+        float32 value is the same product or sum of the same operands as in the unfused methods,
+        so every byte and scale written is identical (tests/io/quant/test_fp8_block.py compares
+        them); the norms are the same sums taken in another order.
         """
+        stored = parts["weight_scale_inv"]
+        if len(q.shape) != 2 or parts["weight"].device.type != "cpu":
+            return super().requantize(q, parts, rows, edit, out)
+        from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
+
         bm, bn = q.params["block"]
         r0, r1 = rows
-        n, k = r1 - r0, q.shape[-1]
-        if len(q.shape) != 2 or q.params["per_tensor"] or n % bm or k % bn:
-            return super().requantize(q, parts, rows, edit, out)
-        grid = (n // bm, k // bn)
+        n, k = r1 - r0, q.shape[1]
         s0, s1 = self.part_rows(q, "weight_scale_inv", rows)
-        stored = parts["weight_scale_inv"]
-        bits = scratch("fp8-bits", n * k, torch.int32)
-        base = _decode_blocks(parts["weight"][r0:r1], stored[s0:s1].to(torch.float32), bits, scratch("fp8-base", n * k))
-        x = edit(base)
-        work = scratch("fp8-work", n * k).view(grid[0], bm, grid[1], bn)
-        tiles = x.reshape(grid[0], bm, grid[1], bn)
-        amax = torch.abs(tiles, out=work).amax(dim=(-3, -1))
-        inv, scale = _scales(amax, stored.dtype, bool(q.params["ue8m0"]))
-        torch.mul(tiles, scale[:, None, :, None], out=work).clamp_(-FP8_MAX, FP8_MAX)
-        weight = out["weight"]
-        weight.view(grid[0], bm, grid[1], bn).copy_(work)  # the cast to e4m3, as .to(FP8) rounds it
+        grid = _grid((n, k), (bm, bn))
+        old_scale = stored[s0:s1].to(torch.float32).reshape(grid).numpy()
+        weight = _bytes(parts["weight"][r0:r1])
+        amax = torch.zeros(grid)
+        if low_rank is not None and len(low_rank.terms) == 1:  # W + (B·A)·s in the decoding pass, with the block maxima
+            B, A, s = low_rank.terms[0]
+            product = torch.mm(B, A, out=scratch("fp8-product", n * k).view(n, k))
+            x = scratch("fp8-merged", n * k).view(n, k)
+            fused.decode_merge(weight, old_scale, bm, bn, product.numpy(), s, x.numpy(), amax.numpy().view(np.int32))
+        else:
+            base = scratch("fp8-base", n * k).view(n, k)
+            fused.decode(weight, old_scale, bm, bn, base.numpy())
+            x = edit(base).contiguous()
+            fused.block_amax(x.numpy().view(np.int32), bm, bn, amax.numpy().view(np.int32))
+        if stored.dtype == torch.float32 and not q.params["ue8m0"]:
+            scale, inv = torch.empty(grid), torch.empty(grid)
+            fused.scales(amax.numpy(), scale.numpy(), inv.numpy())
+            back = inv
+        else:
+            inv, scale = _scales(amax, stored.dtype, bool(q.params["ue8m0"]))
+            back = inv.to(torch.float32).reshape(grid)
         out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
-        delta = float(torch.linalg.vector_norm(torch.sub(x, base, out=work.view(n, k)))) ** 2
-        new = _decode_blocks(weight, inv.to(torch.float32), bits, work.view(-1))
-        return float(torch.linalg.vector_norm(new.sub_(base))) ** 2, delta
+        return fused.requantize(x.numpy(), weight, old_scale, scale.reshape(grid).numpy(), back.numpy(), bm, bn, _bytes(out["weight"]))
 
 
-def _decode_blocks(weight: torch.Tensor, scale: torch.Tensor, bits: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``float(weight) * scale`` per whole block into ``out`` (flat float32), ``bits`` (int32, n) as work space.
-
-    The e4m3 byte's 7 low bits shifted into a float32's exponent and mantissa (sign to sign) are
-    its value times 2^-120, exactly (e4m3 subnormals land on float32 subnormals), so one exact
-    multiply by 2^120 decodes it; then the block scale multiplies, the product the unfused decode
-    forms.  Measured 0.22 against 0.43 ms per MiB of float32 for the table gather (one thread).
-    The two NaN bytes (0x7F, 0xFF) would read as ±480, and a thread flushing subnormals would
-    zero the small values: either way the table decode (:func:`~loratools.io.quant.e4m3.decode`) is used.
-    """
-    rows, blocks = scale.shape
-    tiles = out.view(rows, -1, blocks, weight.shape[-1] // blocks)
-    if (
-        int(torch.bitwise_and(weight.view(torch.uint8).reshape(-1), 0x7F, out=scratch("fp8-nan", weight.numel(), torch.uint8)).max())
-        == 0x7F
-        or not _exact_subnormals()
-    ):
-        torch.index_select(table(torch.float32), 0, bits.copy_(weight.view(torch.uint8).reshape(-1)), out=out)
-    else:
-        bits.copy_(weight.view(torch.int8).reshape(-1)).bitwise_left_shift_(20).bitwise_and_(_SIGN_EXP_MANT)
-        torch.mul(bits.view(torch.float32), _TWO_120, out=out)
-    return tiles.mul_(scale[:, None, :, None]).view(weight.shape)
+def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
+    """The scale grid of rows ``shape`` (n, k) in ``block`` (bm, bn) blocks, ragged edges included."""
+    return -(-shape[0] // block[0]), -(-shape[1] // block[1])
 
 
-def _exact_subnormals() -> bool:
-    """Whether this thread multiplies float32 subnormals exactly (torch.set_flush_denormal(True) makes it not)."""
-    return _PROBE.mul(_TWO_120).item() == 2.0**-20
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A float8 tensor's bytes as a uint8 array (no copy when contiguous)."""
+    return t.contiguous().view(torch.uint8).numpy()
 
 
 def _scales(amax: torch.Tensor, stored: torch.dtype, ue8m0: bool) -> tuple[torch.Tensor, torch.Tensor]:
