@@ -172,3 +172,55 @@ def sample(B: np.ndarray, At: np.ndarray, scale: float, rows: np.ndarray, cols: 
         for q in range(r):
             acc += B[i, q] * At[j, q]
         out[p] += acc * s
+
+
+@compiled
+def join_pair(
+    deltas: np.ndarray,
+    scales: np.ndarray,
+    lam: np.ndarray,
+    cuts: np.ndarray,
+    divisor: np.ndarray,
+    weights: np.ndarray,
+    mode: int,
+    out: np.ndarray,
+) -> None:
+    """:func:`join` for two inputs that keep by threshold or keep all, each entry in one vectorized step.
+
+    ``lam[s, i]``: input i's λ in segment s of the block, the segments split at ``cuts`` (three
+    ascending positions; a kept-all input has λ = −inf, which keeps every entry, NaN too, as
+    ``join`` does).  Every float operation is :func:`join`'s, in its order.
+    """
+    dtype = out.dtype.type
+    zero = dtype(0.0)
+    one = dtype(1.0)
+    s0, s1 = dtype(scales[0]), dtype(scales[1])
+    d0, d1 = dtype(divisor[0]), dtype(divisor[1])
+    w0, w1 = dtype(weights[0]), dtype(weights[1])
+    plain0, plain1 = weights[0] == 1.0, weights[1] == 1.0
+    a_row, b_row = deltas[0], deltas[1]
+    start = 0
+    for seg in range(3):
+        stop = cuts[seg]
+        la, lb = dtype(lam[seg, 0]), dtype(lam[seg, 1])
+        base = _U(start)
+        for t in range(_U(max(stop - start, 0))):
+            j = base + t
+            a = a_row[j] * s0
+            b = b_row[j] * s1
+            a = (zero if abs(a) <= la else a) / d0
+            b = (zero if abs(b) <= lb else b) / d1
+            if mode == 0:
+                out[j] = (zero + a * w0) + b * w1
+                continue
+            if mode == 1:
+                vote = (zero + a) + b
+            else:
+                vote = (zero + (dtype(a > zero) - dtype(a < zero))) + (dtype(b > zero) - dtype(b < zero))
+            e = np.copysign(one, vote)
+            g0 = dtype(a * e > zero)
+            g1 = dtype(b * e > zero)
+            p0 = a if plain0 else a * w0
+            p1 = b if plain1 else b * w1
+            out[j] = ((zero + p0 * g0) + p1 * g1) / max((zero + g0) + g1, one)
+        start = max(start, stop)

@@ -277,8 +277,16 @@ def join_rows(
     mode += int(mode == 1 and options.majority_sign == "frequency")
     flat = blocks.reshape(count, -1)
     factors = np.ones(count) if scales is None else np.asarray(scales, dtype=np.float64)
-    thresholds = (lam_before, lam_after, start, keep, divisor)
-    fused.join(flat.numpy(), factors, *thresholds, np.asarray(weights, dtype=np.float64), mode, out.numpy())
+    weighted = np.asarray(weights, dtype=np.float64)
+    if count == 2 and not (keep == 2).any():  # the common pair in one vectorized step per entry
+        lam = np.stack([lam_before, lam_after]).T.copy()
+        lam[keep == 1] = -math.inf
+        cuts = np.sort(np.clip(start, 0, rows * cols))
+        segments = np.array([[lam[i, 0] if e < start[i] else lam[i, 1] for i in range(2)] for e in (0, cuts[0], cuts[1])])
+        ends = np.array([cuts[0], cuts[1], rows * cols], dtype=np.int64)
+        fused.join_pair(flat.numpy(), factors, segments, ends, divisor, weighted, mode, out.numpy())
+    else:
+        fused.join(flat.numpy(), factors, lam_before, lam_after, start, keep, divisor, weighted, mode, out.numpy())
     return out.view(rows, cols)
 
 

@@ -43,10 +43,11 @@ def test_scan_scaled_is_the_scan_of_the_rounded_product():
     assert torch.equal(torch.from_numpy(out[:n].view(np.float32)), a[(a >= low) & (a <= high)])
 
 
+@pytest.mark.parametrize("chosen", [(0, 1, 2), (0, 1), (2, 1), (1, 0)])
 @pytest.mark.parametrize(("name", "sign"), [("ties", "total"), ("ties", "frequency"), ("magnitude_prune", "total")])
-def test_join_rows_equals_apply_then_join(name, sign):
-    """The fused join (thresholds, a tied cut inside the block, keep-all and keep-nothing inputs, weights, scales,
-    NaN and -0.0) against Kept.apply and the torch join, bit for bit."""
+def test_join_rows_equals_apply_then_join(name, sign, chosen):
+    """The fused join (thresholds, a tied cut inside the block, keep-all inputs, weights, scales, NaN and -0.0;
+    pairs take join_pair, others the tiled join) against Kept.apply and the torch join, bit for bit."""
     g = torch.Generator().manual_seed(1)
     rows, cols = 40, 300
     deltas = [torch.randn(rows, cols, generator=g) for _ in range(3)]
@@ -56,14 +57,16 @@ def test_join_rows_equals_apply_then_join(name, sign):
     assert kept[1].strict  # a cut among tied entries
     method, options, weights = get_method(name), MethodOptions(0.5, sign), (1.0, 0.7, 1.3)
     scales = (0.5, 2.0, 1.0)
-    for r0, r1 in ((0, rows), (11, 29)):
+    deltas, kept = [deltas[i] for i in chosen], [kept[i] for i in chosen]
+    weights, scales = tuple(weights[i] for i in chosen), tuple(scales[i] for i in chosen)
+    for r0, r1 in ((0, rows), (11, 29), (3, 4)):
         blocks = torch.stack([d[r0:r1] for d in deltas])
         got = join_rows(method, options, kept, blocks, r0, weights, scales=scales)
         applied = [k.apply(b * s, r0, r1) for k, b, s in zip(kept, blocks, scales, strict=True)]
         want = weighted_sum(applied, weights) if name == "magnitude_prune" else ties_mean(applied, weights, options)
         assert torch.equal(got.nan_to_num(7.0).view(torch.int32), want.nan_to_num(7.0).view(torch.int32))
         assert torch.equal(got.isnan(), want.isnan())
-    nothing = join_rows(method, options, [Kept(nothing=True)] * 2, torch.stack(deltas[:2]), 0, (1.0, 1.0))
+    nothing = join_rows(method, options, [Kept(nothing=True)] * 2, torch.stack(deltas[:2])[:, :rows], 0, (1.0, 1.0))
     assert torch.equal(nothing, torch.zeros(rows, cols)) and not bool(torch.signbit(nothing).any())
 
 
