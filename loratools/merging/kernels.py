@@ -55,7 +55,18 @@ from ..adapter import MagnitudeAxis
 from ..errors import SpecError
 from ..io.streaming import Transform
 from ..linalg import flat
-from ..methods import Kept, Method, MethodOptions, join_rows, module_generator, sample_rows, select_top_rows, selects_by_magnitude
+from ..methods import (
+    JoinPlan,
+    Kept,
+    Method,
+    MethodOptions,
+    join_plan,
+    join_rows,
+    module_generator,
+    sample_rows,
+    select_top_rows,
+    selects_by_magnitude,
+)
 from ..planner import Residual, TensorEdit
 from ..scratch import buffer
 
@@ -209,7 +220,9 @@ class Combination:
         if any(k is None for k in kept):
             return None
         empty = torch.empty(0)
-        return StreamedTerm(empty, empty, 1.0, inputs=owned, kept=tuple(k for k in kept if k is not None), combination=self)
+        chosen = tuple(k for k in kept if k is not None)
+        plan = join_plan(self.method, self.options, chosen, self.input_weights, torch.float32)
+        return StreamedTerm(empty, empty, 1.0, inputs=owned, kept=chosen, combination=self, plan=plan)
 
 
 def _input_rows(parts: tuple[RowTerm, ...], r0: int, r1: int, target: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -232,6 +245,7 @@ class StreamedTerm(RowTerm):
     inputs: tuple[tuple[RowTerm, ...], ...] = ()
     kept: tuple[Kept, ...] = ()
     combination: Combination | None = None
+    plan: JoinPlan | None = None  # the fused join's per-input constants, worked out once
 
     def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         c = cast(Combination, self.combination)  # always set: Combination.term builds these
@@ -239,7 +253,7 @@ class StreamedTerm(RowTerm):
         n = (r1 - r0) * cols
         blocks = buffer("methods-rows", len(self.inputs) * n).view(len(self.inputs), r1 - r0, cols)
         scales = [_input_rows(parts, r0, r1, target)[1] for parts, target in zip(self.inputs, blocks, strict=True)]
-        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, buffer("methods-joined", n), scales)
+        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, buffer("methods-joined", n), scales, self.plan)
 
 
 @dataclass(frozen=True)

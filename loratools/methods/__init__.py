@@ -8,7 +8,7 @@ same arithmetic.
 
 from __future__ import annotations
 
-from .base import MAJORITY_SIGNS, Kept, Method, MethodOptions, join_rows, module_generator
+from .base import MAJORITY_SIGNS, JoinPlan, Kept, Method, MethodOptions, join_plan, join_rows, module_generator
 from .magnitude import sample_rows, select_top, select_top_rows, selects_by_magnitude
 from .registry import METHOD_NAMES, METHODS, describe_method, get_method
 from .weights import module_weights, parse_weight_pattern
@@ -17,11 +17,13 @@ __all__ = [
     "MAJORITY_SIGNS",
     "METHODS",
     "METHOD_NAMES",
+    "JoinPlan",
     "Kept",
     "Method",
     "MethodOptions",
     "describe_method",
     "get_method",
+    "join_plan",
     "join_rows",
     "module_generator",
     "module_weights",

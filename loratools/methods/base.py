@@ -229,6 +229,49 @@ def ties_mean(deltas: Sequence[torch.Tensor], weights: Sequence[float], options:
     return mixed.div_(count.clamp_(min=1))
 
 
+@dataclass(frozen=True)
+class JoinPlan:
+    """What the fused join needs of each input, worked out once per tensor: λ before and from the tied cut, the cut
+    (a flat index; the tensor's size when there is none), keep mode (0 threshold, 1 all, 2 none), divisor and weight."""
+
+    mode: int  # fused.methods.join's: 0 weighted sum, 1 TIES by Σ τ, 2 TIES by Σ sign τ
+    lam_before: np.ndarray
+    lam_after: np.ndarray
+    cut: np.ndarray
+    keep: np.ndarray
+    divisor: np.ndarray
+    weights: np.ndarray
+
+
+def join_plan(
+    method: Method, options: MethodOptions, kept: Sequence[Kept], weights: Sequence[float], dtype: torch.dtype
+) -> JoinPlan | None:
+    """The :class:`JoinPlan` of these inputs, or None when the join cannot be fused (a mask or a per-entry divisor
+    kept, a join other than :func:`weighted_sum` / :func:`ties_mean`, a dtype other than float32/float64)."""
+    modes: dict[Join, int] = {weighted_sum: 0, ties_mean: 1}
+    mode = modes.get(method.join)
+    if mode is None or dtype not in (torch.float32, torch.float64):
+        return None
+    if any(k.mask is not None or isinstance(k.divisor, torch.Tensor) for k in kept):
+        return None
+    count = len(kept)
+    lam_before, lam_after, divisor = np.zeros(count), np.zeros(count), np.ones(count)
+    cut, keep = np.full(count, np.iinfo(np.int64).max, dtype=np.int64), np.zeros(count, dtype=np.int8)
+    for i, k in enumerate(kept):
+        if k.nothing:
+            keep[i] = 2
+        elif k.threshold is None:
+            keep[i] = 1  # Kept.apply returns a kept-all block as it is, undivided
+        else:  # hardshrink at the float below the threshold (|x| >= t), or at t itself from the tied cut on
+            t = k.threshold.to(dtype).numpy()
+            lam_before[i] = float(np.nextafter(t, t.dtype.type(-math.inf)))
+            lam_after[i] = float(t)
+            cut[i] = k.cut if k.strict else cut[i]
+            divisor[i] = 1.0 if k.divisor is None else float(k.divisor)  # type: ignore[arg-type]  # tensors refused above
+    mode += int(mode == 1 and options.majority_sign == "frequency")
+    return JoinPlan(mode, lam_before, lam_after, cut, keep, divisor, np.asarray(weights, dtype=np.float64))
+
+
 def join_rows(
     method: Method,
     options: MethodOptions,
@@ -238,55 +281,40 @@ def join_rows(
     weights: Sequence[float],
     out: torch.Tensor | None = None,
     scales: Sequence[float] | None = None,
+    plan: JoinPlan | None = None,
 ) -> torch.Tensor:
     """Rows ``r0:`` of the method's ΔW from the same rows of every input's ΔW, ``blocks`` (inputs, rows, cols).
 
     Each input's :meth:`Kept.apply`, then the method's ``join``.  On the CPU, when every input
     keeps by a magnitude threshold or keeps all (TIES, magnitude pruning, task arithmetic) and the
-    join is :func:`weighted_sum` or :func:`ties_mean`, both run as one compiled pass in tiles
-    (:func:`loratools.fused.methods.join`): the same float operations in the same order, so the
-    same bits, about 5x cheaper, into ``out`` (flat, at least rows·cols) when given.  Otherwise the torch steps.
-    ``scales``: each input's ΔW is ``blocks[i] · scales[i]`` (products B·A and their s), 1 when not given.
+    join is :func:`weighted_sum` or :func:`ties_mean`, both run as one compiled pass
+    (:func:`loratools.fused.methods.join`; a pair of inputs :func:`~loratools.fused.methods.join_pair`):
+    the same float operations in the same order, so the same bits, about 5x cheaper, into ``out``
+    (flat, at least rows·cols) when given.  Otherwise the torch steps.  ``scales``: each input's
+    ΔW is ``blocks[i] · scales[i]`` (products B·A and their s), 1 when not given; ``plan``: the
+    inputs' :func:`join_plan`, when the caller keeps it from block to block.
     """
     count, rows, cols = blocks.shape
-    modes: dict[Join, int] = {weighted_sum: 0, ties_mean: 1}  # fused.methods.join's modes (2: ties_mean, frequency signs)
-    mode = modes.get(method.join)
-    fusable = blocks.device.type == "cpu" and blocks.dtype in (torch.float32, torch.float64)
-    if mode is None or not fusable or any(k.mask is not None or isinstance(k.divisor, torch.Tensor) for k in kept):
+    plan = plan or (join_plan(method, options, kept, weights, blocks.dtype) if blocks.device.type == "cpu" else None)
+    if plan is None:
         if scales is not None:
             blocks = torch.stack([b * s for b, s in zip(blocks, scales, strict=True)])
         return method.join([k.apply(b, r0, r0 + rows) for k, b in zip(kept, blocks, strict=True)], weights, options)
     from ..fused import methods as fused  # numba: imported by the merge methods' CPU paths only
 
-    lam_before, lam_after, divisor = np.zeros(count), np.zeros(count), np.zeros(count)
-    start, keep = np.zeros(count, dtype=np.int64), np.zeros(count, dtype=np.int8)
-    first = r0 * cols
-    for i, k in enumerate(kept):
-        divisor[i] = 1.0 if k.divisor is None else float(k.divisor)  # type: ignore[arg-type]  # a tensor divisor is not fusable
-        if k.nothing:
-            keep[i] = 2
-        elif k.threshold is None:
-            keep[i] = 1
-            divisor[i] = 1.0  # Kept.apply returns a kept-all block as it is
-        else:  # hardshrink at the float below the threshold (|x| >= t), or at t itself from the tied cut on
-            t = k.threshold.to(blocks.dtype).numpy()
-            lam_before[i] = float(np.nextafter(t, t.dtype.type(-math.inf)))
-            lam_after[i] = float(t)
-            start[i] = k.cut - first if k.strict else rows * cols
-    out = torch.empty(rows * cols, dtype=blocks.dtype) if out is None else out[: rows * cols]
-    mode += int(mode == 1 and options.majority_sign == "frequency")
-    flat = blocks.reshape(count, -1)
+    n = rows * cols
+    out = torch.empty(n, dtype=blocks.dtype) if out is None else out[:n]
+    start = np.clip(plan.cut - r0 * cols, 0, n)  # the block's own positions of the tied cuts
+    flat = blocks.reshape(count, -1).numpy()
     factors = np.ones(count) if scales is None else np.asarray(scales, dtype=np.float64)
-    weighted = np.asarray(weights, dtype=np.float64)
-    if count == 2 and not (keep == 2).any():  # the common pair in one vectorized step per entry
-        lam = np.stack([lam_before, lam_after]).T.copy()
-        lam[keep == 1] = -math.inf
-        cuts = np.sort(np.clip(start, 0, rows * cols))
-        segments = np.array([[lam[i, 0] if e < start[i] else lam[i, 1] for i in range(2)] for e in (0, cuts[0], cuts[1])])
-        ends = np.array([cuts[0], cuts[1], rows * cols], dtype=np.int64)
-        fused.join_pair(flat.numpy(), factors, segments, ends, divisor, weighted, mode, out.numpy())
+    if count == 2 and not (plan.keep == 2).any():  # the common pair, one vectorized step per entry
+        lam = np.where((plan.keep == 1)[:, None], -math.inf, np.stack([plan.lam_before, plan.lam_after], axis=1))
+        first, second = np.sort(start)
+        segments = np.array([[lam[i, 0] if e < start[i] else lam[i, 1] for i in range(2)] for e in (0, first, second)])
+        fused.join_pair(flat, factors, segments, np.array([first, second, n]), plan.divisor, plan.weights, plan.mode, out.numpy())
     else:
-        fused.join(flat.numpy(), factors, lam_before, lam_after, start, keep, divisor, weighted, mode, out.numpy())
+        thresholds = (plan.lam_before, plan.lam_after, start, plan.keep, plan.divisor)
+        fused.join(flat, factors, *thresholds, plan.weights, plan.mode, out.numpy())
     return out.view(rows, cols)
 
 

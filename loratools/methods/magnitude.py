@@ -1,7 +1,7 @@
 """TIES's trim step: which entries of one input's ΔW are its k = ⌊density·numel⌋ largest in magnitude.
 
-The k-th largest |x| is found exactly without sorting: a sample of 2¹⁶ entries (fixed seed)
-brackets it between two sample values, by 8 standard deviations of the sample's rank; one pass
+The k-th largest |x| is found exactly without sorting: a sample of 2¹⁵ entries (fixed seed)
+brackets it between two sample values, by 6 standard deviations of the sample's rank; one pass
 (in cache-sized pieces, side by side on a pool) counts the entries above the bracket and gathers
 those inside it (~3%), and ``kthvalue`` of the gathered ones is the answer.  A bracket that misses
 (a sample unlike the whole: many equal values) falls back to ``kthvalue`` of the whole tensor, so
@@ -27,7 +27,7 @@ from ..scratch import buffer
 from .base import Kept, Method, MethodOptions, keep_all
 
 _CHUNK = 1 << 19  # elements per piece of a whole-tensor pass: a few MiB, so temporaries stay in cache
-_SAMPLE = 1 << 16  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
+_SAMPLE = 1 << 15  # entries of the (seeded, uniform) sample that brackets a magnitude threshold
 
 
 def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
@@ -166,7 +166,7 @@ class Bracket:
         """The bracket of the k-th largest of n magnitudes from a uniform ``sample`` of them."""
         m = sample.numel()
         j = k * m / n  # the k-th largest's expected rank in the sample, from the top
-        spread = 8 * math.sqrt(max(j * (1 - j / m), 1.0)) + 2
+        spread = 6 * math.sqrt(max(j * (1 - j / m), 1.0)) + 2  # a miss (about 2e-9) falls back, exactly
         top, bottom = int(j - spread), int(j + spread)  # ranks from the top, 0-based
         high = _kth_smallest(sample, m - top - 1) if top >= 0 else None
         low = _kth_smallest(sample, m - bottom - 1) if bottom < m else sample.new_zeros(())
