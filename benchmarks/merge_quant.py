@@ -15,20 +15,20 @@ and a few copies of one tensor in memory, never the model.
 
     python benchmarks/merge_quant.py [--dir /tmp] [--layers 30] [--repeat 1] [--settle 2] [--keep]
 
-Measured (2 CPUs shared with other jobs, load average 2-4, torch 2.13 CPU; two runs of
-``--repeat 2`` each, best of each shown).  Before the fused FP8 path: bf16 8.45 / 8.09 s wall
-(7.5 / 6.8 s CPU), FP8 keep 30.0 / 21.2 s (19.7 / 20.5 s CPU): 6.6x / 4.9x.  Now: bf16 5.95 /
-10.27 s (6.6 / 8.8 s CPU), FP8 keep 16.8 / 16.7 s (16.3 / 22.7 s CPU) for 1.68 GiB out against
-3.12 GiB: 5.2x / 3.0x the time per output byte, goal 2x not met; peak RSS 498 vs 488 MiB, 2.0x
-the largest tensor's float32 size.  The ratio moves with the bf16 run, which is mostly I/O.
+Measured (2 CPUs shared with other jobs, torch 2.13 CPU, numba 0.68; best of ``--repeat 2``).
+Eager torch, before: bf16 6.95 s, FP8 keep 13.3 s (18.1 s CPU): 3.5x the time per output byte
+(16.7 s and 3.0-5.2x on other days).  With the compiled loops of ``loratools/fused/e4m3.py``
+(decode + (B·A)·s + block maxima in one pass, requantization + both survival norms in another,
+every byte and scale unchanged): bf16 5.73 s, FP8 keep 9.39 s (12.1 s CPU) for 1.68 GiB out
+against 3.12 GiB: 3.0x, goal 2x not met; peak RSS 612 MiB (numba's runtime is ~110 MiB of it),
+2.4x the largest tensor's float32 size.
 
-Where the FP8 time goes, per MiB of float32 weight, one thread, reused buffers (1.9-2.0 ms in
-all, against 0.38 ms for the bf16 path's upcast, ΔW, add and cast, measured the same way): e4m3 decode by bit moves and the block scale
-0.36, copy into the merge buffer 0.07, ΔW = B·A 0.25, ·s 0.06, add 0.07, |W'| and block amax
-0.17, scales 0.03, W'·scale 0.08, clamp 0.04, cast to e4m3 (torch) 0.24; survival: ‖W' − W‖
-0.16, decode of the new bytes 0.40, ‖Q(W') − W‖ 0.12.  Every pass is a memory-bound eager op;
-reaching 2x per output byte would need about the bf16 path's cost per element, i.e. fused
-kernels (one pass from e4m3 bytes to e4m3 bytes), which eager torch on the CPU does not give.
+Where the FP8 time goes now, thread seconds over the 5880 MiB of float32 weight the merge
+requantizes (both workers busy): ΔW = B·A 2.2-3.3 s (the bf16 merge pays it too), decode + add +
+maxima 2.6-3.1 s, requantization + norms 2.3-3.2 s: 0.4-0.55 ms per MiB each, three to four times
+what the same loops take on one thread with their data in cache.  The two workers share one
+memory path (two torch.mm calls on two threads run 1.2x faster than one after the other, not
+2x), so the bf16 merge, which moves twice the bytes but does less work per element, stays ahead.
 """
 
 from __future__ import annotations
