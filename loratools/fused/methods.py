@@ -17,34 +17,16 @@ _U = np.uint64  # loop indices: numba wraps a signed index for negative values, 
 
 
 @compiled
-def scan(bits: np.ndarray, mask: np.integer, low: np.integer, high: np.integer, finite: np.integer, out: np.ndarray) -> tuple[int, int]:
-    """How many |x| exceed ``high`` and the |x| within [``low``, ``high``], in order, for the float bits ``bits``.
+def scan(values: np.ndarray, scale: float, low: np.integer, high: np.integer, finite: np.integer, out: np.ndarray) -> tuple[int, int]:
+    """How many |x| exceed ``high`` and the |x| within [``low``, ``high``], in order, for x = ``values · scale``
+    (float32: the product as a merge kernel rounds it; B·A and its s, or ΔW and 1).
 
-    ``bits``: a float piece viewed as unsigned integers of its width; ``mask`` clears the sign bit;
-    ``low``/``high``: the bits of the (non-negative) bracket ends, ``finite`` those of +inf, all
-    scalars of the same unsigned type.  For non-negative floats the integer order is the float
-    order, so one unsigned subtraction tests the bracket (a wide one: below ``low`` it wraps far
-    above); a NaN (bits above +inf) is neither above nor inside, as float comparisons have it.
-    ``out`` (as ``bits``, as long) receives the bits of the |x| inside; returns (above, inside).
+    ``low``/``high``: the bits of the (non-negative) bracket ends, ``finite`` those of +inf.  For
+    non-negative floats the integer order is the float order, so one unsigned subtraction tests the
+    bracket (a wide one: below ``low`` it wraps far above); a NaN (bits above +inf) is neither
+    above nor inside, as float comparisons have it.  ``out`` (uint32, as long as ``values``)
+    receives the bits of the |x| inside; returns (above, inside).
     """
-    span = np.uint64(high) - np.uint64(low)
-    lo = np.uint64(low)
-    above = 0
-    n = 0
-    for i in range(bits.size):
-        a = bits[i] & mask
-        above += np.int64(a > high) - np.int64(a > finite)
-        if np.uint64(a) - lo <= span:
-            out[n] = a
-            n += 1
-    return above, n
-
-
-@compiled
-def scan_scaled(
-    values: np.ndarray, scale: float, low: np.integer, high: np.integer, finite: np.integer, out: np.ndarray
-) -> tuple[int, int]:
-    """:func:`scan` of ``values · scale`` (float32: the product as a merge kernel rounds it), for B·A and its s."""
     span = np.uint64(high) - np.uint64(low)
     lo = np.uint64(low)
     s = np.float32(scale)

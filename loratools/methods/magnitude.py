@@ -37,8 +37,6 @@ def _kth_smallest(values: torch.Tensor, rank: int) -> torch.Tensor:
     return torch.from_numpy(np.partition(values.numpy(), rank)[rank : rank + 1]).reshape(())
 
 
-_BITS = {torch.float32: np.uint32, torch.float64: np.uint64}  # the unsigned integers the CPU scan reads floats as
-
 Rows = Callable[[int, int], tuple[torch.Tensor, float]]
 """Rows ``r0:r1`` of a ΔW (2-D, float) as (P, s), ΔW = P·s (a product B·A and its scale, or ΔW and 1), valid
 until the next call on the same thread."""
@@ -159,7 +157,7 @@ class Bracket:
 
     low: torch.Tensor  # 0-d, the tensor's dtype
     high: torch.Tensor | None
-    bits: tuple[np.integer, np.integer] | None = None  # (low, high) as unsigned bits for the CPU scan (high None: +inf)
+    bits: tuple[np.uint32, np.uint32] | None = None  # float32: (low, high) as bits for the CPU scan (high None: +inf)
 
     @classmethod
     def of(cls, sample: torch.Tensor, k: int, n: int) -> Bracket:
@@ -170,25 +168,24 @@ class Bracket:
         top, bottom = int(j - spread), int(j + spread)  # ranks from the top, 0-based
         high = _kth_smallest(sample, m - top - 1) if top >= 0 else None
         low = _kth_smallest(sample, m - bottom - 1) if bottom < m else sample.new_zeros(())
-        unsigned = _BITS.get(sample.dtype)
-        bits = None if unsigned is None else (_bits(low, unsigned), _bits(math.inf if high is None else high, unsigned, sample.dtype))
+        bits = (_bits(low), _bits(math.inf if high is None else high)) if sample.dtype == torch.float32 else None
         return cls(low, high, bits)
 
     def scan(self, piece: torch.Tensor, scale: float = 1.0) -> tuple[int, torch.Tensor]:
-        """One piece's count of |x| above the bracket and its |x| inside it, in row-major order, x = ``piece · scale``."""
-        if piece.device.type == "cpu" and self.bits is not None and piece.dtype == torch.float32 == self.low.dtype and scale != 1.0:
-            return _scan_scaled(piece.contiguous().reshape(-1), scale, *self.bits)
-        piece = (piece * scale if scale != 1.0 else piece).reshape(-1)
-        low, high = self.low.to(piece.device), None if self.high is None else self.high.to(piece.device)
-        if piece.device.type == "cpu" and self.bits is not None and piece.dtype == self.low.dtype:
-            return _scan_bits(piece.contiguous(), *self.bits)
-        if piece.device.type == "cpu":
-            return _scan_cpu(piece.contiguous(), low, high)
-        a = piece.abs()
-        if high is None:
-            return 0, a[torch.ge(a, low)]
-        above = int(torch.gt(a, high).sum())
-        return above, a[(a >= low) & (a <= high)]
+        """One piece's count of |x| above the bracket and its |x| inside it, in row-major order, x = ``piece · scale``.
+
+        float32 on the CPU: one compiled pass on the float bits, the product formed in it
+        (:func:`loratools.fused.methods.scan`), ~2x cheaper than numpy's compares and boolean
+        gather; other dtypes and devices: torch's compares.  The same entries either way.
+        """
+        if piece.device.type == "cpu" and piece.dtype == torch.float32 and self.bits is not None:
+            return _scan_cpu(piece.contiguous().reshape(-1), scale, *self.bits)
+        a = (piece * scale if scale != 1.0 else piece).reshape(-1).abs()
+        low = self.low.to(a.device, a.dtype)
+        if self.high is None:
+            return 0, a[a >= low]
+        high = self.high.to(a.device, a.dtype)
+        return int((a > high).sum()), a[(a >= low) & (a <= high)]
 
     def threshold(self, found: list[tuple[int, torch.Tensor]], k: int) -> tuple[torch.Tensor, int, int] | None:
         """(the k-th largest, how many entries reach it, how many equal it) from every piece's scan, or None when it is outside."""
@@ -201,48 +198,22 @@ class Bracket:
         return threshold, above + int((inside >= threshold).sum()), int((inside == threshold).sum())
 
 
-def _scan_cpu(piece: torch.Tensor, low: torch.Tensor, high: torch.Tensor | None) -> tuple[int, torch.Tensor]:
-    """:meth:`Bracket.scan` on the CPU: the same entries as torch's ``|x| > high`` and ``low <= |x| <= high`` compares
-    in the piece's dtype (NaN in neither); float32 and float64 in one compiled pass (:func:`_scan_bits`)."""
-    unsigned = _BITS.get(piece.dtype)
-    if unsigned is None:  # float16, bfloat16
-        a = piece.abs()
-        if high is None:
-            return 0, a[a >= low]
-        return int((a > high).sum()), a[(a >= low) & (a <= high)]
-    return _scan_bits(piece.contiguous(), _bits(low, unsigned), _bits(math.inf if high is None else high, unsigned, piece.dtype))
-
-
-def _scan_bits(piece: torch.Tensor, low: np.integer, high: np.integer) -> tuple[int, torch.Tensor]:
-    """The CPU scan on the float bits (:func:`loratools.fused.methods.scan`), ~2x cheaper than numpy's compares and
-    boolean gather; ``low``/``high``: the bracket's bits (:func:`_bits`)."""
-    from ..fused import methods as fused  # numba: imported by the merge methods' CPU paths only
-
-    unsigned = _BITS[piece.dtype]
-    out = buffer("magnitude-inside", piece.numel(), piece.dtype)
-    finite = _INF_BITS[piece.dtype]
-    above, count = fused.scan(
-        piece.numpy().view(unsigned), unsigned(np.iinfo(unsigned).max >> 1), low, high, finite, out.numpy().view(unsigned)
-    )
-    return int(above), out[:count].clone()
-
-
-def _scan_scaled(piece: torch.Tensor, scale: float, low: np.integer, high: np.integer) -> tuple[int, torch.Tensor]:
-    """:func:`_scan_bits` of float32 ``piece · scale``, the product formed in the pass (:func:`loratools.fused.methods.scan_scaled`)."""
+def _scan_cpu(piece: torch.Tensor, scale: float, low: np.uint32, high: np.uint32) -> tuple[int, torch.Tensor]:
+    """:meth:`Bracket.scan` of a flat float32 CPU piece; ``low``/``high``: the bracket's bits (:func:`_bits`)."""
     from ..fused import methods as fused  # numba: imported by the merge methods' CPU paths only
 
     out = buffer("magnitude-inside", piece.numel())
-    above, count = fused.scan_scaled(piece.numpy(), scale, low, high, _INF_BITS[torch.float32], out.numpy().view(np.uint32))
+    above, count = fused.scan(piece.numpy(), scale, low, high, _INF_BITS, out.numpy().view(np.uint32))
     return int(above), out[:count].clone()
 
 
-def _bits(value: torch.Tensor | float, unsigned: type, dtype: torch.dtype | None = None) -> np.integer:
-    """A float scalar's bits as ``unsigned`` (``value`` a 0-d tensor, or a float of ``dtype``)."""
-    t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=dtype)
-    return np.asarray(t.cpu().numpy()).view(unsigned)[()]  # type: ignore[no-any-return,return-value]
+def _bits(value: torch.Tensor | float) -> np.uint32:
+    """A float32 scalar's bits (``value`` a 0-d float32 tensor, or a float)."""
+    t = value if isinstance(value, torch.Tensor) else torch.tensor(value, dtype=torch.float32)
+    return np.asarray(t.cpu().numpy()).view(np.uint32)[()]  # type: ignore[return-value]
 
 
-_INF_BITS = {dtype: _bits(math.inf, unsigned, dtype) for dtype, unsigned in _BITS.items()}
+_INF_BITS = _bits(math.inf)
 
 
 def _kth(flat: torch.Tensor, k: int, pool: Executor | None) -> tuple[torch.Tensor, int, int]:

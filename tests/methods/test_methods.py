@@ -14,7 +14,7 @@ from loratools import ArgumentError
 from loratools.compute import single_threaded
 from loratools.methods import MethodOptions, get_method, module_generator
 from loratools.methods.della import select_della
-from loratools.methods.magnitude import _scan_cpu, kth_largest_magnitude, select_top, trim
+from loratools.methods.magnitude import Bracket, _bits, kth_largest_magnitude, select_top, trim
 
 X = torch.tensor([[3.0, -1.0], [0.5, -4.0]])
 Y = torch.tensor([[-2.0, 2.0], [1.0, 1.0]])
@@ -127,17 +127,19 @@ def test_kth_largest_magnitude_in_pieces_on_a_pool_equals_one_pass():
     assert got == (expected, 1_000_003)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_cpu_scan_counts_and_gathers_as_torch_compares(dtype):
-    # ties at both ends, zeros, infinities, a NaN: numpy's compares in the piece's dtype pick what torch's do
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_bracket_scan_counts_and_gathers_as_torch_compares(dtype, scale):
+    # ties at both ends, zeros, infinities, a NaN: the compiled float32 scan picks what torch's compares do
     a = torch.tensor([0.5, 0.25, 0.5, 0.0, 1.0, float("inf"), 0.75, float("nan"), 0.25, 0.3], dtype=dtype)
-    low, high = torch.tensor(0.25, dtype=dtype), torch.tensor(0.5, dtype=dtype)
-    above, inside = _scan_cpu(a, low, high)
-    assert above == int((a > high).sum()) == 3
-    assert torch.equal(inside, a[(a >= low) & (a <= high)])
-    assert inside.numel() == 5  # 0.5, 0.25, 0.5, 0.25, 0.3 in order
-    _, unbounded = _scan_cpu(a, low, None)
-    assert torch.equal(unbounded, a[a >= low])
+    low, high = torch.tensor(0.25 * scale, dtype=dtype), torch.tensor(0.5 * scale, dtype=dtype)
+    x = (a * scale).abs()
+    above, inside = Bracket(low, high, (_bits(low), _bits(high)) if dtype == torch.float32 else None).scan(a, scale)
+    assert above == int((x > high).sum()) == 3
+    assert torch.equal(inside, x[(x >= low) & (x <= high)])
+    assert inside.numel() == 5  # 0.5, 0.25, 0.5, 0.25, 0.3 (scaled) in order
+    _, unbounded = Bracket(low, None, (_bits(low), _bits(math.inf)) if dtype == torch.float32 else None).scan(a, scale)
+    assert torch.equal(unbounded, x[x >= low])
 
 
 @pytest.mark.parametrize("k", [1, 7, 300_000, 599_999, 600_000])
