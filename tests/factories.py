@@ -64,10 +64,17 @@ _REPO = Path(__file__).resolve().parents[1]
 def in_subprocess(code: str, *, timeout: float = 300) -> tuple[dict, int]:
     """Run ``code`` in a fresh Python; it must set ``result`` (JSON-able).  Returns ``(result, peak RSS bytes)``.
 
-    The child measures its own peak with ``resource.getrusage`` (Linux reports ru_maxrss in KiB),
-    so bombs are measured in isolation from the test process.
+    The child measures its own peak: on Linux its memory's high-water mark (``VmHWM``, which starts
+    afresh at exec; ``ru_maxrss`` does not, so it would count the forked test process's pages and
+    fail whenever pytest itself has grown past the bound), elsewhere ``resource.getrusage``.
     """
-    tail = "\nimport json as _j, resource as _r\nprint(_j.dumps({'result': result, 'rss': _r.getrusage(_r.RUSAGE_SELF).ru_maxrss * 1024}))"
+    tail = """
+import json as _j, resource as _r
+try:
+    _hwm = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    _hwm = _r.getrusage(_r.RUSAGE_SELF).ru_maxrss
+print(_j.dumps({'result': result, 'rss': _hwm * 1024}))"""
     env = {**os.environ, "PYTHONPATH": str(_REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     done = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code) + tail], capture_output=True, text=True, timeout=timeout, env=env, check=False
