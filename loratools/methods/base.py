@@ -181,7 +181,7 @@ def module_generator(seed: int, module: str, device: torch.device | str = "cpu")
 
     ``add`` and ``merge`` run modules in different orders and threads; deriving each module's stream
     from its adapter module name (``merge`` too, not the base tensor's key; see
-    ``merging.kernels.Combination``) and drawing in B·A's orientation gives both the same drops
+    ``merging.combination.Combination``) and drawing in B·A's orientation gives both the same drops
     for the same seed.
     """
     digest = hashlib.blake2b(f"{seed}\0{module}".encode(), digest_size=8).digest()
