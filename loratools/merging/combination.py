@@ -125,7 +125,8 @@ class Combination:
         else:  # in input order: a random method's one stream
             kept = tuple(select(d, workers) for d in dense)
         empty = torch.empty(0)
-        return MethodTerm(empty, empty, 1.0, deltas=dense, kept=kept, combination=self)
+        plan = join_plan(self.method, self.options, kept, self.input_weights, torch.float32) if device.type == "cpu" else None
+        return MethodTerm(empty, empty, 1.0, deltas=dense, kept=kept, combination=self, plan=plan)
 
     def _streamed(self, terms: tuple[RowTerm, ...], shape: tuple[int, int], pool: Executor | None) -> StreamedTerm | None:
         """Each input's :class:`Kept` from row blocks computed and dropped (:func:`~loratools.methods.select_top_rows`),
@@ -188,11 +189,16 @@ class MethodTerm(RowTerm):
     deltas: tuple[torch.Tensor, ...] = ()
     kept: tuple[Kept, ...] = ()
     combination: Combination | None = None
+    plan: JoinPlan | None = None  # set when the join can be fused (join_plan); else the torch steps on the slices
 
     def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         c = cast(Combination, self.combination)  # always set: Combination.term builds these
-        blocks = torch.stack([d[r0:r1] for d in self.deltas]) if len(self.deltas) > 1 else self.deltas[0][r0:r1].unsqueeze(0)
-        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights)
+        if self.plan is None:
+            return c.method.join(
+                [k.apply(d[r0:r1], r0, r1) for k, d in zip(self.kept, self.deltas, strict=True)], c.input_weights, c.options
+            )
+        blocks = torch.stack([d[r0:r1] for d in self.deltas])
+        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, plan=self.plan)
 
 
 def _run(fn: Callable[[int], None], items: range, pool: Executor | None) -> None:
