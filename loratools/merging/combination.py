@@ -179,7 +179,7 @@ class StreamedTerm(RowTerm):
         n = (r1 - r0) * cols
         blocks = buffer("methods-rows", len(self.inputs) * n).view(len(self.inputs), r1 - r0, cols)
         scales = [_input_rows(parts, r0, r1, target)[1] for parts, target in zip(self.inputs, blocks, strict=True)]
-        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, buffer("methods-joined", n), scales, self.plan)
+        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, self.plan, buffer("methods-joined", n), scales)
 
 
 @dataclass(frozen=True)
@@ -189,16 +189,11 @@ class MethodTerm(RowTerm):
     deltas: tuple[torch.Tensor, ...] = ()
     kept: tuple[Kept, ...] = ()
     combination: Combination | None = None
-    plan: JoinPlan | None = None  # set when the join can be fused (join_plan); else the torch steps on the slices
+    plan: JoinPlan | None = None  # the fused join's per-input constants (join_plan); None: the torch steps on the slices
 
     def rows(self, r0: int, r1: int, out: torch.Tensor | None = None) -> torch.Tensor:
         c = cast(Combination, self.combination)  # always set: Combination.term builds these
-        if self.plan is None:
-            return c.method.join(
-                [k.apply(d[r0:r1], r0, r1) for k, d in zip(self.kept, self.deltas, strict=True)], c.input_weights, c.options
-            )
-        blocks = torch.stack([d[r0:r1] for d in self.deltas])
-        return join_rows(c.method, c.options, self.kept, blocks, r0, c.input_weights, plan=self.plan)
+        return join_rows(c.method, c.options, self.kept, [d[r0:r1] for d in self.deltas], r0, c.input_weights, self.plan)
 
 
 def _run(fn: Callable[[int], None], items: range, pool: Executor | None) -> None:

@@ -123,8 +123,8 @@ class QuantJob:
             out = {q.primary: _rows(out_primary, c.part_rows(q, q.primary, (r0, r1)))}
             out |= {role: _rows(self.outputs[role], c.part_rows(q, role, (r0, r1))) for role in self.rewritten}
             assert edit is not None  # jobs() requantizes edited parameters only; the rest pass through byte for byte
-            terms = edit.low_rank(r0, r1)
-            low_rank = LowRank(terms) if terms is not None and edit.residual is None else None
+            terms = edit.low_rank(r0, r1)  # jobs() refused residual inits on quantized tensors
+            low_rank = LowRank(terms) if terms is not None else None
             return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out, low_rank=low_rank)
 
         starts = range(0, rows, step)

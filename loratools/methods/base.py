@@ -132,7 +132,7 @@ class Method:
     ) -> torch.Tensor:
         """The combined ΔW of whole tensors: each input's :class:`Kept` (in input order: one generator stream), then ``join``."""
         kept = [self.select(d, options, generator, pool) for d in deltas]
-        return self.join([k.apply(d, 0, d.shape[0]) for k, d in zip(kept, deltas, strict=True)], weights, options)
+        return join_rows(self, options, kept, deltas, 0, weights, plan=None)
 
     def options(
         self, *, density: float | None = None, majority_sign: str | None = None, seed: int = 0, epsilon: float | None = None
@@ -276,36 +276,35 @@ def join_rows(
     method: Method,
     options: MethodOptions,
     kept: Sequence[Kept],
-    blocks: torch.Tensor,
+    blocks: torch.Tensor | Sequence[torch.Tensor],
     r0: int,
     weights: Sequence[float],
+    plan: JoinPlan | None,
     out: torch.Tensor | None = None,
     scales: Sequence[float] | None = None,
-    plan: JoinPlan | None = None,
 ) -> torch.Tensor:
-    """Rows ``r0:`` of the method's ΔW from the same rows of every input's ΔW, ``blocks`` (inputs, rows, cols).
+    """Rows ``r0:`` of the method's ΔW from the same rows of every input's ΔW, ``blocks`` (one 2-D block per input,
+    or all of them stacked, which the compiled pass reads without a copy).
 
-    Each input's :meth:`Kept.apply`, then the method's ``join``.  On the CPU, when every input
-    keeps by a magnitude threshold or keeps all (TIES, magnitude pruning, task arithmetic) and the
-    join is :func:`weighted_sum` or :func:`ties_mean`, both run as one compiled pass
+    Each input's :meth:`Kept.apply`, then the method's ``join``.  Given the inputs' ``plan``
+    (:func:`join_plan`, worked out once per tensor), both run as one compiled pass
     (:func:`loratools.fused.methods.join`; a pair of inputs :func:`~loratools.fused.methods.join_pair`):
     the same float operations in the same order, so the same bits, about 5x cheaper, into ``out``
-    (flat, at least rows·cols) when given.  Otherwise the torch steps.  ``scales``: each input's
-    ΔW is ``blocks[i] · scales[i]`` (products B·A and their s), 1 when not given; ``plan``: the
-    inputs' :func:`join_plan`, when the caller keeps it from block to block.
+    (flat, at least rows·cols) when given.  Without a plan, the torch steps.  ``scales``: each
+    input's ΔW is ``blocks[i] · scales[i]`` (products B·A and their s), 1 when not given.
     """
-    count, rows, cols = blocks.shape
-    plan = plan or (join_plan(method, options, kept, weights, blocks.dtype) if blocks.device.type == "cpu" else None)
+    count, rows = len(blocks), blocks[0].shape[0]
     if plan is None:
         if scales is not None:
-            blocks = torch.stack([b * s for b, s in zip(blocks, scales, strict=True)])
+            blocks = [b * s for b, s in zip(blocks, scales, strict=True)]
         return method.join([k.apply(b, r0, r0 + rows) for k, b in zip(kept, blocks, strict=True)], weights, options)
     from ..fused import methods as fused  # numba: imported by the merge methods' CPU paths only
 
+    cols = blocks[0].shape[1]
     n = rows * cols
-    out = torch.empty(n, dtype=blocks.dtype) if out is None else out[:n]
+    out = torch.empty(n, dtype=blocks[0].dtype) if out is None else out[:n]
     start = np.clip(plan.cut - r0 * cols, 0, n)  # the block's own positions of the tied cuts
-    flat = blocks.reshape(count, -1).numpy()
+    flat = (blocks if isinstance(blocks, torch.Tensor) else torch.stack(list(blocks))).reshape(count, -1).numpy()
     factors = np.ones(count) if scales is None else np.asarray(scales, dtype=np.float64)
     if count == 2 and not (plan.keep == 2).any():  # the common pair, one vectorized step per entry
         lam = np.where((plan.keep == 1)[:, None], -math.inf, np.stack([plan.lam_before, plan.lam_after], axis=1))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from loratools.fused import methods
-from loratools.methods import MethodOptions, join_rows
+from loratools.methods import MethodOptions, join_plan, join_rows
 from loratools.methods.base import Kept, ties_mean, weighted_sum
 from loratools.methods.magnitude import select_top
 from loratools.methods.registry import get_method
@@ -58,12 +58,17 @@ def test_join_rows_equals_apply_then_join(name, sign, chosen):
     weights, scales = tuple(weights[i] for i in chosen), tuple(scales[i] for i in chosen)
     for r0, r1 in ((0, rows), (11, 29), (3, 4)):
         blocks = torch.stack([d[r0:r1] for d in deltas])
-        got = join_rows(method, options, kept, blocks, r0, weights, scales=scales)
+        plan = join_plan(method, options, kept, weights, torch.float32)
+        assert plan is not None
+        got = join_rows(method, options, kept, blocks, r0, weights, plan, scales=scales)
         applied = [k.apply(b * s, r0, r1) for k, b, s in zip(kept, blocks, scales, strict=True)]
         want = weighted_sum(applied, weights) if name == "magnitude_prune" else ties_mean(applied, weights, options)
         assert torch.equal(got.nan_to_num(7.0).view(torch.int32), want.nan_to_num(7.0).view(torch.int32))
         assert torch.equal(got.isnan(), want.isnan())
-    nothing = join_rows(method, options, [Kept(nothing=True)] * 2, torch.stack(deltas[:2])[:, :rows], 0, (1.0, 1.0))
+    none = [Kept(nothing=True)] * 2
+    nothing = join_rows(
+        method, options, none, torch.stack(deltas[:2])[:, :rows], 0, (1.0, 1.0), join_plan(method, options, none, (1.0, 1.0), torch.float32)
+    )
     assert torch.equal(nothing, torch.zeros(rows, cols)) and not bool(torch.signbit(nothing).any())
 
 
@@ -71,7 +76,8 @@ def test_join_rows_falls_back_for_masks():
     """DARE's masks take the torch steps (a mask multiplies: -0.0 and NaN·0 as PEFT's)."""
     x = torch.tensor([[1.0, -2.0], [3.0, -4.0]])
     kept = Kept(mask=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), divisor=0.5)
-    got = join_rows(get_method("dare"), MethodOptions(0.5), [kept], x.unsqueeze(0), 0, (1.0,))
+    assert join_plan(get_method("dare"), MethodOptions(0.5), [kept], (1.0,), torch.float32) is None
+    got = join_rows(get_method("dare"), MethodOptions(0.5), [kept], x.unsqueeze(0), 0, (1.0,), None)
     assert torch.equal(got, torch.tensor([[2.0, -0.0], [0.0, -8.0]]))
 
 
