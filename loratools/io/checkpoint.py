@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ class Checkpoint:
     def is_file(self) -> bool:
         return self.root.is_file()
 
-    @property
+    @cached_property
     def tensors(self) -> dict[str, TensorInfo]:
-        """Every tensor by name, across shards, in shard then file order."""
+        """Every tensor by name, across shards, in shard then file order (built once: merges look tensors up per row
+        block's parameter; callers do not change it)."""
         return {name: info for h in self.headers.values() for name, info in h.tensors.items()}
 
     def shard_of(self, name: str) -> Path:

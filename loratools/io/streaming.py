@@ -41,6 +41,7 @@ Progress = Callable[[int], None]
 """Called with the number of output bytes just written."""
 
 _POOL = 2  # buffers per pool: the reader runs one tensor ahead, the writer one behind
+_SMALL = 1 << 20  # bytes: a computed output this small (an FP8 weight's scales) gets a buffer of its own
 _CHUNK = 16 * 2**20  # bytes per piece of an untouched tensor passed through
 
 
@@ -310,8 +311,9 @@ def _feed(
             offset += info.nbytes
             continue
         src = get(reads, stop)
-        out = get(out_pool, stop)
         n = plan.out_nbytes(name, info)
+        small = n <= _SMALL  # its own buffer: a pooled one would wait for the tensor before it to be written
+        out = torch.empty(n + ALIGN, dtype=torch.uint8) if small else get(out_pool, stop)
         dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[name]])
         plan.transforms.get(name, _cast)(
             _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[name], plan.out_shape(name, info), n)
@@ -319,7 +321,7 @@ def _feed(
         if in_pool is not None:
             in_pool.put(src)
         del src  # a mapped source is unmapped here
-        put(writes, (dst, out), stop)
+        put(writes, (dst, None if small else out), stop)
         offset += n
 
 

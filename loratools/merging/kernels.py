@@ -101,13 +101,16 @@ class Kernel:
             self.dora_weight,
         )
 
-    def low_rank(self, r0: int, r1: int) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...] | None:
-        """Rows ``r0:r1`` of this edit as (B rows, A, s) terms when it only adds plain LoRA products (:meth:`rows`
-        then adds (B·A)·s for each, in order), else None; for codecs that fuse the sum into their decode."""
+    @property
+    def adds_low_rank(self) -> bool:
+        """Whether this edit only adds plain LoRA products (:meth:`rows` then adds (B·A)·s for each, in order)."""
         plain = all(type(t) is RowTerm and not t.transposed and not t.rounded for t in self.terms)
-        if not plain or self.magnitude is not None or self.replacement is not None or self.token_rows is not None:
-            return None
-        return tuple((t.B[r0:r1], t.A, t.scale) for t in self.terms)
+        return plain and self.magnitude is None and self.replacement is None and self.token_rows is None
+
+    def low_rank(self, r0: int, r1: int) -> tuple[tuple[torch.Tensor, torch.Tensor, float], ...] | None:
+        """Rows ``r0:r1`` of this edit as (B rows, A, s) terms when it :attr:`adds_low_rank`, else None; for codecs
+        that fuse the sum into their decode."""
+        return tuple((t.B[r0:r1], t.A, t.scale) for t in self.terms) if self.adds_low_rank else None
 
     def rows(self, src: torch.Tensor, r0: int, r1: int, scratch: torch.Tensor | None = None) -> torch.Tensor:
         """Merged rows ``r0:r1`` in float32, from base rows ``src`` (any float dtype).

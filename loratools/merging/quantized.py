@@ -24,6 +24,7 @@ residual inits on a quantized parameter.  This path computes on the CPU.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from .kernels import BLOCK, Kernel
 
 LOW_SURVIVAL = 0.5  # below this fraction of ‖ΔW‖ surviving requantization, the merge warns
 _CPU = torch.device("cpu")
+_CPUS = os.cpu_count() or 1
 
 
 @dataclass
@@ -57,6 +59,36 @@ class Survival:
 
 
 @dataclass
+class Companions:
+    """The jobs' small companion tensors (scales), read a shard's worth at a time when the first of them is asked for:
+    one pass over a shard's header instead of one per parameter, on the thread that hands out row blocks.  Each is
+    handed out once, then dropped; a batch holds at most :data:`COMPANION_BATCH` bytes."""
+
+    checkpoint: Checkpoint
+    pending: set[str]  # small companions not read yet
+    held: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def take(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Tensors ``keys`` (read now, with others of their shard when small)."""
+        wanted = [k for k in keys if k not in self.held]
+        shards = {self.checkpoint.shard_of(k).name for k in wanted}
+        batch, size = list(wanted), sum(self.checkpoint.tensors[k].nbytes for k in wanted)
+        for k in sorted(self.pending - set(wanted)):
+            info = self.checkpoint.tensors[k]
+            if self.checkpoint.shard_of(k).name in shards and size + info.nbytes <= COMPANION_BATCH:
+                batch.append(k)
+                size += info.nbytes
+        if batch:
+            self.held |= read_stored(self.checkpoint, batch)
+            self.pending -= set(batch)
+        return {k: self.held.pop(k) for k in keys}
+
+
+COMPANION_BATCH = 1 << 26  # bytes of companions read ahead in one batch
+_SMALL_COMPANION = 1 << 20  # bytes: companions up to this size are read in batches
+
+
+@dataclass
 class QuantJob:
     """One quantized base parameter through a merge: its codec, its kernel (None: dequantized only), its outputs."""
 
@@ -66,6 +98,7 @@ class QuantJob:
     keep: bool
     checkpoint: Checkpoint
     pool: ThreadPoolExecutor | None
+    companions: Companions
     survival: Survival = field(default_factory=Survival)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # rewritten companions by role (keep)
     early: torch.Tensor | None = None  # the primary's output, when a companion asked first
@@ -103,13 +136,15 @@ class QuantJob:
         parts = {q.primary: src.reshape(shapes[q.primary])}
         companions = q.companions
         if companions:
-            loaded = read_stored(self.checkpoint, list(companions.values()))
+            loaded = self.companions.take(list(companions.values()))
             parts |= {role: loaded[key] for role, key in companions.items()}
         rows = q.shape[0]
         align = c.row_align(q)
         cols = math.prod(q.shape[1:])
         edit = _prepared(self.kernel, (rows, cols)) if self.kernel is not None else None
         step = rows if edit is not None and edit.norm_cols else max(align, (BLOCK // max(1, cols)) // align * align)
+        if self.keep and edit is not None and edit.adds_low_rank and c.streams_low_rank(q):
+            step = max(step, -(-rows // _CPUS // align) * align)  # no copy of the rows: a block a CPU (measured best)
         self.outputs = {role: torch.empty_like(parts[role]) for role in self.rewritten}
         out_primary = dst.reshape(shapes[q.primary]) if self.keep else dst.reshape(q.shape)
 
@@ -173,6 +208,7 @@ def jobs(
             path=checkpoint.root,
         )
     found: dict[str, QuantJob] = {}
+    companions = Companions(checkpoint, set())
     for key, q in quant.params.items():
         kernel = kernels.get(key)
         kernel = kernel if kernel is not None and not kernel.trivial else None
@@ -189,7 +225,10 @@ def jobs(
             raise MergeError(
                 f"a {kernel.residual.family} residual init cannot be rebuilt on quantized base tensor {key}", path=checkpoint.root
             )
-        found[key] = QuantJob(q, c, kernel, keep, checkpoint, pool)
+        found[key] = QuantJob(q, c, kernel, keep, checkpoint, pool, companions)
+        companions.pending |= {k for k in q.companions.values() if checkpoint.tensors[k].nbytes <= _SMALL_COMPANION}
+    for c in {id(j.codec): j.codec for j in found.values()}.values():
+        c.prepare()
     return found
 
 

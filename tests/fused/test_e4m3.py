@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from loratools.fused import e4m3
+from loratools.io.quant.base import LowRank
 
 FP8 = torch.float8_e4m3fn
 
@@ -90,19 +91,78 @@ def test_requantize_block_scales_and_norms():
     assert delta == pytest.approx(float(((x - base).double() ** 2).sum()), rel=1e-6)
 
 
-def test_decode_merge_adds_the_scaled_product_and_takes_block_maxima():
-    """x = float(q)·scale + P·s, the product rounded then the sum, as a merge kernel adds (B·A)·s; amax as block_amax."""
-    g = torch.Generator().manual_seed(4)
-    shape, block = (300, 200), (128, 128)
+def _terms(n: int, k: int, ranks: tuple[int, ...], seed: int) -> LowRank:
+    g = torch.Generator().manual_seed(seed)
+    return LowRank(
+        tuple((torch.randn(n, r, generator=g) * 0.05, torch.randn(r, k, generator=g) * 0.05, 0.37 * (t + 1)) for t, r in enumerate(ranks))
+    )
+
+
+def _packed(low_rank: LowRank) -> tuple[np.ndarray, ...]:
+    B = torch.cat([t[0] for t in low_rank.terms], dim=1).contiguous()
+    A = torch.cat([t[1] for t in low_rank.terms]).contiguous()
+    offsets = np.cumsum([0] + [t[0].shape[1] for t in low_rank.terms], dtype=np.int64)
+    return B.numpy(), A.numpy(), offsets, np.array([t[2] for t in low_rank.terms], np.float32)
+
+
+# ranks through every path of the product loops (eight, four and one rank a pass), a rank-0 term, several terms
+RANKS = [(16,), (1,), (3,), (5,), (13,), (4, 0, 9), (8, 2)]
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("shape", [(300, 200), (301, 700), (129, 1030)])
+def test_merge_adds_the_terms_by_the_low_rank_rule_and_takes_block_maxima(shape, ranks):
+    """x = float(q)·scale + Σ P_t·s_t equals LowRank.apply on the decoded rows bit for bit (odd rows, ragged blocks,
+    strips of blocks over wide rows); amax as block_amax."""
+    block = (128, 128)
     q, decoded = _base(shape, 5)
-    old = torch.rand(3, 2, generator=g)
-    product = torch.randn(shape, generator=g)
-    x, amax = np.empty(shape, np.float32), np.zeros((3, 2), np.float32)
-    e4m3.decode_merge(q, old.numpy(), *block, product.numpy(), 0.37, x, amax.view(np.int32))
-    want = decoded * _expand(old, shape, block) + product * 0.37
+    grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+    old = torch.rand(grid, generator=torch.Generator().manual_seed(4))
+    low_rank = _terms(*shape, ranks, seed=6)
+    x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
+    e4m3.merge(q, old.numpy(), *_packed(low_rank), *block, x, amax.view(np.int32))
+    want = low_rank.apply(decoded * _expand(old, shape, block))
     assert torch.equal(torch.from_numpy(x), want)
-    padded = torch.nn.functional.pad(want, (0, 56, 0, 84))
-    assert torch.equal(torch.from_numpy(amax), padded.abs().reshape(3, 128, 2, 128).amax(dim=(1, 3)))
+    padded = torch.nn.functional.pad(want, (0, -shape[1] % 128, 0, -shape[0] % 128))
+    assert torch.equal(torch.from_numpy(amax), padded.abs().reshape(grid[0], 128, grid[1], 128).amax(dim=(1, 3)))
+
+
+@pytest.mark.parametrize("ranks", RANKS)
+@pytest.mark.parametrize("shape", [(300, 200), (301, 700), (129, 1030)])
+def test_merge_requantize_equals_the_passes_one_after_the_other(shape, ranks):
+    """Bytes and scale inverses of merge_requantize equal merge -> scales -> requantize (each checked against torch);
+    both survival norms agree with float64 sums of the same terms; a NaN and a saturated row included."""
+    block = (128, 128)
+    q, decoded = _base(shape, 7)
+    grid = (-(-shape[0] // 128), -(-shape[1] // 128))
+    old = torch.rand(grid, generator=torch.Generator().manual_seed(8)) * 1e-2
+    old[0, 0] = 0.0  # an all-zero block: ΔW alone sets its scale
+    low_rank = _terms(*shape, ranks, seed=9)
+    if ranks == (16,):
+        q[5, 3] = 0x7F  # NaN: both norms are NaN; its block keeps scale 1 (Fp8Quantize's amax > 0 test is false)
+        low_rank.terms[0][0][-1] *= 1e6  # the last row far above its block's old range: a fresh, larger scale
+    packed = _packed(low_rank)
+    out, inv = np.empty(shape, np.uint8), np.empty(grid, np.float32)
+    kept, delta = e4m3.merge_requantize(q, old.numpy(), *packed, *block, out, inv)
+    x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
+    e4m3.merge(q, old.numpy(), *packed, *block, x, amax.view(np.int32))
+    scale, inv2 = np.empty(grid, np.float32), np.empty(grid, np.float32)
+    e4m3.scales(amax, scale, inv2)
+    out2 = np.empty(shape, np.uint8)
+    kept2, delta2 = e4m3.requantize(x, q, old.numpy(), scale, inv2, *block, out2)
+    assert np.array_equal(out, out2) and np.array_equal(inv, inv2)
+    if ranks == (16,):
+        assert np.isnan(kept) and np.isnan(delta) and inv[0, 0] == 1.0
+    else:
+        assert kept == pytest.approx(kept2, rel=1e-5) and delta == pytest.approx(delta2, rel=1e-5)
+        base = decoded * _expand(old, shape, block)
+        new = torch.from_numpy(out).view(FP8).to(torch.float32) * _expand(torch.from_numpy(inv), shape, block)
+        assert kept == pytest.approx(float(((new - base).double() ** 2).sum()), rel=1e-5)
+        assert delta == pytest.approx(float(((torch.from_numpy(x) - base).double() ** 2).sum()), rel=1e-5)
+
+
+def test_load_runs_every_loop():
+    e4m3.load()  # the background warm-up of the FP8 codec: every loop on tiny inputs, without error
 
 
 def test_scales_are_fp8_quantizes_rule():

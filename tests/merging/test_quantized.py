@@ -17,9 +17,12 @@ from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_f
 
 from loratools import InvalidAdapterError, MergeError, load, merge, unmerge
 from loratools.io.checkpoint import open_checkpoint
+from loratools.io.quant.base import LowRank
 from loratools.io.quant.fp8_block import CODEC
-from loratools.io.quant.registry import scan
+from loratools.io.quant.registry import read_stored, scan
 from loratools.io.tensorfile import DTYPE_NAMES, TensorInfo
+from loratools.merging import quantized
+from loratools.merging.quantized import Companions
 from loratools.validation import check_base
 
 from ..conftest import tiny_llama_config
@@ -114,33 +117,39 @@ def _adapter(path: Path, seed: int = 1, scale: float = 1.0, targets: list[str] =
     return path
 
 
-def _delta(adapter: Path) -> dict[str, torch.Tensor]:
-    """ΔW = (B·A)·s in float32 per base key, as PEFT and the merge kernels compute it."""
+def _factors(adapter: Path) -> dict[str, LowRank]:
+    """Each base key's term (B, A, s = 8 / 4) in float32, as the merge hands it to a codec."""
     tensors = load_file(adapter / "adapter_model.safetensors")
     out = {}
     for key, A in tensors.items():
         if "lora_A" in key:
             B = tensors[key.replace("lora_A", "lora_B")]
-            out[key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")] = (B.float() @ A.float()) * (8 / 4)
+            out[key.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight")] = LowRank(((B.float(), A.float(), 8 / 4),))
     return out
+
+
+def _delta(adapter: Path) -> dict[str, torch.Tensor]:
+    """ΔW = (B·A)·s in float32 per base key, as PEFT and the merge kernels compute it."""
+    return {key: (B @ A) * s for key, term in _factors(adapter).items() for B, A, s in term.terms}
 
 
 @pytest.mark.parametrize(("block", "split"), [((16, 16), False), ((32, 32), True)])
 def test_keep_requantizes_edited_weights_bit_for_bit(tmp_path: Path, block: tuple[int, int], split: bool) -> None:
-    """W' = quantize(dequantize(W) + ΔW) bit for bit, ragged blocks (32 x 32 on 16- and 48-row weights) and a
-    scale stored before its weight included; everything else is byte-identical, the config kept."""
+    """W' = quantize(dequantize(W) + ΔW) bit for bit, ΔW the adapter's terms by LowRank's rule (the products
+    accumulated rank by rank); ragged blocks (32 x 32 on 16- and 48-row weights) and a scale stored before its
+    weight included; everything else is byte-identical, the config kept."""
     base = _fp8_base(tmp_path / "base", block, split)
     adapter = _adapter(tmp_path / "adapter")
     result = merge(base, [adapter], out=tmp_path / "out")
     before, after = _tensors(base), _tensors(tmp_path / "out")
     assert after.keys() == before.keys()
-    deltas = _delta(adapter)
+    deltas = _factors(adapter)
     assert sorted(result.merged) == sorted(deltas)
-    for key, delta in deltas.items():
+    for key, term in deltas.items():
         scale_key = key.removesuffix("weight") + "weight_scale_inv"
         parts = {"weight": before[key], "weight_scale_inv": before[scale_key]}
         q = _claim(parts, block)
-        want = CODEC.quantize(q, CODEC.dequantize(q, parts) + delta, CODEC.all_rows(q), parts)
+        want = CODEC.quantize(q, term.apply(CODEC.dequantize(q, parts)), CODEC.all_rows(q), parts)
         assert torch.equal(after[key].view(torch.uint8), want["weight"].view(torch.uint8)), key
         assert torch.equal(after[scale_key], want["weight_scale_inv"]), scale_key
     for key in before.keys() - deltas.keys() - {k.removesuffix("weight") + "weight_scale_inv" for k in deltas}:
@@ -274,3 +283,22 @@ def test_a_merge_method_on_an_fp8_base_equals_it_on_the_dequantized_base(tmp_pat
     assert got.keys() == want.keys()
     for key in want:
         assert torch.equal(got[key], want[key]), key
+
+
+def test_companions_are_read_a_shard_at_a_time_and_handed_out_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first scale asked for brings the rest of its shard's small scales with it (one read of the shard); each
+    is handed out once and dropped; a batch stops at COMPANION_BATCH bytes."""
+    base = _fp8_base(tmp_path / "base", (16, 16), split=True)
+    checkpoint = open_checkpoint(base)
+    quant = scan(checkpoint.model_config(), checkpoint.tensors)
+    keys = sorted(k for q in quant.params.values() for k in q.companions.values())
+    companions = Companions(checkpoint, set(keys))
+    first = companions.take([keys[0]])
+    assert torch.equal(first[keys[0]], read_stored(checkpoint, [keys[0]])[keys[0]])
+    assert not companions.pending and set(companions.held) == set(keys[1:])
+    rest = companions.take(keys[1:])
+    assert set(rest) == set(keys[1:]) and not companions.held
+    monkeypatch.setattr(quantized, "COMPANION_BATCH", checkpoint.tensors[keys[0]].nbytes)
+    capped = Companions(checkpoint, set(keys))
+    capped.take([keys[0]])
+    assert capped.pending == set(keys[1:]) and not capped.held

@@ -46,7 +46,9 @@ Contract (stable: later changes are additive only):
   block scales do) as long as every written bit stays the same (the norms may be summed in
   another order).  Added later: the keyword ``low_rank`` (a :class:`LowRank`, or None) says that
   ``edit`` adds nothing but scaled low-rank products, so a codec may compute W' itself, fused
-  with its decode; the result must equal ``edit``'s bit for bit.
+  with its decode.  A codec that does computes it by :class:`LowRank`'s rule (``LowRank.apply``
+  is the reference), and then every byte it writes equals ``quantize(LowRank.apply(W))``; ΔW is
+  the same sum as ``edit``'s, rounded in another order.
 - For codecs that cannot be recomputed without calibration data (GPTQ, AWQ, bnb) ``requantizable``
   is False and ``quantize`` raises :class:`QuantError`.
 """
@@ -77,13 +79,28 @@ Edit = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LowRank:
-    """An :data:`Edit` that only adds low-rank terms: W' = (W + (B₁·A₁)·s₁) + (B₂·A₂)·s₂ + ..., in float32.
+    """An :data:`Edit` that only adds low-rank terms: W' = (W + P₁·s₁) + P₂·s₂ + ..., in float32.
 
-    Each product is formed, then scaled, then added, in order (a merge kernel's plain LoRA terms,
-    PEFT's order).  ``terms``: (B rows of the row block (n, r), A (r, k), s), float32 on the CPU.
+    Each term's product P = B·A is accumulated rank by rank, P = ((b₁a₁ + b₂a₂) + b₃a₃) + ...
+    (each outer-product entry rounded, then added, from the first), then scaled, then added, in
+    order: the same sum as the merge kernel's matrix product, with one rounding order that any
+    device and any loop reproduces (a BLAS's order depends on the library and the CPU).
+    ``terms``: (B rows of the row block (n, r), A (r, k), s), float32 on the CPU.
     """
 
     terms: tuple[tuple[torch.Tensor, torch.Tensor, float], ...]
+
+    def apply(self, w: torch.Tensor) -> torch.Tensor:
+        """W' from float32 rows ``w`` (left as they were), by the rule above, in torch: the reference a fused codec equals."""
+        x = w.clone()
+        for B, A, s in self.terms:
+            if B.shape[1] == 0:
+                continue
+            product = B[:, :1] * A[:1]
+            for o in range(1, B.shape[1]):
+                product += B[:, o : o + 1] * A[o : o + 1]
+            x += product * s
+        return x
 
 
 QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "I16", "U16", "U32", "F4")
@@ -197,6 +214,15 @@ class Codec(ABC):
         local = {**{r: t for r, t in parts.items() if r not in new}, **new}
         kept = float(torch.linalg.vector_norm(self.dequantize(q, local, (0, rows[1] - rows[0])).sub_(base))) ** 2
         return kept, float(torch.linalg.vector_norm(x - base)) ** 2
+
+    def streams_low_rank(self, q: QuantTensor) -> bool:
+        """Whether ``requantize`` with ``low_rank`` keeps no float32 copy of the rows (its memory does not grow with
+        the row block), so a merge may hand it a few large blocks instead of many small ones.  False by default."""
+        return False
+
+    def prepare(self) -> None:  # noqa: B027 (a hook with a default, not an abstract method)
+        """Called once a merge knows it will read or requantize parameters with this codec: a codec whose fused loops take a while to load
+        (numba's, about a second) starts loading them in the background here.  Does nothing by default."""
 
     def rewritten(self, q: QuantTensor) -> tuple[str, ...]:
         """Companion roles ``quantize`` returns (rewritten on requantization); the others pass through unchanged."""

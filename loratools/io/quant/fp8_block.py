@@ -19,6 +19,7 @@ the elements they hold (transformers only quantizes whole blocks; zero padding g
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -55,6 +56,19 @@ class Fp8Block(Codec):
             else:
                 problems.append(Problem("base-quant-malformed", key, f"FP8 block-scaled weight {key}: {why}"))
         return found, problems
+
+    def streams_low_rank(self, q: QuantTensor) -> bool:
+        """2-D weights with F32 scales: the merged rows live in a strip of blocks that stays in cache (:meth:`requantize`)."""
+        return len(q.shape) == 2 and q.params["scale_dtype"] == "F32" and not q.params["ue8m0"]
+
+    def prepare(self) -> None:
+        """Loads the compiled loops on a background thread (numba's import and start take about a second, which
+        the first row block would otherwise wait for, while the merge reads the adapter and copies what it keeps)."""
+        with _WARMING:
+            global _warm
+            if _warm is None:
+                _warm = threading.Thread(target=_load_loops, name="loratools-fp8-loops")  # not a daemon: never cut off mid-load
+                _warm.start()
 
     def row_align(self, q: QuantTensor) -> int:
         return 1 if len(q.shape) == 3 else int(q.params["block"][0])
@@ -109,21 +123,26 @@ class Fp8Block(Codec):
     def requantize(
         self, q: QuantTensor, parts: Parts, rows: Rows, edit: Edit, out: Mapping[str, torch.Tensor], low_rank: LowRank | None = None
     ) -> tuple[float, float]:
-        """:meth:`dequantize`, ``edit``, :meth:`quantize` and the survival norms, fused on the CPU (2-D weights).
+        """:meth:`dequantize`, the edit, :meth:`quantize` and the survival norms, fused on the CPU (2-D weights).
 
-        Compiled passes (:mod:`loratools.fused.e4m3`) in this thread's reused buffers: the decode
-        with the block maxima (and, when ``low_rank`` is one term, W + (B·A)·s in the same pass;
-        otherwise ``edit`` between them), the fresh scales, then the requantization with both
-        norms (decoding the base again from its bytes, cheaper than reading a float copy).  Each
-        float32 value is the same product or sum of the same operands as in the unfused methods,
-        so every byte and scale written is identical (tests/io/quant/test_fp8_block.py compares
-        them); the norms are the same sums taken in another order.
+        Compiled passes (:mod:`loratools.fused.e4m3`).  Given ``low_rank``, W' is formed by its rule
+        (:meth:`LowRank.apply`) inside the decoding pass, the products included; with F32 scales the
+        fresh scales and the requantization follow a strip of blocks at a time, while the merged strip
+        is still in cache, so no float32 row block is ever written out.  Otherwise: the decode with the
+        block maxima (``edit`` between them), the fresh scales, then the requantization with both norms
+        (decoding the base again from its bytes, cheaper than reading a float copy).  Each float32 value
+        is the same product or sum of the same operands as in the unfused methods, so every byte and
+        scale written is identical (tests/io/quant/test_fp8_block.py compares them); the norms are the
+        same sums taken in another order.
         """
-        stored = parts["weight_scale_inv"]
+        low_rank = low_rank if low_rank is not None and low_rank.terms else None
+        if low_rank is not None and (len(q.shape) != 2 or parts["weight"].device.type != "cpu"):
+            return super().requantize(q, parts, rows, low_rank.apply, out)
         if len(q.shape) != 2 or parts["weight"].device.type != "cpu":
             return super().requantize(q, parts, rows, edit, out)
         from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
 
+        stored = parts["weight_scale_inv"]
         bm, bn = q.params["block"]
         r0, r1 = rows
         n, k = r1 - r0, q.shape[1]
@@ -131,18 +150,23 @@ class Fp8Block(Codec):
         grid = _grid((n, k), (bm, bn))
         old_scale = stored[s0:s1].to(torch.float32).reshape(grid).numpy()
         weight = _bytes(parts["weight"][r0:r1])
+        fresh_f32 = stored.dtype == torch.float32 and not q.params["ue8m0"]
         amax = torch.zeros(grid)
-        if low_rank is not None and len(low_rank.terms) == 1:  # W + (B·A)·s in the decoding pass, with the block maxima
-            B, A, s = low_rank.terms[0]
-            product = torch.mm(B, A, out=scratch("fp8-product", n * k).view(n, k))
+        if low_rank is not None:
+            B, A, offsets, factors = _packed(low_rank)
+            if fresh_f32:
+                inv = torch.empty(grid)
+                norms = fused.merge_requantize(weight, old_scale, B, A, offsets, factors, bm, bn, _bytes(out["weight"]), inv.numpy())
+                out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
+                return norms
             x = scratch("fp8-merged", n * k).view(n, k)
-            fused.decode_merge(weight, old_scale, bm, bn, product.numpy(), s, x.numpy(), amax.numpy().view(np.int32))
+            fused.merge(weight, old_scale, B, A, offsets, factors, bm, bn, x.numpy(), amax.numpy().view(np.int32))
         else:
             base = scratch("fp8-base", n * k).view(n, k)
             fused.decode(weight, old_scale, bm, bn, base.numpy())
             x = edit(base).contiguous()
             fused.block_amax(x.numpy().view(np.int32), bm, bn, amax.numpy().view(np.int32))
-        if stored.dtype == torch.float32 and not q.params["ue8m0"]:
+        if fresh_f32:
             scale, inv = torch.empty(grid), torch.empty(grid)
             fused.scales(amax.numpy(), scale.numpy(), inv.numpy())
             back = inv
@@ -151,6 +175,26 @@ class Fp8Block(Codec):
             back = inv.to(torch.float32).reshape(grid)
         out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
         return fused.requantize(x.numpy(), weight, old_scale, scale.reshape(grid).numpy(), back.numpy(), bm, bn, _bytes(out["weight"]))
+
+
+def _packed(low_rank: LowRank) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The terms side by side for the compiled merge: B (n x R), A (R x k), each term's rank offsets, its scales."""
+    terms = low_rank.terms
+    B = torch.cat([t[0] for t in terms], dim=1) if len(terms) > 1 else terms[0][0]
+    A = torch.cat([t[1] for t in terms]) if len(terms) > 1 else terms[0][1]
+    offsets = np.cumsum([0] + [t[0].shape[1] for t in terms], dtype=np.int64)
+    factors = np.array([t[2] for t in terms], dtype=np.float32)
+    return B.float().contiguous().numpy(), A.float().contiguous().numpy(), offsets, factors
+
+
+_WARMING = threading.Lock()
+_warm: threading.Thread | None = None
+
+
+def _load_loops() -> None:
+    from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
+
+    fused.load()
 
 
 def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:

@@ -10,6 +10,7 @@ import torch
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
 
+from loratools.io.quant import fp8_block
 from loratools.io.quant.base import Codec, LowRank
 from loratools.io.quant.fp8_block import CODEC
 from loratools.io.tensorfile import DTYPE_NAMES, TensorInfo
@@ -171,35 +172,60 @@ def test_fused_requantize_equals_the_unfused_methods(shape, rows, scale_dtype, s
     assert 0 < fused[0] and 0 < fused[1]
 
 
-@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("terms", [1, 2])
-def test_low_rank_edit_fused_into_the_decode_writes_the_same_bytes(scale_dtype, terms):
-    """Given the edit as low-rank terms, W + (B·A)·s is formed in the decoding pass (one term) or by the edit (more):
-    the bytes and scales written equal those of the edit callable, which forms each product, scales it, then adds it."""
-    weight, scale = _stored((300, 256), (128, 128), seed=7, scale_dtype=scale_dtype)
-    q = _claim(weight, scale, qconfig={"quant_method": "fp8", "weight_block_size": [128, 128]})
+@pytest.mark.parametrize(
+    ("scale_dtype", "scale_fmt"), [(torch.float32, None), (torch.bfloat16, None), (torch.float32, "ue8m0"), (torch.float8_e8m0fnu, None)]
+)
+@pytest.mark.parametrize("ranks", [(4,), (4, 0, 7)])
+def test_low_rank_terms_fused_into_the_decode_write_quantize_of_their_rule(scale_dtype, scale_fmt, ranks):
+    """Given the edit as low-rank terms, W' is formed by LowRank's rule inside the compiled passes (F32 scales: one
+    pass a strip of blocks; others: merge, then the scales, then requantize): the bytes and scales equal those of
+    Codec.requantize's unfused methods with LowRank.apply as the edit, bit for bit; the norms agree."""
+    weight, scale = _stored((300, 700), (128, 128), seed=7, scale_dtype=scale_dtype)
+    config = {"quant_method": "fp8", "weight_block_size": [128, 128]} | ({"scale_fmt": scale_fmt} if scale_fmt else {})
+    q = _claim(weight, scale, qconfig=config)
     parts = {"weight": weight, "weight_scale_inv": scale}
     g = torch.Generator().manual_seed(8)
     rows = (128, 300)
-    factors = [
-        (torch.randn(300, 4, generator=g)[rows[0] : rows[1]], torch.randn(4, 256, generator=g), 0.01 * (i + 1)) for i in range(terms)
-    ]
-
-    def edit(base):
-        x = base.clone()
-        for B, A, s in factors:
-            x.add_((B @ A).mul_(s))
-        return x
-
+    low_rank = LowRank(
+        tuple(
+            (torch.randn(300, r, generator=g)[rows[0] : rows[1]], torch.randn(r, 700, generator=g), 0.01 * (i + 1))
+            for i, r in enumerate(ranks)
+        )
+    )
     results = []
-    for low_rank in (None, LowRank(tuple(factors))):
+    for requantize in (lambda *a: CODEC.requantize(*a, low_rank=low_rank), lambda *a: Codec.requantize(CODEC, *a)):
         s = CODEC.part_rows(q, "weight_scale_inv", rows)
         out = {
-            "weight": torch.zeros(rows[1] - rows[0], 256, dtype=torch.float8_e4m3fn),
+            "weight": torch.zeros(rows[1] - rows[0], 700, dtype=torch.float8_e4m3fn),
             "weight_scale_inv": torch.zeros_like(scale[s[0] : s[1]]),
         }
-        norms = CODEC.requantize(q, parts, rows, edit, out, low_rank=low_rank)
+        norms = requantize(q, parts, rows, low_rank.apply, out)
         results.append((norms, out["weight"].view(torch.uint8), out["weight_scale_inv"].to(torch.float32)))
     (fused, w1, s1), (plain, w2, s2) = results
     assert torch.equal(w1, w2) and torch.equal(s1, s2)
     assert fused == pytest.approx(plain, rel=1e-5)
+    assert CODEC.streams_low_rank(q) == (scale_dtype == torch.float32 and scale_fmt is None)
+
+
+def test_low_rank_rule_accumulates_rank_by_rank():
+    """LowRank.apply: each term's products summed rank by rank from the first (rounded, then added), then scaled,
+    then added, in order; a rank-0 term adds nothing; the input is left as it was."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(5, 6, generator=g)
+    B, A = torch.randn(5, 3, generator=g), torch.randn(3, 6, generator=g)
+    low_rank = LowRank(((B, A, 0.3), (torch.zeros(5, 0), torch.zeros(0, 6), 2.0), (B[:, :1], A[:1], -1.5)))
+    before = w.clone()
+    got = low_rank.apply(w)
+    product = (B[:, 0:1] * A[0:1] + B[:, 1:2] * A[1:2]) + B[:, 2:3] * A[2:3]
+    assert torch.equal(got, (w + product * 0.3) + (B[:, :1] * A[:1]) * -1.5) and torch.equal(w, before)
+    assert torch.allclose(got, w + (B @ A) * 0.3 - 1.5 * B[:, :1] @ A[:1], atol=1e-5)
+
+
+def test_prepare_loads_the_loops_once_in_the_background():
+    """prepare() starts one (non-daemon) thread that loads the compiled loops; asking again starts no other."""
+    CODEC.prepare()
+    first = fp8_block._warm
+    CODEC.prepare()
+    assert first is not None and fp8_block._warm is first and not first.daemon
+    first.join(timeout=120)
+    assert not first.is_alive()
