@@ -35,8 +35,14 @@ from .pipeline import Stopped, Worker, get, put
 from .sink import ALIGN, Sink
 from .tensorfile import DTYPES, ITEMSIZE, Header, TensorInfo, encode_header, tensor_bytes
 
-Transform = Callable[[torch.Tensor, torch.Tensor], None]
-"""Fills ``dst`` from ``src``; both are 2-D (rows, cols) CPU views, ``src`` in the stored dtype, ``dst`` in the output one."""
+Pending = Callable[[], None]
+"""Returns once the transform that gave it has filled its ``dst`` (raising what the transform raised)."""
+Transform = Callable[[torch.Tensor, torch.Tensor], Pending | None]
+"""Fills ``dst`` from ``src``; both are 2-D (rows, cols) CPU views, ``src`` in the stored dtype, ``dst`` in the output one.
+
+It may return before ``dst`` is full, with a :data:`Pending` (work still running on a pool): the
+writer calls it before writing ``dst``, and ``src`` is kept (out of the input pool) until then, so
+the next tensors are read and handed out meanwhile."""
 Progress = Callable[[int], None]
 """Called with the number of output bytes just written."""
 
@@ -200,14 +206,22 @@ def _read_all(fd: int, plan: FilePlan, pool: queue.Queue | None, reads: queue.Qu
             put(reads, _map(fd, start, end), stop)
 
 
-def _write_all(sink: Sink, writes: queue.Queue, pool: queue.Queue, progress: Progress, stop: threading.Event) -> None:
-    """Append each queued piece to the sink; output buffers go back to their pool once written."""
+def _write_all(
+    sink: Sink, writes: queue.Queue, pool: queue.Queue, sources: queue.Queue | None, progress: Progress, stop: threading.Event
+) -> None:
+    """Append each queued piece to the sink once its transform is done; output buffers go back to their pool once
+    written, pooled sources once their transform is done."""
     while (item := get(writes, stop)) is not None:
-        data, buf = item
+        data, buf, pending, source = item
+        if pending is not None:
+            pending()
+        if source is not None and sources is not None:
+            sources.put(source)
         sink.write(data)
         if buf is not None:
             pool.put(buf)
         progress(data.numel())
+        del item, data, pending, source  # a mapped source is unmapped here
 
 
 def _cast(src: torch.Tensor, dst: torch.Tensor) -> None:
@@ -260,7 +274,10 @@ def _run_stages(
     stop = threading.Event()
     reads: queue.Queue = queue.Queue(maxsize=_POOL)
     writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
-    workers = [Worker(_read_all, stop, src, plan, in_pool, reads, stop), Worker(_write_all, stop, sink, writes, out_pool, progress, stop)]
+    workers = [
+        Worker(_read_all, stop, src, plan, in_pool, reads, stop),
+        Worker(_write_all, stop, sink, writes, out_pool, in_pool, progress, stop),
+    ]
     for w in workers:
         w.start()
     try:
@@ -307,7 +324,7 @@ def _feed(
     for name, info in plan.outputs:
         if not plan.computed(name, info):
             for _ in _pieces(plan, name, info):
-                put(writes, (get(reads, stop), None), stop)
+                put(writes, (get(reads, stop), None, None, None), stop)
             offset += info.nbytes
             continue
         src = get(reads, stop)
@@ -315,13 +332,13 @@ def _feed(
         small = n <= _SMALL  # its own buffer: a pooled one would wait for the tensor before it to be written
         out = torch.empty(n + ALIGN, dtype=torch.uint8) if small else get(out_pool, stop)
         dst = _placed(out, offset, n, ITEMSIZE[plan.dtypes[name]])
-        plan.transforms.get(name, _cast)(
+        pending = plan.transforms.get(name, _cast)(
             _matrix(src, info.dtype, info.shape, info.nbytes), _matrix(dst, plan.dtypes[name], plan.out_shape(name, info), n)
         )
-        if in_pool is not None:
+        if in_pool is not None and pending is None:
             in_pool.put(src)
-        del src  # a mapped source is unmapped here
-        put(writes, (dst, None if small else out), stop)
+        put(writes, (dst, None if small else out, pending, src if pending is not None else None), stop)
+        del src, pending  # a mapped source is unmapped here, or once the writer is done with its transform
         offset += n
 
 

@@ -36,7 +36,7 @@ from ..errors import MergeError
 from ..io.checkpoint import Checkpoint
 from ..io.quant.base import Codec, LowRank, QuantTensor
 from ..io.quant.registry import QuantMap, codec, read_stored
-from ..io.streaming import Transform
+from ..io.streaming import Pending, Transform
 from ..io.tensorfile import Header
 from ..scratch import buffer as scratch
 from .kernels import BLOCK, Kernel
@@ -102,6 +102,8 @@ class QuantJob:
     survival: Survival = field(default_factory=Survival)
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)  # rewritten companions by role (keep)
     early: torch.Tensor | None = None  # the primary's output, when a companion asked first
+    started: bool = False  # its row blocks were handed out (the main thread's flag)
+    finish: Pending | None = None  # waits for the row blocks handed to the pool (it may be called again, at once)
     done: bool = False
 
     @property
@@ -110,27 +112,39 @@ class QuantJob:
         return self.codec.rewritten(self.q) if self.keep else ()
 
     def primary(self) -> Transform:
-        def run(src: torch.Tensor, dst: torch.Tensor) -> None:
+        def run(src: torch.Tensor, dst: torch.Tensor) -> Pending | None:
             if self.done and self.early is not None:
                 dst.copy_(self.early.reshape(dst.shape))
                 self.early = None
-                return
-            self._run(src, dst)
+                return None
+            return self._run(src, dst)
 
         return run
 
     def companion(self, role: str) -> Transform:
-        def run(src: torch.Tensor, dst: torch.Tensor) -> None:
-            if not self.done:  # the scale is written before its weight (another shard): compute the weight now
+        def run(src: torch.Tensor, dst: torch.Tensor) -> Pending | None:
+            if not self.started:  # the scale is written before its weight (another shard): compute the weight now
                 key = self.q.primary_key
                 stored = _read(self.checkpoint, key)
                 self.early = torch.empty(stored.shape, dtype=stored.dtype)
-                self._run(stored, self.early)
-            dst.copy_(self.outputs[role].reshape(dst.shape))
+                running = self._run(stored, self.early)
+                if running is not None:
+                    running()
+            finish = self.finish
+            if self.done or finish is None:
+                dst.copy_(self.outputs[role].reshape(dst.shape))
+                return None
+
+            def copy() -> None:  # once the weight's row blocks are done (the writer asks, in file order)
+                finish()
+                dst.copy_(self.outputs[role].reshape(dst.shape))
+
+            return copy
 
         return run
 
-    def _run(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+    def _run(self, src: torch.Tensor, dst: torch.Tensor) -> Pending | None:
+        """Hands the row blocks to the pool and returns what waits for them (None when they ran here, already done)."""
         q, c = self.q, self.codec
         shapes = {role: self.checkpoint.tensors[key].shape for role, key in q.parts.items()}
         parts = {q.primary: src.reshape(shapes[q.primary])}
@@ -163,8 +177,23 @@ class QuantJob:
             return c.requantize(q, parts, (r0, r1), lambda base: _merged(edit, base, r0, r1), out, low_rank=low_rank)
 
         starts = range(0, rows, step)
-        sums = list(self.pool.map(block, starts)) if self.pool is not None and len(starts) > 1 else [block(r) for r in starts]
-        self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))  # block() gives (kept², delta²)
+        self.started = True
+        if self.pool is None or len(starts) == 1:
+            self._sum([block(r) for r in starts])
+            return None
+        futures = [self.pool.submit(block, r) for r in starts]
+
+        def finish() -> None:  # the writer's thread, in file order (or this one, at once)
+            if futures:
+                self._sum([f.result() for f in futures])
+                futures.clear()  # nothing left holding the source rows
+
+        self.finish = finish
+        return finish
+
+    def _sum(self, sums: list[tuple[float, float]]) -> None:
+        """The survival from each block's (kept², delta²); the job is done."""
+        self.survival = Survival(sum(d for _, d in sums), sum(k for k, _ in sums))
         self.done = True
 
 

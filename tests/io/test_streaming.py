@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -106,3 +107,43 @@ def test_index_drops_removed_tensors_and_config_loses_fields(tmp_path):
     config.write_text(json.dumps({"quantization_config": {"quant_method": "fp8"}, "text_config": {"quantization_config": {}}, "a": 1}))
     update_config(config, {}, removed=["quantization_config"])
     assert json.loads(config.read_text()) == {"a": 1, "text_config": {}}
+
+
+def test_a_transform_may_finish_after_it_returns(tmp_path):
+    """A transform that returns a Pending fills dst on another thread; the writer waits for it, the next tensors are
+    handed out meanwhile, and a failure it raises stops the stream with that error."""
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.arange(8.0).reshape(4, 2), "c": torch.ones(3, 1)}
+    save_file(tensors, tmp_path / "in.safetensors")
+    header = open_checkpoint(tmp_path / "in.safetensors").headers["in.safetensors"]
+    order: list[str] = []
+    handed = {name: threading.Event() for name in tensors}
+
+    def later(name: str, fail: bool = False):  # type: ignore[no-untyped-def]
+        def transform(src: torch.Tensor, dst: torch.Tensor):  # type: ignore[no-untyped-def]
+            order.append(f"handed {name}")
+            handed[name].set()
+            start = threading.Event()
+            worker = threading.Thread(target=lambda: (start.wait(), dst.copy_(-src.float())))
+            worker.start()
+
+            def pending() -> None:
+                if name == "a":
+                    handed["b"].wait(timeout=30)  # never set if the stream waited for a before handing out b
+                order.append(f"wait {name}")
+                start.set()
+                worker.join()
+                if fail:
+                    raise DiskSpaceError("the pending transform failed", path=tmp_path)
+
+            return pending
+
+        return transform
+
+    plan = FilePlan(header, {n: i.dtype for n, i in header.tensors.items()}, {"a": later("a"), "b": later("b"), "c": _negate})
+    stream_files([(plan, tmp_path / "out.safetensors")])
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        assert all(torch.equal(fh.get_tensor(n), -t) for n, t in tensors.items())
+    assert order.index("handed b") < order.index("wait a")  # b was handed out before a was written
+    failing = FilePlan(header, {n: i.dtype for n, i in header.tensors.items()}, {"a": later("a", fail=True)})
+    with pytest.raises(DiskSpaceError, match="pending transform failed"):
+        stream_files([(failing, tmp_path / "bad.safetensors")])
