@@ -15,20 +15,23 @@ and a few copies of one tensor in memory, never the model.
 
     python benchmarks/merge_quant.py [--dir /tmp] [--layers 30] [--repeat 3] [--settle 2] [--keep]
 
-Measured (2 CPUs shared with other jobs, torch 2.13 CPU, numba 0.68; best of ``--repeat 2``).
-Eager torch, before: bf16 6.95 s, FP8 keep 13.3 s (18.1 s CPU): 3.5x the time per output byte
-(16.7 s and 3.0-5.2x on other days).  With the compiled loops of ``loratools/fused/e4m3.py``
-(decode + (B·A)·s + block maxima in one pass, requantization + both survival norms in another,
-every byte and scale unchanged): bf16 5.73 s, FP8 keep 9.39 s (12.1 s CPU) for 1.68 GiB out
-against 3.12 GiB: 3.0x, goal 2x not met; peak RSS 612 MiB (numba's runtime is ~110 MiB of it),
-2.4x the largest tensor's float32 size.
+Measured (2 CPUs of a shared VM, torch 2.13 CPU, numba 0.68; the two merges alternate, best of
+``--repeat`` each, and every pair's ratio is printed: single runs move by 20-40%).
+Eager torch, first: bf16 6.95 s, FP8 keep 13.3 s (18.1 s CPU): 3.5x the time per output byte.
+Decode and requantization as two compiled passes over a float32 row block, ΔW from torch.mm:
+bf16 5.73 s, FP8 9.39 s (12.1 s CPU), 3.0x.  Now (``loratools/fused/e4m3.py`` ``merge_requantize``:
+one call per row block forms W' = W + ΔW inside the decode, ΔW by ``LowRank``'s rule, and
+requantizes each 512-column strip of blocks while it is still in cache; row blocks handed to the
+pool without waiting, so the next tensor is read meanwhile): bf16 6.21 s, FP8 keep 6.85 s (9.1 s
+CPU) for 1.68 GiB out against 3.12 GiB: 2.05x best of four each; the pairs 2.25x, 1.82x, 1.88x,
+1.83x.  Peak RSS 586 MiB (numba's runtime is ~110 MiB of it), 2.3x the largest tensor's float32 size.
 
-Where the FP8 time goes now, thread seconds over the 5880 MiB of float32 weight the merge
-requantizes (both workers busy): ΔW = B·A 2.2-3.3 s (the bf16 merge pays it too), decode + add +
-maxima 2.6-3.1 s, requantization + norms 2.3-3.2 s: 0.4-0.55 ms per MiB each, three to four times
-what the same loops take on one thread with their data in cache.  The two workers share one
-memory path (two torch.mm calls on two threads run 1.2x faster than one after the other, not
-2x), so the bf16 merge, which moves twice the bytes but does less work per element, stays ahead.
+Where the FP8 run's time goes (timeline of one run): imports 2.2 s, as the bf16 run's; numba's
+import and start 0.8-1.0 s, which the first FP8 row block waits for (loaded on a background
+thread once the merge knows it requantizes; started before the planning, it only slows the
+planning down, both holding the GIL);
+the loops 4.6-5.2 thread seconds over 1.54 G weights (1.9 ns per weight on one thread in cache:
+the rank-16 product 0.6, decode and merge 0.6, requantization 0.45, survival norms 0.25).
 """
 
 from __future__ import annotations
