@@ -33,6 +33,7 @@ _STEP = np.float32(2.0**-9)  # e4m3's subnormal step
 _ROUND = np.float32(2.0**23)  # y + 2²³ rounds 0 <= y < 2²² to an integer, ties to even: its bits are 2²³'s plus it
 _MAX = np.float32(448.0)
 _MAX_BITS = np.float32(448.0).view(np.int32)
+_NEG0 = np.float32(-0.0)  # the float that adds nothing: x + (-0.0) == x for every x, ±0 and NaN included
 _ROUND_BITS = _ROUND.view(np.int32)
 _STRIP = 512  # columns of a merged strip (see _strip)
 
@@ -79,38 +80,18 @@ def decode(q: np.ndarray, scale: np.ndarray, bm: int, bn: int, out: np.ndarray) 
 
 @compiled
 def _product(B: np.ndarray, R: int, A: np.ndarray, k: int, o0: int, o1: int, i: int, j0: int, w: int, acc: np.ndarray) -> None:
-    """``acc[j] = P[i, j0 + j]`` for j < ``w``, P = B·A over ranks ``o0:o1`` (``o1 > o0``) by
+    """``acc[j] = P[i, j0 + j]`` for j < ``w``, P = B·A over ranks ``o0:o1`` by
     :class:`~loratools.io.quant.base.LowRank`'s rule: the rank-one products accumulated in rank order, each
-    rounded and then added, from the first.  ``B`` (n x R) and ``A`` (R x k) flat.
+    rounded and then added.  ``B`` (n x R) and ``A`` (R x k) flat.
 
-    Eight ranks (then four, then one) a pass over ``acc``: the same additions in the same order,
-    with ``acc`` read and written once per pass instead of once per rank.
+    The sum starts from -0.0, which adds nothing to any float (so it is the sum from the first
+    product, bit for bit).  Eight ranks (then four, then one) a pass over ``acc``: the same
+    additions in the same order, with ``acc`` read and written once per pass instead of once per rank.
     """
     row = i * R
+    for j in range(_U(w)):
+        acc[j] = _NEG0
     o = o0
-    if o1 - o >= 8:
-        b0, b1, b2, b3 = B[row + o], B[row + o + 1], B[row + o + 2], B[row + o + 3]
-        b4, b5, b6, b7 = B[row + o + 4], B[row + o + 5], B[row + o + 6], B[row + o + 7]
-        a0, a1, a2, a3 = _U(o * k + j0), _U((o + 1) * k + j0), _U((o + 2) * k + j0), _U((o + 3) * k + j0)
-        a4, a5, a6, a7 = _U((o + 4) * k + j0), _U((o + 5) * k + j0), _U((o + 6) * k + j0), _U((o + 7) * k + j0)
-        for j in range(_U(w)):
-            acc[j] = (
-                (((((b0 * A[a0 + j] + b1 * A[a1 + j]) + b2 * A[a2 + j]) + b3 * A[a3 + j]) + b4 * A[a4 + j]) + b5 * A[a5 + j])
-                + b6 * A[a6 + j]
-            ) + b7 * A[a7 + j]
-        o += 8
-    elif o1 - o >= 4:
-        b0, b1, b2, b3 = B[row + o], B[row + o + 1], B[row + o + 2], B[row + o + 3]
-        a0, a1, a2, a3 = _U(o * k + j0), _U((o + 1) * k + j0), _U((o + 2) * k + j0), _U((o + 3) * k + j0)
-        for j in range(_U(w)):
-            acc[j] = ((b0 * A[a0 + j] + b1 * A[a1 + j]) + b2 * A[a2 + j]) + b3 * A[a3 + j]
-        o += 4
-    else:
-        b0 = B[row + o]
-        a0 = _U(o * k + j0)
-        for j in range(_U(w)):
-            acc[j] = b0 * A[a0 + j]
-        o += 1
     while o1 - o >= 8:
         b0, b1, b2, b3 = B[row + o], B[row + o + 1], B[row + o + 2], B[row + o + 3]
         b4, b5, b6, b7 = B[row + o + 4], B[row + o + 5], B[row + o + 6], B[row + o + 7]
@@ -144,24 +125,10 @@ def _product2(
     rows, four ranks a pass (the same additions in the same order)."""
     r0 = i * R
     r1 = r0 + R
+    for j in range(_U(w)):
+        acc0[j] = _NEG0
+        acc1[j] = _NEG0
     o = o0
-    if o1 - o >= 4:
-        b0, b1, b2, b3 = B[r0 + o], B[r0 + o + 1], B[r0 + o + 2], B[r0 + o + 3]
-        c0, c1, c2, c3 = B[r1 + o], B[r1 + o + 1], B[r1 + o + 2], B[r1 + o + 3]
-        p0, p1, p2, p3 = _U(o * k + j0), _U((o + 1) * k + j0), _U((o + 2) * k + j0), _U((o + 3) * k + j0)
-        for j in range(_U(w)):
-            a0, a1, a2, a3 = A[p0 + j], A[p1 + j], A[p2 + j], A[p3 + j]
-            acc0[j] = ((b0 * a0 + b1 * a1) + b2 * a2) + b3 * a3
-            acc1[j] = ((c0 * a0 + c1 * a1) + c2 * a2) + c3 * a3
-        o += 4
-    else:
-        b0, c0 = B[r0 + o], B[r1 + o]
-        p0 = _U(o * k + j0)
-        for j in range(_U(w)):
-            a0 = A[p0 + j]
-            acc0[j] = b0 * a0
-            acc1[j] = c0 * a0
-        o += 1
     while o1 - o >= 4:
         b0, b1, b2, b3 = B[r0 + o], B[r0 + o + 1], B[r0 + o + 2], B[r0 + o + 3]
         c0, c1, c2, c3 = B[r1 + o], B[r1 + o + 1], B[r1 + o + 2], B[r1 + o + 3]

@@ -92,10 +92,16 @@ def test_requantize_block_scales_and_norms():
 
 
 def _terms(n: int, k: int, ranks: tuple[int, ...], seed: int) -> LowRank:
+    """Random terms; every third row of each B is -0.0 and every fifth column of each A +0.0, so products of ±0 land on
+    the base's ±0 bytes (the sign of zero is the byte 0x00 or 0x80)."""
     g = torch.Generator().manual_seed(seed)
-    return LowRank(
-        tuple((torch.randn(n, r, generator=g) * 0.05, torch.randn(r, k, generator=g) * 0.05, 0.37 * (t + 1)) for t, r in enumerate(ranks))
+    terms = tuple(
+        (torch.randn(n, r, generator=g) * 0.05, torch.randn(r, k, generator=g) * 0.05, 0.37 * (t + 1)) for t, r in enumerate(ranks)
     )
+    for B, A, _ in terms:
+        B[::3] = -0.0
+        A[:, ::5] = 0.0
+    return LowRank(terms)
 
 
 def _packed(low_rank: LowRank) -> tuple[np.ndarray, ...]:
@@ -122,7 +128,7 @@ def test_merge_adds_the_terms_by_the_low_rank_rule_and_takes_block_maxima(shape,
     x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
     e4m3.merge(q, old.numpy(), *_packed(low_rank), *block, x, amax.view(np.int32))
     want = low_rank.apply(decoded * _expand(old, shape, block))
-    assert torch.equal(torch.from_numpy(x), want)
+    assert torch.equal(torch.from_numpy(x).view(torch.int32), want.view(torch.int32))  # bits: the sign of zero too
     padded = torch.nn.functional.pad(want, (0, -shape[1] % 128, 0, -shape[0] % 128))
     assert torch.equal(torch.from_numpy(amax), padded.abs().reshape(grid[0], 128, grid[1], 128).amax(dim=(1, 3)))
 
