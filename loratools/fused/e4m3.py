@@ -37,6 +37,10 @@ _NEG0 = np.float32(-0.0)  # the float that adds nothing: x + (-0.0) == x for eve
 _ROUND_BITS = _ROUND.view(np.int32)
 _STRIP = 512  # columns of a merged strip (see _strip)
 
+Terms = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+"""Low-rank terms side by side: B (n x R) for the n rows, A (R x k), each term's rank offsets (T + 1, int64), its
+scales (T, float32); term t is ranks ``offsets[t]:offsets[t + 1]``."""
+
 
 @compiled
 def _expand(grid_row: np.ndarray, bn: int, out: np.ndarray) -> None:
@@ -243,20 +247,10 @@ def _strip(bn: int, k: int) -> int:
 
 
 @compiled
-def merge(
-    q: np.ndarray,
-    scale: np.ndarray,
-    B: np.ndarray,
-    A: np.ndarray,
-    offsets: np.ndarray,
-    factors: np.ndarray,
-    bm: int,
-    bn: int,
-    x: np.ndarray,
-    amax: np.ndarray,
-) -> None:
+def merge(q: np.ndarray, scale: np.ndarray, terms: Terms, bm: int, bn: int, x: np.ndarray, amax: np.ndarray) -> None:
     """``x = float(q) · scale + Σ_t P_t · s_t`` (:func:`_merge_rows`) and each block's ``amax`` of ``x`` (int32
-    bits, starting at 0), in one pass over the bytes ``q`` (n x k); ``B`` holds the n rows' factors (n x R)."""
+    bits, starting at 0), in one pass over the bytes ``q`` (n x k); ``terms`` as :data:`Terms`."""
+    B, A, offsets, factors = terms
     n, k = q.shape
     R = A.shape[0]
     qf, xf, Af, Bf = q.reshape(-1), x.reshape(-1), A.reshape(-1), B.reshape(-1)
@@ -278,19 +272,11 @@ def merge(
 
 @compiled
 def merge_requantize(
-    q: np.ndarray,
-    old: np.ndarray,
-    B: np.ndarray,
-    A: np.ndarray,
-    offsets: np.ndarray,
-    factors: np.ndarray,
-    bm: int,
-    bn: int,
-    out: np.ndarray,
-    inv: np.ndarray,
+    q: np.ndarray, old: np.ndarray, terms: Terms, bm: int, bn: int, out: np.ndarray, inv: np.ndarray
 ) -> tuple[float, float]:
     """:func:`merge`, :func:`scales` and :func:`requantize` a strip of blocks at a time, the merged strip held in a
     buffer that stays in cache: bytes ``out`` (n x k, uint8) and F32 scale inverses ``inv``; returns the two norms."""
+    B, A, offsets, factors = terms
     n, k = q.shape
     R = A.shape[0]
     qf, of, Af, Bf = q.reshape(-1), out.reshape(-1), A.reshape(-1), B.reshape(-1)
@@ -523,10 +509,9 @@ def load() -> None:
     one = np.ones((1, 1), np.float32)
     x = np.zeros((2, 2), np.float32)
     amax = np.zeros((1, 1), np.int32)
-    B, A = np.zeros((2, 1), np.float32), np.zeros((1, 2), np.float32)
-    offsets, factors = np.array([0, 1], np.int64), np.ones(1, np.float32)
-    merge_requantize(q, one, B, A, offsets, factors, 2, 2, q.copy(), one.copy())
-    merge(q, one, B, A, offsets, factors, 2, 2, x, amax)
+    terms = (np.zeros((2, 1), np.float32), np.zeros((1, 2), np.float32), np.array([0, 1], np.int64), np.ones(1, np.float32))
+    merge_requantize(q, one, terms, 2, 2, q.copy(), one.copy())
+    merge(q, one, terms, 2, 2, x, amax)
     decode(q, one, 2, 2, x)
     block_amax(x.view(np.int32), 2, 2, amax)
     scales(one, one.copy(), one.copy())

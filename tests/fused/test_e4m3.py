@@ -126,7 +126,7 @@ def test_merge_adds_the_terms_by_the_low_rank_rule_and_takes_block_maxima(shape,
     old = torch.rand(grid, generator=torch.Generator().manual_seed(4))
     low_rank = _terms(*shape, ranks, seed=6)
     x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
-    e4m3.merge(q, old.numpy(), *_packed(low_rank), *block, x, amax.view(np.int32))
+    e4m3.merge(q, old.numpy(), _packed(low_rank), *block, x, amax.view(np.int32))
     want = low_rank.apply(decoded * _expand(old, shape, block))
     assert torch.equal(torch.from_numpy(x).view(torch.int32), want.view(torch.int32))  # bits: the sign of zero too
     padded = torch.nn.functional.pad(want, (0, -shape[1] % 128, 0, -shape[0] % 128))
@@ -149,9 +149,9 @@ def test_merge_requantize_equals_the_passes_one_after_the_other(shape, ranks):
         low_rank.terms[0][0][-1] *= 1e6  # the last row far above its block's old range: a fresh, larger scale
     packed = _packed(low_rank)
     out, inv = np.empty(shape, np.uint8), np.empty(grid, np.float32)
-    kept, delta = e4m3.merge_requantize(q, old.numpy(), *packed, *block, out, inv)
+    kept, delta = e4m3.merge_requantize(q, old.numpy(), packed, *block, out, inv)
     x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
-    e4m3.merge(q, old.numpy(), *packed, *block, x, amax.view(np.int32))
+    e4m3.merge(q, old.numpy(), packed, *block, x, amax.view(np.int32))
     scale, inv2 = np.empty(grid, np.float32), np.empty(grid, np.float32)
     e4m3.scales(amax, scale, inv2)
     out2 = np.empty(shape, np.uint8)

@@ -153,14 +153,14 @@ class Fp8Block(Codec):
         fresh_f32 = stored.dtype == torch.float32 and not q.params["ue8m0"]
         amax = torch.zeros(grid)
         if low_rank is not None:
-            B, A, offsets, factors = _packed(low_rank)
+            terms = _packed(low_rank)
             if fresh_f32:
                 inv = torch.empty(grid)
-                norms = fused.merge_requantize(weight, old_scale, B, A, offsets, factors, bm, bn, _bytes(out["weight"]), inv.numpy())
+                norms = fused.merge_requantize(weight, old_scale, terms, bm, bn, _bytes(out["weight"]), inv.numpy())
                 out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
                 return norms
             x = scratch("fp8-merged", n * k).view(n, k)
-            fused.merge(weight, old_scale, B, A, offsets, factors, bm, bn, x.numpy(), amax.numpy().view(np.int32))
+            fused.merge(weight, old_scale, terms, bm, bn, x.numpy(), amax.numpy().view(np.int32))
         else:
             base = scratch("fp8-base", n * k).view(n, k)
             fused.decode(weight, old_scale, bm, bn, base.numpy())
