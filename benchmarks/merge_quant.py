@@ -22,9 +22,11 @@ Decode and requantization as two compiled passes over a float32 row block, ΔW f
 bf16 5.73 s, FP8 9.39 s (12.1 s CPU), 3.0x.  Now (``loratools/fused/e4m3.py`` ``merge_requantize``:
 one call per row block forms W' = W + ΔW inside the decode, ΔW by ``LowRank``'s rule, and
 requantizes each 512-column strip of blocks while it is still in cache; row blocks handed to the
-pool without waiting, so the next tensor is read meanwhile): bf16 6.21 s, FP8 keep 6.85 s (9.1 s
-CPU) for 1.68 GiB out against 3.12 GiB: 2.05x best of four each; the pairs 2.25x, 1.82x, 1.88x,
-1.83x.  Peak RSS 586 MiB (numba's runtime is ~110 MiB of it), 2.3x the largest tensor's float32 size.
+pool without waiting, so the next tensor is read meanwhile), 1.68 GiB out against 3.12 GiB, in two
+runs of ``--repeat 4``: bf16 6.21 s, FP8 keep 6.85 s (9.1 s CPU), 2.05x (pairs 2.25x, 1.82x, 1.88x,
+1.83x); bf16 5.13 s, FP8 keep 6.32 s (8.9 s CPU), 2.28x (pairs 2.07x, 2.28x, 2.08x, 2.12x).  The goal
+of 2x is not met yet.  Peak RSS 584-586 MiB (numba's runtime is ~110 MiB of it), 2.3x the largest
+tensor's float32 size.
 
 Where the FP8 run's time goes (timeline of one run): imports 2.2 s, as the bf16 run's; numba's
 import and start 0.8-1.0 s, which the first FP8 row block waits for (loaded on a background
