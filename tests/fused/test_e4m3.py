@@ -104,13 +104,6 @@ def _terms(n: int, k: int, ranks: tuple[int, ...], seed: int) -> LowRank:
     return LowRank(terms)
 
 
-def _packed(low_rank: LowRank) -> tuple[np.ndarray, ...]:
-    B = torch.cat([t[0] for t in low_rank.terms], dim=1).contiguous()
-    A = torch.cat([t[1] for t in low_rank.terms]).contiguous()
-    offsets = np.cumsum([0] + [t[0].shape[1] for t in low_rank.terms], dtype=np.int64)
-    return B.numpy(), A.numpy(), offsets, np.array([t[2] for t in low_rank.terms], np.float32)
-
-
 # ranks through every path of the product loops (eight, four and one rank a pass), a rank-0 term, several terms
 RANKS = [(16,), (1,), (3,), (5,), (13,), (4, 0, 9), (8, 2)]
 
@@ -126,7 +119,7 @@ def test_merge_adds_the_terms_by_the_low_rank_rule_and_takes_block_maxima(shape,
     old = torch.rand(grid, generator=torch.Generator().manual_seed(4))
     low_rank = _terms(*shape, ranks, seed=6)
     x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)
-    e4m3.merge(q, old.numpy(), _packed(low_rank), *block, x, amax.view(np.int32))
+    e4m3.merge(q, old.numpy(), low_rank.packed(), *block, x, amax.view(np.int32))
     want = low_rank.apply(decoded * _expand(old, shape, block))
     assert torch.equal(torch.from_numpy(x).view(torch.int32), want.view(torch.int32))  # bits: the sign of zero too
     padded = torch.nn.functional.pad(want, (0, -shape[1] % 128, 0, -shape[0] % 128))
@@ -147,7 +140,7 @@ def test_merge_requantize_equals_the_passes_one_after_the_other(shape, ranks):
     if ranks == (16,):
         q[5, 3] = 0x7F  # NaN: both norms are NaN; its block keeps scale 1 (Fp8Quantize's amax > 0 test is false)
         low_rank.terms[0][0][-1] *= 1e6  # the last row far above its block's old range: a fresh, larger scale
-    packed = _packed(low_rank)
+    packed = low_rank.packed()
     out, inv = np.empty(shape, np.uint8), np.empty(grid, np.float32)
     kept, delta = e4m3.merge_requantize(q, old.numpy(), packed, *block, out, inv)
     x, amax = np.empty(shape, np.float32), np.zeros(grid, np.float32)

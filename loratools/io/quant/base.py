@@ -60,6 +60,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from ...errors import FormatError, Problem
@@ -101,6 +102,15 @@ class LowRank:
                 product += B[:, o : o + 1] * A[o : o + 1]
             x += product * s
         return x
+
+    def packed(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The terms side by side, as compiled loops take them (``loratools.fused.e4m3.Terms``): B (n x R), A (R x k),
+        each term's rank offsets (T + 1), its scales (T, float32)."""
+        B = torch.cat([t[0] for t in self.terms], dim=1) if len(self.terms) > 1 else self.terms[0][0]
+        A = torch.cat([t[1] for t in self.terms]) if len(self.terms) > 1 else self.terms[0][1]
+        offsets = np.cumsum([0] + [t[0].shape[1] for t in self.terms], dtype=np.int64)
+        factors = np.array([t[2] for t in self.terms], dtype=np.float32)
+        return B.float().contiguous().numpy(), A.float().contiguous().numpy(), offsets, factors
 
 
 QUANT_DTYPES = ("F8_E4M3", "F8_E5M2", "F8_E8M0", "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I8", "U8", "I32", "I16", "U16", "U32", "F4")

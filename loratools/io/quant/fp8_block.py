@@ -59,7 +59,7 @@ class Fp8Block(Codec):
 
     def streams_low_rank(self, q: QuantTensor) -> bool:
         """2-D weights with F32 scales: the merged rows live in a strip of blocks that stays in cache (:meth:`requantize`)."""
-        return len(q.shape) == 2 and q.params["scale_dtype"] == "F32" and not q.params["ue8m0"]
+        return len(q.shape) == 2 and _f32_scales(q)
 
     def prepare(self) -> None:
         """Loads the compiled loops on a background thread (numba's import and start take about a second, which
@@ -136,10 +136,8 @@ class Fp8Block(Codec):
         same sums taken in another order.
         """
         low_rank = low_rank if low_rank is not None and low_rank.terms else None
-        if low_rank is not None and (len(q.shape) != 2 or parts["weight"].device.type != "cpu"):
-            return super().requantize(q, parts, rows, low_rank.apply, out)
-        if len(q.shape) != 2 or parts["weight"].device.type != "cpu":
-            return super().requantize(q, parts, rows, edit, out)
+        if len(q.shape) != 2 or parts["weight"].device.type != "cpu":  # the unfused methods, by the same rule
+            return super().requantize(q, parts, rows, low_rank.apply if low_rank is not None else edit, out)
         from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
 
         stored = parts["weight_scale_inv"]
@@ -150,17 +148,16 @@ class Fp8Block(Codec):
         grid = _grid((n, k), (bm, bn))
         old_scale = stored[s0:s1].to(torch.float32).reshape(grid).numpy()
         weight = _bytes(parts["weight"][r0:r1])
-        fresh_f32 = stored.dtype == torch.float32 and not q.params["ue8m0"]
+        fresh_f32 = _f32_scales(q)
+        if low_rank is not None and fresh_f32:
+            inv = torch.empty(grid)
+            norms = fused.merge_requantize(weight, old_scale, low_rank.packed(), bm, bn, _bytes(out["weight"]), inv.numpy())
+            out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
+            return norms
         amax = torch.zeros(grid)
         if low_rank is not None:
-            terms = _packed(low_rank)
-            if fresh_f32:
-                inv = torch.empty(grid)
-                norms = fused.merge_requantize(weight, old_scale, terms, bm, bn, _bytes(out["weight"]), inv.numpy())
-                out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
-                return norms
             x = scratch("fp8-merged", n * k).view(n, k)
-            fused.merge(weight, old_scale, terms, bm, bn, x.numpy(), amax.numpy().view(np.int32))
+            fused.merge(weight, old_scale, low_rank.packed(), bm, bn, x.numpy(), amax.numpy().view(np.int32))
         else:
             base = scratch("fp8-base", n * k).view(n, k)
             fused.decode(weight, old_scale, bm, bn, base.numpy())
@@ -177,16 +174,6 @@ class Fp8Block(Codec):
         return fused.requantize(x.numpy(), weight, old_scale, scale.reshape(grid).numpy(), back.numpy(), bm, bn, _bytes(out["weight"]))
 
 
-def _packed(low_rank: LowRank) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The terms side by side for the compiled merge: B (n x R), A (R x k), each term's rank offsets, its scales."""
-    terms = low_rank.terms
-    B = torch.cat([t[0] for t in terms], dim=1) if len(terms) > 1 else terms[0][0]
-    A = torch.cat([t[1] for t in terms]) if len(terms) > 1 else terms[0][1]
-    offsets = np.cumsum([0] + [t[0].shape[1] for t in terms], dtype=np.int64)
-    factors = np.array([t[2] for t in terms], dtype=np.float32)
-    return B.float().contiguous().numpy(), A.float().contiguous().numpy(), offsets, factors
-
-
 _WARMING = threading.Lock()
 _warm: threading.Thread | None = None
 
@@ -195,6 +182,11 @@ def _load_loops() -> None:
     from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
 
     fused.load()
+
+
+def _f32_scales(q: QuantTensor) -> bool:
+    """Scales stored as F32 and taken by Fp8Quantize's plain rule (not rounded to a power of two): the compiled scales."""
+    return q.params["scale_dtype"] == "F32" and not q.params["ue8m0"]
 
 
 def _grid(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, int]:
