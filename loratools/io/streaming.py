@@ -47,6 +47,7 @@ Progress = Callable[[int], None]
 """Called with the number of output bytes just written."""
 
 _POOL = 2  # buffers per pool: the reader runs one tensor ahead, the writer one behind
+_CPU_OUT = 3  # CPU output buffers: the writer up to two behind, so a slow direct write does not hold back compute
 _SMALL = 1 << 20  # bytes: a computed output this small (an FP8 weight's scales) gets a buffer of its own
 _CHUNK = 16 * 2**20  # bytes per piece of an untouched tensor passed through
 
@@ -124,10 +125,10 @@ class FilePlan:
         return len(self.header_bytes()) + self.data_bytes
 
 
-def _pool(nbytes: int, pin: bool, room: int = 0) -> queue.Queue:
-    """Buffers of ``nbytes`` plus ``room`` bytes to place data congruent to its file offset (see :func:`_placed`)."""
+def _pool(nbytes: int, pin: bool, room: int = 0, count: int = _POOL) -> queue.Queue:
+    """``count`` buffers of ``nbytes`` plus ``room`` bytes to place data congruent to its file offset (see :func:`_placed`)."""
     pool: queue.Queue = queue.Queue()
-    for _ in range(_POOL):
+    for _ in range(count):
         pool.put(torch.empty(nbytes + room if nbytes else 0, dtype=torch.uint8, pin_memory=pin))
     return pool
 
@@ -241,7 +242,10 @@ def stream_files(
     in_pool = _pool(max((t.nbytes for _, _, t in computed), default=0), pin) if pin else None
     # Pinned buffers get no placement room: the caching host allocator rounds sizes up to a power
     # of two, so 4 KiB more on a power-of-two tensor would double them; their writes bounce instead.
-    out_pool = _pool(max((p.out_nbytes(n, t) for p, n, t in computed), default=0), pin, room=0 if pin else ALIGN)
+    # Pinned buffers (a GPU computes) stay two: pinned memory is scarce and sized up to a power of two, and the third
+    # was measured on the CPU only.
+    out_nbytes = max((p.out_nbytes(n, t) for p, n, t in computed), default=0)
+    out_pool = _pool(out_nbytes, pin, room=0 if pin else ALIGN, count=_POOL if pin else _CPU_OUT)
     for plan, dst in jobs:
         _stream_file(plan, dst, in_pool, out_pool, progress or (lambda n: None), direct, fsync)
 
@@ -273,7 +277,7 @@ def _run_stages(
     """Reader and writer threads around the main thread's transforms; re-raises the first failure."""
     stop = threading.Event()
     reads: queue.Queue = queue.Queue(maxsize=_POOL)
-    writes: queue.Queue = queue.Queue(maxsize=2 * _POOL)
+    writes: queue.Queue = queue.Queue(maxsize=2 * _CPU_OUT)
     workers = [
         Worker(_read_all, stop, src, plan, in_pool, reads, stop),
         Worker(_write_all, stop, sink, writes, out_pool, in_pool, progress, stop),
