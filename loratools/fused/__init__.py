@@ -9,5 +9,7 @@ are bit-identical; only the survival norms, reports, are summed in another order
 
 Each function is compiled on first use and cached on disk (numba's ``cache=True``), and releases
 the GIL, so the merge's thread pool runs row blocks side by side.  numba is imported only when one
-of these modules is, by the merge paths that use them.
+of the loop modules is, by the merge paths that use them.  The FP8 loops (``e4m3_loops``) are
+called through ``e4m3``, which links them from a cached image of their machine code
+(:mod:`loratools.fused.native`) without importing numba at all: 0.1 s instead of 0.85 s per process.
 """

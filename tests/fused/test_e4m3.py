@@ -160,8 +160,18 @@ def test_merge_requantize_equals_the_passes_one_after_the_other(shape, ranks):
         assert delta == pytest.approx(float(((torch.from_numpy(x) - base).double() ** 2).sum()), rel=1e-5)
 
 
-def test_load_runs_every_loop():
-    e4m3.load()  # the background warm-up of the FP8 codec: every loop on tiny inputs, without error
+def test_load_links_the_loops_image():
+    """The background warm-up of the FP8 codec links the image (built here when none is cached): no numba dispatch."""
+    e4m3.load()
+    assert e4m3.LOOPS.backend == "image", e4m3.LOOPS.why_numba
+
+
+def test_empty_rows_return_at_once():
+    """Sizes reach the loops only when positive (a loop's step may not be 0), so empty rows never call them."""
+    q, old, inv = np.zeros((0, 256), np.uint8), np.ones((0, 2), np.float32), np.zeros((0, 2), np.float32)
+    terms = LowRank(((torch.zeros(0, 1), torch.zeros(1, 256), 1.0),)).packed()
+    assert e4m3.merge_requantize(q, old, terms, 128, 128, q.copy(), inv) == (0.0, 0.0)
+    assert e4m3.requantize(np.zeros((0, 256), np.float32), q, old, old, old, 128, 128, q.copy()) == (0.0, 0.0)
 
 
 def test_scales_are_fp8_quantizes_rule():

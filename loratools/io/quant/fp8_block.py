@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ...errors import Problem
+from ...fused import e4m3 as fused
 from ...scratch import buffer as scratch
 from ..tensorfile import TensorInfo
 from .base import Codec, Edit, LowRank, Parts, QuantTensor, Rows
@@ -62,12 +63,12 @@ class Fp8Block(Codec):
         return len(q.shape) == 2 and _f32_scales(q)
 
     def prepare(self) -> None:
-        """Loads the compiled loops on a background thread (numba's import and start take about a second, which
-        the first row block would otherwise wait for, while the merge reads the adapter and copies what it keeps)."""
+        """Loads the compiled loops on a background thread, while the merge reads the adapter and copies what it keeps:
+        linking their image takes about 0.1 s; where none is cached yet, numba compiles them and builds it (once)."""
         with _WARMING:
             global _warm
             if _warm is None:
-                _warm = threading.Thread(target=_load_loops, name="loratools-fp8-loops")  # not a daemon: never cut off mid-load
+                _warm = threading.Thread(target=fused.load, name="loratools-fp8-loops")  # not a daemon: never cut off mid-load
                 _warm.start()
 
     def row_align(self, q: QuantTensor) -> int:
@@ -86,8 +87,6 @@ class Fp8Block(Codec):
         scale = parts["weight_scale_inv"][s[0] : s[1]].to(torch.float32)
         bm, bn = q.params["block"]
         if len(q.shape) == 2 and stored.device.type == "cpu":  # one fused pass, the same values (loratools.fused.e4m3)
-            from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
-
             out = torch.empty(stored.shape)
             fused.decode(_bytes(stored), scale.reshape(_grid(stored.shape, (bm, bn))).numpy(), bm, bn, out.numpy())
             return out
@@ -138,8 +137,6 @@ class Fp8Block(Codec):
         low_rank = low_rank if low_rank is not None and low_rank.terms else None
         if len(q.shape) != 2 or parts["weight"].device.type != "cpu":  # the unfused methods, by the same rule
             return super().requantize(q, parts, rows, low_rank.apply if low_rank is not None else edit, out)
-        from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
-
         stored = parts["weight_scale_inv"]
         bm, bn = q.params["block"]
         r0, r1 = rows
@@ -176,12 +173,6 @@ class Fp8Block(Codec):
 
 _WARMING = threading.Lock()
 _warm: threading.Thread | None = None
-
-
-def _load_loops() -> None:
-    from ...fused import e4m3 as fused  # numba: imported by the FP8 paths only
-
-    fused.load()
 
 
 def _f32_scales(q: QuantTensor) -> bool:
