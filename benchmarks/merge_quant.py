@@ -13,7 +13,7 @@ peak RSS (as benchmarks/merge.py does), and compared per output byte:
 Peak RSS is shown against the largest tensor (its float32 size): streaming keeps a few row blocks
 and a few copies of one tensor in memory, never the model.
 
-    python benchmarks/merge_quant.py [--dir /tmp] [--layers 30] [--repeat 3] [--settle 2] [--keep]
+    python benchmarks/merge_quant.py [--dir /tmp] [--layers 30] [--repeat 5] [--settle 2] [--keep]
 
 Measured (2 CPUs of a shared VM, torch 2.13 CPU, numba 0.68; the two merges alternate, best of
 ``--repeat`` each, and every pair's ratio is printed: single runs move by 20-40%).
@@ -26,11 +26,12 @@ blocks handed to the pool without waiting: bf16 5.13 s, FP8 keep 6.32 s (8.9 s C
 which 0.8-1.0 s was numba's import and start, which the first FP8 row block waited for.  Now the
 loops are linked from a cached image of their machine code without numba (``fused/native.py``:
 0.1 s) and the CPU output pool has a third buffer (the pool threads waited 0.4 s each for the next
-tensor, behind a slow direct write; now 0.15-0.2 s), 1.68 GiB out against 3.12 GiB, ``--repeat 5``:
-bf16 5.77 s (7.0 s CPU), FP8 keep 5.63 s (7.8 s CPU), 1.81x (pairs 1.86x, 1.80x, 1.98x, 1.76x,
-1.77x): the goal of 2x is met.  In a busier hour of the same VM, ``--repeat 4``: 2.08x best of
-each (pairs 1.77x, 2.10x, 2.24x, 1.62x).  Peak RSS 536 MiB (it was 584 MiB with numba's runtime
-loaded), 2.1x the largest tensor's float32 size.
+tensor, behind a slow direct write; now 0.15-0.2 s), 1.68 GiB out against 3.12 GiB, three runs of
+``--repeat 5``: bf16 5.77 s (7.0 s CPU), FP8 keep 5.63 s (7.8 s CPU), 1.81x (pairs 1.86x, 1.80x,
+1.98x, 1.76x, 1.77x); bf16 5.33 s, FP8 5.87 s (8.1 s CPU), 2.04x (pairs 1.85x, 1.71x, 2.15x,
+1.82x, 2.10x); bf16 5.86 s, FP8 5.87 s (8.0 s CPU), 1.86x (pairs 1.86x, 2.02x, 1.97x, 1.69x,
+1.78x).  Peak RSS 536 MiB (it was 584 MiB with numba's runtime loaded), 2.1x the largest tensor's
+float32 size.
 
 Where the FP8 run's time goes: imports 2.5 s, as the bf16 run's; planning 0.3 s (0.2 s for bf16);
 the loops 4.7-5.3 thread seconds over 1.54 G weights (1.9 ns per weight on one thread in cache:
@@ -96,7 +97,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where to put the data (deleted afterwards)")
     parser.add_argument("--layers", type=int, default=30, help="decoder layers (30: an FP8 checkpoint of about 1.8 GiB)")
-    parser.add_argument("--repeat", type=int, default=3, help="alternating runs of each merge (best of each is compared)")
+    parser.add_argument("--repeat", type=int, default=5, help="alternating runs of each merge (best of each is compared)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds to wait before each run (see benchmarks/merge.py)")
     parser.add_argument("--keep", action="store_true", help="keep the data directory")
     args = parser.parse_args()
