@@ -360,13 +360,14 @@ def _caller(entry: Entry, fn: Callable[..., None]) -> Callable[..., None]:
 
 class Loops:
     """A loop module's entry points, called by name: from an image where one is cached (or can be built), else
-    through numba.  The first :meth:`call` (or :meth:`load`, on a background thread) resolves them, once."""
+    through numba.  The first :meth:`call` (or :meth:`load`, or :meth:`start` in the background) resolves them, once."""
 
     def __init__(self, module: str, entries: tuple[Entry, ...], *, image: bool = True):
         self.module, self.entries, self.image = module, entries, image
         self._lock = threading.Lock()
         self._functions: dict[str, Callable[..., None]] | None = None
         self._linked: _Linked | None = None
+        self.thread: threading.Thread | None = None  # the background load :meth:`start` began
         self.backend = ""  # "image" or "numba", once loaded
         self.why_numba = ""  # why no image could be used, when the loops run through numba
 
@@ -375,6 +376,14 @@ class Loops:
         if functions is None:
             functions = self.load()
         functions[name](*values)
+
+    def start(self) -> None:
+        """:meth:`load` on a background thread, started once (not a daemon: a build is never cut off midway), so a
+        caller that knows it will need the loops overlaps their loading with its own work."""
+        with self._lock:
+            if self.thread is None and self._functions is None:
+                self.thread = threading.Thread(target=self.load, name=f"loratools-load-{self.module.rsplit('.', 1)[-1]}")
+                self.thread.start()
 
     def load(self) -> dict[str, Callable[..., None]]:
         with self._lock:

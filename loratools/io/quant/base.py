@@ -232,7 +232,7 @@ class Codec(ABC):
 
     def prepare(self) -> None:  # noqa: B027 (a hook with a default, not an abstract method)
         """Called once a merge knows it will read or requantize parameters with this codec: a codec whose fused loops take a while to load
-        (numba's, about a second) starts loading them in the background here.  Does nothing by default."""
+        (an image to link, or numba to start or compile them) starts loading them in the background here.  Does nothing by default."""
 
     def rewritten(self, q: QuantTensor) -> tuple[str, ...]:
         """Companion roles ``quantize`` returns (rewritten on requantization); the others pass through unchanged."""

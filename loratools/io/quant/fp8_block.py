@@ -19,7 +19,6 @@ the elements they hold (transformers only quantizes whole blocks; zero padding g
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,11 +64,7 @@ class Fp8Block(Codec):
     def prepare(self) -> None:
         """Loads the compiled loops on a background thread, while the merge reads the adapter and copies what it keeps:
         linking their image takes about 0.1 s; where none is cached yet, numba compiles them and builds it (once)."""
-        with _WARMING:
-            global _warm
-            if _warm is None:
-                _warm = threading.Thread(target=fused.load, name="loratools-fp8-loops")  # not a daemon: never cut off mid-load
-                _warm.start()
+        fused.LOOPS.start()
 
     def row_align(self, q: QuantTensor) -> int:
         return 1 if len(q.shape) == 3 else int(q.params["block"][0])
@@ -169,10 +164,6 @@ class Fp8Block(Codec):
             back = inv.to(torch.float32).reshape(grid)
         out["weight_scale_inv"].copy_(inv.reshape(out["weight_scale_inv"].shape))
         return fused.requantize(x.numpy(), weight, old_scale, scale.reshape(grid).numpy(), back.numpy(), bm, bn, _bytes(out["weight"]))
-
-
-_WARMING = threading.Lock()
-_warm: threading.Thread | None = None
 
 
 def _f32_scales(q: QuantTensor) -> bool:

@@ -10,7 +10,8 @@ import torch
 from transformers import FineGrainedFP8Config
 from transformers.integrations.finegrained_fp8 import Fp8Dequantize, Fp8Quantize, _dequantize_fp8_weight
 
-from loratools.io.quant import fp8_block
+from loratools.fused import e4m3
+from loratools.fused.native import Loops
 from loratools.io.quant.base import Codec, LowRank
 from loratools.io.quant.fp8_block import CODEC
 from loratools.io.tensorfile import DTYPE_NAMES, TensorInfo
@@ -221,11 +222,13 @@ def test_low_rank_rule_accumulates_rank_by_rank():
     assert torch.allclose(got, w + (B @ A) * 0.3 - 1.5 * B[:, :1] @ A[:1], atol=1e-5)
 
 
-def test_prepare_loads_the_loops_once_in_the_background():
+def test_prepare_loads_the_loops_once_in_the_background(monkeypatch: pytest.MonkeyPatch):
     """prepare() starts one (non-daemon) thread that loads the compiled loops; asking again starts no other."""
+    loops = Loops(e4m3.LOOPS.module, e4m3.ENTRIES)
+    monkeypatch.setattr(e4m3, "LOOPS", loops)  # not loaded yet, so prepare() has a load to start
     CODEC.prepare()
-    first = fp8_block._warm
+    first = loops.thread
     CODEC.prepare()
-    assert first is not None and fp8_block._warm is first and not first.daemon
+    assert first is not None and loops.thread is first and not first.daemon
     first.join(timeout=120)
     assert not first.is_alive()
