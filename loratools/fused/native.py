@@ -392,41 +392,42 @@ class Loops:
             return self._functions
 
     def _resolve(self) -> dict[str, Callable[..., None]]:
-        if not self.image:
-            return self._numba("asked for numba")
+        found = self._image() if self.image else "asked for numba"
+        if isinstance(found, str):
+            return self._numba(found)
+        try:
+            return self._link(found)
+        except ImageError as err:  # this process lacks a symbol (a new build would import the same ones), or LLVM refused
+            return self._numba(str(err))
+
+    def _image(self) -> dict[str, Compiled] | str:
+        """The image to link: cached, else built now (and saved); or why the loops run through numba."""
         try:
             key = image_key(self.module, self.entries)
         except (OSError, ImportError, ValueError) as err:
-            return self._numba(f"no image key: {err}")
-        for d in directories():
+            return f"no image key: {err}"
+        places = directories()
+        for d in places:
             folder = d / key
             if folder.is_dir():
                 try:
-                    image = read(folder, key, self.entries)
+                    return read(folder, key, self.entries)
                 except _Corrupt:  # ours, and not whole: built again below
                     shutil.rmtree(folder, ignore_errors=True)
-                    continue
                 except ImageError as err:
-                    return self._numba(str(err))
-                try:
-                    return self._link(image)
-                except ImageError as err:  # this process lacks a symbol: a new build would import the same ones
-                    return self._numba(str(err))
-        home = _writable(directories())
+                    return str(err)
+        home = _writable(places)
         if home is None:  # every process would build it again, which costs more than numba's start
-            return self._numba("no writable directory for an image")
+            return "no writable directory for an image"
         try:
             image = build(importlib.import_module(self.module), self.entries)
         except Exception as err:  # noqa: BLE001 - numba's internals moved: the loops still run through numba
-            return self._numba(f"image not built: {type(err).__name__}: {err}")
+            return f"image not built: {type(err).__name__}: {err}"
         try:
             save(home, key, image, self.entries)
         except (OSError, ImageError) as err:
-            self.why_numba = f"image not saved: {err}"  # linked below all the same
-        try:
-            return self._link(image)
-        except ImageError as err:
-            return self._numba(str(err))
+            self.why_numba = f"image not saved: {err}"  # linked all the same
+        return image
 
     def _link(self, image: dict[str, Compiled]) -> dict[str, Callable[..., None]]:
         self._linked = _Linked(self.entries, image)
